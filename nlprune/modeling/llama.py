@@ -1,0 +1,478 @@
+"""Llama (3.x, and Llama-architecture models such as SmolLM2) as Equinox modules.
+
+Parameter names and shapes mirror Hugging Face's ``LlamaForCausalLM`` (``model.layers.3.
+self_attn.q_proj.weight`` is ``model.layers[3].self_attn.q_proj.weight`` here, shaped
+(out, in)), so conversion is a plain name mapping with no transposes.
+
+Every prunable linear carries an optional ``mask`` leaf of its weight's shape; the effective
+weight is ``weight * mask``. Masks are ordinary pytree leaves, so ``eqx.partition`` with a
+filter spec selects exactly them (see :func:`mask_filter_spec`).
+
+The forward pass is exposed piece by piece (``embed``, ``decoder layer i``, ``final norm``,
+``head``) because pruning calibrates one layer at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PRUNABLE_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A config.json that this port cannot honour exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """``llama3`` frequency scaling of Llama 3.1 / 3.2 (the only scaling type supported)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per KV head (grouped-query attention)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    # Fields of a Hugging Face config.json that change nothing in a float32 forward pass.
+    _INERT = frozenset(
+        {
+            "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
+            "initializer_range", "use_cache", "pad_token_id", "unk_token_id",
+            "attention_dropout", "pretraining_tp", "_name_or_path", "_model_name_or_path",
+            "quantization_config", "output_attentions", "output_hidden_states",
+            "return_dict", "tie_encoder_decoder", "is_decoder", "is_encoder_decoder",
+            "id2label", "label2id", "chunk_size_feed_forward", "problem_type",
+            "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id",
+            "task_specific_params", "finetuning_task", "torchscript", "use_bfloat16",
+            "bad_words_ids", "num_beams", "max_length", "min_length", "do_sample",
+            "temperature", "top_k", "top_p", "repetition_penalty", "generation_config",
+        }
+    )
+    _KNOWN = frozenset(
+        {
+            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+            "rms_norm_eps", "rope_theta", "rope_scaling", "rope_parameters",
+            "tie_word_embeddings", "attention_bias", "mlp_bias", "bos_token_id",
+            "eos_token_id", "hidden_act",
+        }
+    )
+    # Features this port does not implement: refused by name rather than silently ignored.
+    _UNSUPPORTED_IF_SET = {
+        "sliding_window": None,
+        "use_sliding_window": False,
+        "layer_types": None,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+    }
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any]) -> "LlamaConfig":
+        """Build from a Hugging Face ``config.json`` dict, refusing anything not honoured."""
+        model_type = cfg.get("model_type", "llama")
+        if model_type != "llama":
+            raise ConfigError(f"model_type={model_type!r} is not supported: only 'llama' is.")
+        for field, harmless in cls._UNSUPPORTED_IF_SET.items():
+            if cfg.get(field, harmless) not in (harmless, None):
+                raise ConfigError(
+                    f"config field {field}={cfg[field]!r} is not supported by nlprune's Llama "
+                    "port (it computes full causal attention); remove it or use a model "
+                    "without it."
+                )
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"config field hidden_act={act!r} is not supported: only 'silu'.")
+        unknown = sorted(set(cfg) - cls._KNOWN - cls._INERT - set(cls._UNSUPPORTED_IF_SET))
+        if unknown:
+            raise ConfigError(
+                f"config fields {unknown} are not understood by nlprune's Llama port; refusing "
+                "rather than silently ignoring them."
+            )
+
+        rope_theta, rope_scaling = _parse_rope(cfg)
+        heads = int(cfg["num_attention_heads"])
+        eos = cfg.get("eos_token_id")
+        return cls(
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=int(cfg["hidden_size"]),
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_hidden_layers=int(cfg["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or cfg["hidden_size"] // heads),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", False)),
+            mlp_bias=bool(cfg.get("mlp_bias", False)),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict that ``transformers`` reads as a LlamaConfig."""
+        rope_scaling = None
+        if self.rope_scaling is not None:
+            rope_scaling = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "rope_scaling": rope_scaling,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "attention_bias": self.attention_bias,
+            "mlp_bias": self.mlp_bias,
+            "hidden_act": "silu",
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "torch_dtype": "float32",
+        }
+
+
+def _parse_rope(cfg: dict[str, Any]) -> tuple[float, RopeScaling | None]:
+    """Read RoPE settings from either the classic (``rope_theta`` + ``rope_scaling``) or the
+    transformers >= 5 (``rope_parameters``) spelling."""
+    params = dict(cfg.get("rope_parameters") or {})
+    scaling = cfg.get("rope_scaling")
+    if scaling:
+        params = {**params, **scaling}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return theta, None
+    if rope_type != "llama3":
+        raise ConfigError(
+            f"config field rope_scaling has rope_type={rope_type!r}; nlprune supports only "
+            "plain RoPE and 'llama3' scaling."
+        )
+    try:
+        return theta, RopeScaling(
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"config field rope_scaling (llama3) lacks {e.args[0]!r}") from None
+
+
+# --------------------------------------------------------------------------- rotary
+
+
+def rope_inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """Inverse frequencies in float32, computed as transformers does (including ``llama3``
+    scaling) so that angles agree bit for bit at long positions."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (1.0 / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = (2 * math.pi / inv_freq).astype(np.float32)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq).astype(np.float32)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_cos_sin(inv_freq: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables of shape (seq, head_dim) for integer positions."""
+    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate-half RoPE (Hugging Face's layout) on x of shape (..., seq, head_dim)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class Linear(eqx.Module):
+    """``y = x @ (weight * mask).T + bias``; weight (out, in) as in ``torch.nn.Linear``."""
+
+    weight: jax.Array
+    bias: jax.Array | None
+    mask: jax.Array | None = None
+
+    @property
+    def effective_weight(self) -> jax.Array:
+        return self.weight if self.mask is None else self.weight * self.mask
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.effective_weight.T
+        return y if self.bias is None else y + self.bias
+
+
+class RMSNorm(eqx.Module):
+    weight: jax.Array
+    eps: float = eqx.field(static=True)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        var = jnp.mean(xf * xf, axis=-1, keepdims=True)
+        return self.weight * (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+
+
+class Attention(eqx.Module):
+    q_proj: Linear
+    k_proj: Linear
+    v_proj: Linear
+    o_proj: Linear
+    num_heads: int = eqx.field(static=True)
+    num_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+
+    def project_qk(self, x, cos, sin):
+        """RoPE'd queries (heads, seq, hd) and keys (kv_heads, seq, hd) for x (seq, hidden)."""
+        seq = x.shape[0]
+        q = self.q_proj(x).reshape(seq, self.num_heads, self.head_dim).transpose(1, 0, 2)
+        k = self.k_proj(x).reshape(seq, self.num_kv_heads, self.head_dim).transpose(1, 0, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def attention_probs(self, q, k):
+        """Causal softmax(QK^T / sqrt(hd)) per query head, GQA-grouped: (heads, seq, seq)."""
+        seq = q.shape[1]
+        rep = self.num_heads // self.num_kv_heads
+        qg = q.reshape(self.num_kv_heads, rep, seq, self.head_dim)
+        scores = jnp.einsum("grqd,gkd->grqk", qg, k) / jnp.sqrt(jnp.float32(self.head_dim))
+        causal = jnp.tril(jnp.ones((seq, seq), bool))
+        scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
+        return jax.nn.softmax(scores, axis=-1).reshape(self.num_heads, seq, seq)
+
+    def __call__(self, x, cos, sin):
+        seq = x.shape[0]
+        q, k = self.project_qk(x, cos, sin)
+        v = self.v_proj(x).reshape(seq, self.num_kv_heads, self.head_dim).transpose(1, 0, 2)
+        probs = self.attention_probs(q, k)
+        rep = self.num_heads // self.num_kv_heads
+        out = jnp.einsum(
+            "grqk,gkd->qgrd", probs.reshape(self.num_kv_heads, rep, seq, seq), v
+        ).reshape(seq, self.num_heads * self.head_dim)
+        return self.o_proj(out)
+
+
+class MLP(eqx.Module):
+    gate_proj: Linear
+    up_proj: Linear
+    down_proj: Linear
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(eqx.Module):
+    input_layernorm: RMSNorm
+    self_attn: Attention
+    post_attention_layernorm: RMSNorm
+    mlp: MLP
+
+    def __call__(self, h, cos, sin):
+        """One pre-norm block on one sequence h (seq, hidden)."""
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+    def linears(self) -> dict[str, Linear]:
+        a, m = self.self_attn, self.mlp
+        return {
+            "q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
+            "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj,
+        }
+
+
+class Embedding(eqx.Module):
+    weight: jax.Array  # (vocab, hidden)
+
+    def __call__(self, ids):
+        return jnp.take(self.weight, ids, axis=0)
+
+
+class LlamaModel(eqx.Module):
+    embed_tokens: Embedding
+    layers: list[DecoderLayer]
+    norm: RMSNorm
+
+
+class LlamaForCausalLM(eqx.Module):
+    """Hugging Face's LlamaForCausalLM semantics; ``lm_head`` is None when tied."""
+
+    model: LlamaModel
+    lm_head: Linear | None
+    config: LlamaConfig = eqx.field(static=True)
+
+    # ---- pieces, for layer-by-layer use -------------------------------------------------
+    def embed(self, ids: jax.Array) -> jax.Array:
+        return self.model.embed_tokens(ids)
+
+    def rope(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """cos/sin tables for integer positions (seq,)."""
+        # The inverse frequencies are a trace-time constant: the config is static.
+        return rope_cos_sin(jnp.asarray(rope_inverse_frequencies(self.config)), positions)
+
+    def head_weight(self) -> jax.Array:
+        """(vocab, hidden): the LM head, or the embedding when tied."""
+        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    def final_hidden(self, h: jax.Array) -> jax.Array:
+        return self.model.norm(h)
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        logits = self.final_hidden(h) @ self.head_weight().T
+        if self.lm_head is not None and self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias
+        return logits
+
+    def __call__(self, ids: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """Logits (seq, vocab) for one sequence of token ids (vmap for batches).
+
+        ``positions`` defaults to 0..seq-1; pass others to test long-context RoPE cheaply."""
+        cos, sin = self.rope(jnp.arange(ids.shape[-1]) if positions is None else positions)
+        h = self.embed(ids)
+        for layer in self.model.layers:
+            h = layer(h, cos, sin)
+        return self.logits_from_hidden(h)
+
+
+# --------------------------------------------------------------------------- building
+
+
+def init_llama(config: LlamaConfig, key: jax.Array, std: float = 0.02) -> LlamaForCausalLM:
+    """Random weights (for tests and shape planning); HF-shaped, float32."""
+    keys = iter(jax.random.split(key, 16 * config.num_hidden_layers + 4))
+
+    def linear(out_f, in_f, bias):
+        w = std * jax.random.normal(next(keys), (out_f, in_f), jnp.float32)
+        b = std * jax.random.normal(next(keys), (out_f,), jnp.float32) if bias else None
+        return Linear(w, b)
+
+    def norm(n):
+        return RMSNorm(1.0 + 0.1 * jax.random.normal(next(keys), (n,), jnp.float32), config.rms_norm_eps)
+
+    c = config
+    hd = c.head_dim
+    layers = []
+    for _ in range(c.num_hidden_layers):
+        attn = Attention(
+            q_proj=linear(c.num_attention_heads * hd, c.hidden_size, c.attention_bias),
+            k_proj=linear(c.num_key_value_heads * hd, c.hidden_size, c.attention_bias),
+            v_proj=linear(c.num_key_value_heads * hd, c.hidden_size, c.attention_bias),
+            o_proj=linear(c.hidden_size, c.num_attention_heads * hd, c.attention_bias),
+            num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, head_dim=hd,
+        )
+        mlp = MLP(
+            gate_proj=linear(c.intermediate_size, c.hidden_size, c.mlp_bias),
+            up_proj=linear(c.intermediate_size, c.hidden_size, c.mlp_bias),
+            down_proj=linear(c.hidden_size, c.intermediate_size, c.mlp_bias),
+        )
+        layers.append(DecoderLayer(norm(c.hidden_size), attn, norm(c.hidden_size), mlp))
+    embed = Embedding(std * jax.random.normal(next(keys), (c.vocab_size, c.hidden_size), jnp.float32))
+    lm_head = None if c.tie_word_embeddings else linear(c.vocab_size, c.hidden_size, False)
+    return LlamaForCausalLM(LlamaModel(embed, layers, norm(c.hidden_size)), lm_head, c)
+
+
+# --------------------------------------------------------------------------- masks
+
+
+def linear_paths(config: LlamaConfig) -> list[str]:
+    """HF-style names of every prunable linear, e.g. ``model.layers.0.self_attn.q_proj``."""
+    out = []
+    for i in range(config.num_hidden_layers):
+        for name in PRUNABLE_LINEARS:
+            sub = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+            out.append(f"model.layers.{i}.{sub}.{name}")
+    return out
+
+
+def _prunable(model: LlamaForCausalLM) -> list[Linear]:
+    return [lin for layer in model.model.layers for lin in layer.linears().values()]
+
+
+def with_masks(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Give every prunable linear an all-ones float mask (dense model, masks now leaves)."""
+    return eqx.tree_at(
+        lambda m: [lin.mask for lin in _prunable(m)],
+        model,
+        [jnp.ones_like(lin.weight) for lin in _prunable(model)],
+        is_leaf=lambda x: x is None,
+    )
+
+
+def mask_filter_spec(model: LlamaForCausalLM) -> Any:
+    """Filter spec for ``eqx.partition``: True exactly at the mask leaves."""
+    spec = jax.tree.map(lambda _: False, model)
+    return eqx.tree_at(
+        lambda m: [lin.mask for lin in _prunable(m)],
+        spec,
+        [lin.mask is not None for lin in _prunable(model)],
+        is_leaf=lambda x: x is None,
+    )
+
+
+def apply_masks(model: LlamaForCausalLM) -> LlamaForCausalLM:
+    """Fold masks into weights (weight * mask) and drop them: the pruned model proper."""
+    def nodes(m):
+        return [node for lin in _prunable(m) for node in (lin.weight, lin.mask)]
+
+    values = [v for lin in _prunable(model) for v in (lin.effective_weight, None)]
+    return eqx.tree_at(nodes, model, values, is_leaf=lambda x: x is None)

@@ -1,0 +1,43 @@
+"""Calibration and evaluation text: loading (Hub or local folder) and token windows."""
+
+from .sources import (
+    C4,
+    DATA_DIR_ENV,
+    DATASETS,
+    WIKITEXT2,
+    DataError,
+    DatasetSpec,
+    Texts,
+    get_spec,
+    hub_reachable,
+    load_texts,
+    resolve_data_dir,
+    wikitext_rows,
+)
+from .windows import (
+    CACHE_DIR_ENV,
+    calibration_windows,
+    eval_windows,
+    resolve_cache_dir,
+    tokenizer_fingerprint,
+)
+
+__all__ = [
+    "C4",
+    "CACHE_DIR_ENV",
+    "DATA_DIR_ENV",
+    "DATASETS",
+    "WIKITEXT2",
+    "DataError",
+    "DatasetSpec",
+    "Texts",
+    "calibration_windows",
+    "eval_windows",
+    "get_spec",
+    "hub_reachable",
+    "load_texts",
+    "resolve_cache_dir",
+    "resolve_data_dir",
+    "tokenizer_fingerprint",
+    "wikitext_rows",
+]

@@ -1,0 +1,341 @@
+"""Token windows for calibration (random C4-train windows) and evaluation (contiguous windows).
+
+Both follow the protocol of Wanda's and SparseGPT's ``get_c4`` so numbers are comparable
+with the literature:
+
+* calibration: with Python's ``random`` seeded once, draw a random document until one
+  tokenizes to more than ``seqlen`` tokens, then a random start inside it; repeat
+  ``nsamples`` times.
+* evaluation: join the documents (C4: one space; WikiText-2: a blank line between rows),
+  tokenize the whole string once, cut non-overlapping ``seqlen`` windows from the start.
+
+Tokenization is ``tokenizer(text).input_ids`` with the tokenizer's default special tokens
+(Llama adds BOS to every call), exactly as those codebases call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from .sources import C4, DataError, Texts, get_spec, load_texts
+
+CACHE_DIR_ENV = "NLPRUNE_CACHE_DIR"
+_CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
+# Any short text with a space, digits and punctuation: its ids capture the Python-side
+# options (add_bos_token, ...) that change the ids without changing the backend's JSON.
+_PROBE = "nlprune probe: Hello world, 2024!"
+
+
+# --------------------------------------------------------------------------------------
+# Argument checks
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise DataError(f"{name} must be an integer, got {value!r}.")
+    if value < minimum:
+        raise DataError(f"{name} must be at least {minimum}, got {value}.")
+    return int(value)
+
+
+def _check_seqlen(seqlen: Any, max_seqlen: int | None) -> int:
+    # Two tokens is the least that gives one next-token prediction.
+    seqlen = _check_int("seqlen", seqlen, 2)
+    if max_seqlen is not None and seqlen > max_seqlen:
+        raise DataError(
+            f"seqlen {seqlen} is longer than the model's context of {max_seqlen} tokens; "
+            f"use a seqlen of at most {max_seqlen}."
+        )
+    return seqlen
+
+
+def _ids(tokenizer: Any, text: str, **kwargs: Any) -> list[int]:
+    return list(tokenizer(text, **kwargs).input_ids)
+
+
+# --------------------------------------------------------------------------------------
+# Calibration
+
+
+def calibration_windows(
+    tokenizer: Any,
+    nsamples: int,
+    seqlen: int,
+    seed: int,
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    max_seqlen: int | None = None,
+    revision: str | None = None,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """``nsamples`` random windows of ``seqlen`` tokens from C4 train documents longer than ``seqlen``.
+
+    Wanda/SparseGPT's protocol, draw for draw: for the same documents, tokenizer, seed,
+    nsamples and seqlen the windows are identical on every machine and in every process.
+    Returns an int32 array (nsamples, seqlen) and a provenance dict (which documents and
+    start offsets were drawn, the files, the seed).
+    """
+    nsamples = _check_int("nsamples", nsamples, 1)
+    seqlen = _check_seqlen(seqlen, max_seqlen)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise DataError(f"seed must be an integer, got {seed!r}.")
+    seed = int(seed)
+    docs, prov = load_texts(C4.name, "train", data_dir, revision=revision)
+    _check_some_doc_can_be_long_enough(tokenizer, docs, seqlen)
+
+    rng = random.Random(seed)  # same stream as random.seed(seed) + random.randint
+    too_short: set[int] = set()  # memo: redrawing a known-short document skips tokenizing it
+    longest = 0
+    windows = np.empty((nsamples, seqlen), dtype=np.int32)
+    doc_indices: list[int] = []
+    starts: list[int] = []
+    doc_tokens: list[int] = []
+    draws = 0
+    for k in range(nsamples):  # fast (a few docs tokenized per window): no progress bar
+        while True:
+            i = rng.randint(0, len(docs) - 1)
+            draws += 1
+            if i in too_short:
+                continue
+            ids = _ids(tokenizer, docs[i], verbose=False)
+            if len(ids) > seqlen:
+                break
+            too_short.add(i)
+            longest = max(longest, len(ids))
+            if len(too_short) == len(docs):
+                raise DataError(
+                    f"no C4 train document is longer than seqlen={seqlen} tokens (all "
+                    f"{len(docs)} checked; the longest has {longest}). Use a smaller seqlen "
+                    "or more/longer training documents."
+                )
+        start = rng.randint(0, len(ids) - seqlen - 1)
+        windows[k] = _as_int32(ids[start : start + seqlen])
+        doc_indices.append(i)
+        starts.append(start)
+        doc_tokens.append(len(ids))
+
+    prov.update(
+        purpose="calibration",
+        protocol="Wanda/SparseGPT get_c4: random doc with > seqlen tokens, random start",
+        seed=seed,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        join=None,
+        doc_indices=doc_indices,
+        starts=starts,
+        doc_tokens=doc_tokens,
+        total_tokens=int(sum(doc_tokens)),  # tokens in the drawn documents
+        draws=draws,
+        tokenizer=tokenizer_fingerprint(tokenizer),
+    )
+    return windows, prov
+
+
+def _check_some_doc_can_be_long_enough(tokenizer: Any, docs: Texts, seqlen: int) -> None:
+    """Refuse at once when no document can reach seqlen, instead of drawing forever.
+
+    Byte-level BPE and SentencePiece byte-fallback tokens each cover at least one byte, so a
+    document of B bytes gives at most ~B tokens plus the special ones; the margin of 4x keeps
+    this check sound for normalizers that expand text. The draw loop itself stops once every
+    document has been seen too short, so this is only the fast path.
+    """
+    if len(docs) == 0:
+        raise DataError("the C4 train data holds no documents.")
+    specials = len(_ids(tokenizer, ""))
+    most_bytes = docs.max_utf8_bytes()
+    if 4 * most_bytes + specials + 8 < seqlen:
+        raise DataError(
+            f"no C4 train document can be longer than seqlen={seqlen} tokens: the longest of "
+            f"{len(docs)} documents has {most_bytes} bytes. Use a smaller seqlen."
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Evaluation
+
+
+def eval_windows(
+    tokenizer: Any,
+    dataset: str,
+    nsamples: int | None,
+    seqlen: int,
+    data_dir: str | os.PathLike[str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    *,
+    max_seqlen: int | None = None,
+    max_docs: int | Literal["all"] | None = None,
+    revision: str | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The first ``nsamples`` non-overlapping ``seqlen``-token windows of the joined eval text.
+
+    ``dataset``: "c4" (validation documents joined by one space) or "wikitext2" (test rows
+    joined by "\\n\\n"). ``nsamples=None`` takes every full window. ``max_docs``: how many
+    documents/rows are joined; None follows the literature (C4: the first 1100, as Wanda and
+    SparseGPT; WikiText-2: all), "all" takes every one, an int the first that many.
+    Token ids are cached on disk (``cache_dir``, else ``$NLPRUNE_CACHE_DIR``, else
+    ``~/.cache/nlprune/tokens``), keyed by the tokenizer and the exact joined text.
+    Returns an int32 array (n, seqlen) and a provenance dict.
+    """
+    if nsamples is not None:
+        nsamples = _check_int("nsamples", nsamples, 1)
+    seqlen = _check_seqlen(seqlen, max_seqlen)
+    spec = get_spec(dataset)
+    split = spec.eval_split
+    if max_docs is None:
+        limit = spec.eval_max_docs
+    elif max_docs == "all":
+        limit = None
+    else:
+        limit = _check_int("max_docs", max_docs, 1)
+
+    docs, prov = load_texts(spec.name, split, data_dir, revision=revision)
+    if len(docs) == 0:
+        raise DataError(f"the {spec.title} {split} data holds no documents.")
+    used = docs[: len(docs) if limit is None else min(limit, len(docs))]
+    text = spec.join.join(used)
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    tok_id = tokenizer_fingerprint(tokenizer)
+
+    key = _sha256_json(
+        {"format": _CACHE_FORMAT, "tokenizer": tok_id, "text_sha256": text_sha,
+         "join": spec.join, "dataset": spec.name, "split": split}
+    )
+    cache_path = resolve_cache_dir(cache_dir) / f"{spec.name}-{split}-{key[:32]}.npy"
+    ids = _load_cached(cache_path)
+    hit = ids is not None
+    if ids is None:
+        with tqdm(total=len(text), unit="char", unit_scale=True, disable=not progress,
+                  desc=f"tokenizing {spec.title} {split}", leave=False) as bar:
+            # verbose=False: the "longer than the model's maximum" warning is expected here,
+            # the text is cut into windows afterwards.
+            ids = _as_int32(_ids(tokenizer, text, verbose=False))
+            bar.update(len(text))
+        _save_cached(cache_path, ids)
+
+    total = int(ids.shape[0])
+    available = total // seqlen
+    if nsamples is None:
+        if available == 0:
+            raise DataError(
+                f"{spec.title} {split} gives {total} tokens, fewer than one window of "
+                f"seqlen={seqlen}. Use a smaller seqlen or more documents."
+            )
+        n = available
+    elif nsamples > available:
+        raise DataError(
+            f"{spec.title} {split} gives {total} tokens, i.e. {available} windows of {seqlen} "
+            f"tokens, but {nsamples} were asked for. Ask for at most {available} windows, a "
+            "shorter seqlen, or more documents (max_docs / more data)."
+        )
+    else:
+        n = nsamples
+    windows = ids[: n * seqlen].reshape(n, seqlen)
+
+    prov.update(
+        purpose="evaluation",
+        protocol="Wanda/SparseGPT: join, tokenize once, non-overlapping windows from the start",
+        nsamples=n,
+        seqlen=seqlen,
+        join=spec.join,
+        docs_used=len(used),
+        text_sha256=text_sha,
+        total_tokens=total,
+        windows_available=available,
+        tokenizer=tok_id,
+        cache={"path": str(cache_path), "hit": hit},
+    )
+    return windows, prov
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer identity and the token cache
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 identifying what a tokenizer does, for cache keys and provenance.
+
+    A fast tokenizer is identified by its full serialized pipeline (normalizer,
+    pre-tokenizer, model, post-processor); a slow one by its name and vocabulary. Both add
+    the ids of a probe string, which catch Python-side options outside the serialization.
+    """
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    to_str = getattr(backend, "to_str", None)
+    if callable(to_str):
+        h.update(b"backend\0" + to_str().encode("utf-8"))
+    else:
+        name = str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__))
+        h.update(b"slow\0" + name.encode("utf-8") + b"\0")
+        get_vocab = getattr(tokenizer, "get_vocab", None)
+        if callable(get_vocab):
+            h.update(json.dumps(sorted(get_vocab().items())).encode("utf-8"))
+    h.update(b"\0probe\0" + json.dumps([int(t) for t in _ids(tokenizer, _PROBE)]).encode())
+    return h.hexdigest()
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The token cache folder: the argument, else ``$NLPRUNE_CACHE_DIR``, else ~/.cache/nlprune/tokens."""
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    env = os.environ.get(CACHE_DIR_ENV, "").strip()
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME", "").strip() or "~/.cache"
+    return Path(base).expanduser() / "nlprune" / "tokens"
+
+
+def _load_cached(path: Path) -> np.ndarray | None:
+    if not path.is_file():
+        return None
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:  # truncated/corrupt: re-tokenize and overwrite
+        warnings.warn(f"ignoring unreadable token cache {path}: {e}", stacklevel=3)
+        return None
+    if ids.ndim != 1 or ids.dtype != np.int32:
+        warnings.warn(f"ignoring token cache {path}: unexpected {ids.dtype} {ids.shape}", stacklevel=3)
+        return None
+    return ids
+
+
+def _save_cached(path: Path, ids: np.ndarray) -> None:
+    """Write atomically (temp file + rename) so a crash or a parallel run never leaves half a file."""
+    tmp_name = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=path.stem + ".", suffix=".tmp", delete=False
+        ) as f:
+            tmp_name = f.name
+            np.save(f, ids, allow_pickle=False)
+        os.replace(tmp_name, path)
+        tmp_name = None
+    except OSError as e:  # a read-only cache must not stop an evaluation
+        warnings.warn(f"could not write token cache {path}: {e}", stacklevel=3)
+    finally:
+        if tmp_name is not None:
+            try:
+                os.unlink(tmp_name)
+            except OSError:
+                pass
+
+
+def _as_int32(ids: list[int]) -> np.ndarray:
+    arr = np.asarray(ids, dtype=np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() >= 2**31):
+        raise DataError(f"token ids outside int32 range ({arr.min()}..{arr.max()}).")
+    return arr.astype(np.int32)
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode("utf-8")).hexdigest()

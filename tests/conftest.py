@@ -1,0 +1,24 @@
+"""Shared test fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data_dir() -> Path:
+    """The project's shared real-text folder (C4 samples).
+
+    ``$NLPRUNE_DATA_DIR`` if set, else ``<repo>/../shared/data`` (CI checks ../shared out
+    beside a clean clone). Tests needing it are skipped, with the reason, when it is absent.
+    """
+    env = os.environ.get("NLPRUNE_DATA_DIR", "").strip()
+    path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data folder {path} not found (set NLPRUNE_DATA_DIR)")
+    return path.resolve()

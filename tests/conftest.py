@@ -20,5 +20,15 @@ def shared_data_dir() -> Path:
     env = os.environ.get("NLPRUNE_DATA_DIR", "").strip()
     path = Path(env) if env else REPO_ROOT.parent / "shared" / "data"
     if not path.is_dir():
+        if os.environ.get("CI"):
+            pytest.fail(f"shared data folder {path} not found: CI must run with ../shared beside the clone")
         pytest.skip(f"shared data folder {path} not found (set NLPRUNE_DATA_DIR)")
     return path.resolve()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M through nlprune's own loader (GGUF converter + tokenizer): loaded once."""
+    from nlprune import api
+
+    return api.load("smollm2-135m")

@@ -173,15 +173,17 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
     state: dict[str, np.ndarray] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
+            try:
+                tensors = load_file(str(f))
+            except TypeError:
+                # bfloat16 tensors have no numpy dtype: read them through torch.
+                tensors = _read_with_torch(f)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise WeightsError(
-                f"cannot read {f}: {e}. The file is truncated or corrupt; re-download or "
-                "re-export it."
+                f"cannot read {f} ({f.stat().st_size} bytes): {e}. The file is truncated or "
+                "corrupt; re-download or re-export it."
             ) from None
-        except TypeError:
-            # bfloat16 tensors have no numpy dtype: read them through torch.
-            state.update(_read_with_torch(f))
+        state.update(tensors)
     return state
 
 

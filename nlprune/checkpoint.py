@@ -1,0 +1,611 @@
+"""Crash-safe checkpoints: a model (weights + masks), or any pytree of arrays, plus JSON.
+
+Layout of a checkpoint directory::
+
+    <path>/arrays/                  Orbax (StandardCheckpointHandler) flat dict of arrays
+    <path>/nlprune_checkpoint.json  sidecar: format, config, leaf table, user meta
+
+The sidecar is written last, so a directory without it is never taken for a checkpoint.
+Every save is built in a hidden temporary sibling (``.<name>.tmp-<host>-<pid>-<token>``)
+and swapped onto ``<path>`` only once complete; the previous checkpoint is moved aside and
+deleted only after the new one is in place. A crash therefore leaves either the old or the
+new checkpoint restorable. In the one window where neither is at ``<path>`` (between the
+two renames of the swap), the next save or load puts the previous one back.
+
+Masks that hold only 0 and 1 are stored bit-packed (1 bit per weight) and restored to their
+original dtype bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama, linear_paths, with_masks
+
+log = logging.getLogger(__name__)
+
+FORMAT = "nlprune-checkpoint"
+VERSION = 1
+SIDECAR = "nlprune_checkpoint.json"
+ARRAYS = "arrays"
+PACKED_MASKS_FORMAT = "nlprune-packed-masks"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt, or for another model."""
+
+
+# --------------------------------------------------------------------------- atomic directories
+
+
+def _host() -> str:
+    return socket.gethostname().replace("/", "_") or "host"
+
+
+def _sibling_prefix(path: Path, kind: str) -> str:
+    return f".{path.name}.{kind}-"
+
+
+def _leftovers(path: Path, kind: str) -> list[tuple[Path, str, int]]:
+    """Hidden ``tmp``/``old`` siblings of ``path`` as (dir, host, pid), newest first."""
+    prefix = _sibling_prefix(path, kind)
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for p in path.parent.iterdir():
+        if not p.name.startswith(prefix):
+            continue
+        parts = p.name[len(prefix):].rsplit("-", 2)
+        if len(parts) == 3 and parts[1].isdigit():
+            found.append((p, parts[0], int(parts[1])))
+    def mtime(p: Path) -> float:
+        try:
+            return p.stat().st_mtime
+        except FileNotFoundError:  # removed meanwhile by its own writer
+            return 0.0
+
+    return sorted(found, key=lambda t: mtime(t[0]), reverse=True)
+
+
+def _writer_is_dead(host: str, pid: int) -> bool:
+    """True when the process that made a leftover can no longer be writing it."""
+    if host != _host():
+        return False  # another machine on a shared filesystem: we cannot tell, leave it be
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root, so the rename never outruns the data."""
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_interrupted_swap(path: str | Path) -> None:
+    """Undo what a killed :func:`write_atomically` left behind at ``path``.
+
+    If ``path`` is missing but its previous version sits aside (killed between the two
+    renames), the previous version is put back. Temporary and set-aside directories of dead
+    writers on this host are deleted.
+    """
+    path = Path(path)
+    if not path.exists():
+        for old, host, pid in _leftovers(path, "old"):
+            if _writer_is_dead(host, pid):
+                log.warning("%s: restoring the previous version %s (a save was interrupted)", path, old)
+                os.rename(old, path)
+                break
+    for kind in ("old", "tmp"):
+        for leftover, host, pid in _leftovers(path, kind):
+            if leftover.exists() and _writer_is_dead(host, pid):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write(tmp)`` fill a fresh sibling directory, then swap it onto ``path``.
+
+    Whatever was at ``path`` (callers decide whether it may be replaced) stays in place until
+    the new directory is complete and flushed; it is deleted only after the swap.
+    """
+    path = Path(path).absolute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    recover_interrupted_swap(path)
+    token = f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp = path.parent / (_sibling_prefix(path, "tmp") + token)
+    tmp.mkdir()
+    old = None
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if path.exists() or path.is_symlink():
+            # POSIX rename cannot replace a non-empty directory: move the old one aside first.
+            old = path.parent / (_sibling_prefix(path, "old") + token)
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        if old is not None and not (path.exists() or path.is_symlink()):
+            os.rename(old, path)  # the swap failed half-way: put the previous version back
+            old = None
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    return path
+
+
+# --------------------------------------------------------------------------- orbax + sidecar
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+
+    # Synchronous: the sidecar must only be written once the arrays are on disk.
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+
+
+def _json_or_raise(obj: Any, what: str) -> str:
+    try:
+        return json.dumps(obj, indent=2, allow_nan=True)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{what} must be JSON-serialisable: {e}") from None
+
+
+def _is_binary(a: np.ndarray) -> bool:
+    """Bitwise 0/1 (``-0.0`` and soft masks are not, so those are stored raw)."""
+    if a.dtype == np.bool_:
+        return True
+    rebuilt = (a != 0).astype(a.dtype)
+    if a.dtype.itemsize in (1, 2, 4, 8):  # compare bit patterns, so -0.0 != 0.0
+        bits = f"u{a.dtype.itemsize}"
+        return np.array_equal(rebuilt.view(bits), a.view(bits))
+    return np.array_equal(rebuilt, a)
+
+
+def _save(
+    path: str | Path,
+    arrays: dict[str, Any],
+    leaves: dict[str, dict[str, Any]],
+    sidecar: dict[str, Any],
+) -> Path:
+    """Atomically write ``arrays`` (already encoded) with Orbax and the sidecar last."""
+    path = Path(path)
+    _check_replaceable(path)
+    sidecar = {"format": FORMAT, "version": VERSION, **sidecar, "leaves": leaves}
+    text = _json_or_raise(sidecar, "checkpoint meta")  # fail before touching the disk
+
+    arrays = {k: v for k, v in arrays.items() if leaves[k]["encoding"] != "empty"}
+
+    def write(tmp: Path) -> None:
+        if arrays:
+            _checkpointer().save(tmp / ARRAYS, args=_ocp_args().StandardSave(arrays))
+        (tmp / SIDECAR).write_text(text)
+
+    return write_atomically(path, write)
+
+
+def _ocp_args():
+    import orbax.checkpoint as ocp
+
+    return ocp.args
+
+
+def _check_replaceable(path: Path) -> None:
+    """Only an earlier checkpoint (or an empty directory) may be replaced by a save."""
+    if not (path.exists() or path.is_symlink()):
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    if path.is_dir() and (path / SIDECAR).is_file():
+        return
+    raise CheckpointError(
+        f"{path} exists and is not an nlprune checkpoint (no {SIDECAR}); refusing to replace "
+        "it. Choose another checkpoint path or delete it yourself."
+    )
+
+
+def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
+    """Validate a checkpoint directory and return it with its sidecar."""
+    path = Path(path).absolute()
+    for leftover_kind in ("tmp", "old"):
+        if path.name.startswith(".") and f".{leftover_kind}-" in path.name:
+            raise CheckpointError(
+                f"{path} is a temporary directory left by an interrupted save, not a "
+                "checkpoint. Delete it and load the checkpoint it was meant to replace (the "
+                "same name without the leading '.' and the suffix), or save again."
+            )
+    recover_interrupted_swap(path)
+    if not path.exists():
+        partial = [str(p) for p, _, _ in _leftovers(path, "tmp")]
+        hint = (
+            f" An interrupted save left {partial[0]}; it is incomplete and was not used: "
+            "delete it and save again." if partial else ""
+        )
+        raise CheckpointError(f"no checkpoint at {path}: the path does not exist.{hint}")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint directory.")
+    sidecar_path = path / SIDECAR
+    if not sidecar_path.is_file():
+        raise CheckpointError(
+            f"{path} is not a complete nlprune checkpoint: {SIDECAR} is missing (the save did "
+            "not finish, or this is not a checkpoint directory). Save it again."
+        )
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
+    if sidecar.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar_path} is not an nlprune checkpoint sidecar.")
+    if int(sidecar.get("version", 0)) > VERSION:
+        raise CheckpointError(
+            f"{path} was written by a newer nlprune (checkpoint version {sidecar['version']}, "
+            f"this one reads up to {VERSION}); upgrade nlprune."
+        )
+    if sidecar.get("kind") != kind:
+        loader = {"model": "load_model", "state": "load_state"}.get(sidecar.get("kind"), "?")
+        raise CheckpointError(
+            f"{path} holds a {sidecar.get('kind')!r} checkpoint, not a {kind!r} one; read it "
+            f"with nlprune.checkpoint.{loader}."
+        )
+    stored = [v for v in sidecar["leaves"].values() if v["encoding"] != "empty"]
+    if stored and not (path / ARRAYS).is_dir():
+        raise CheckpointError(
+            f"{path} is incomplete: its Orbax array directory {path / ARRAYS} is missing. The "
+            "checkpoint cannot be restored; save it again."
+        )
+    return path, sidecar
+
+
+def _restore(path: Path, leaves: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Orbax restore of the stored (encoded) arrays, numpy or on the default device."""
+    leaves = {k: v for k, v in leaves.items() if v["encoding"] != "empty"}
+    if not leaves:
+        return {}
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets: dict[str, Any] = {}
+    for name, info in leaves.items():
+        shape, dtype = tuple(info["stored_shape"]), np.dtype(info["stored_dtype"])
+        if info.get("type") == "jax" and info.get("encoding") == "raw":
+            targets[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=device)
+        else:  # decoded on the host first, or kept as numpy
+            targets[name] = np.empty(shape, dtype)
+    try:
+        return _checkpointer().restore(path / ARRAYS, args=_ocp_args().StandardRestore(targets))
+    except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
+        raise CheckpointError(
+            f"cannot restore the arrays of {path} ({type(e).__name__}: {e}). The checkpoint is "
+            "corrupt or incomplete; save it again."
+        ) from e
+
+
+def _encode(name: str, value: Any, compact: bool) -> tuple[Any, dict[str, Any]]:
+    """(stored array, leaf-table entry) for one leaf."""
+    kind = "jax" if isinstance(value, jax.Array) else "numpy"
+    if kind == "jax" and jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+        raise TypeError(f"{name}: typed PRNG keys are not supported; save jax.random.key_data(key).")
+    if isinstance(value, np.generic):
+        kind = "numpy-scalar"
+    info = {"shape": list(np.shape(value)), "dtype": str(np.dtype(value.dtype)), "type": kind}
+    if np.size(value) == 0:
+        # Orbax refuses zero-size arrays; shape and dtype alone rebuild them.
+        info.update(encoding="empty", stored_shape=info["shape"], stored_dtype=info["dtype"])
+        return None, info
+    if compact:
+        host = np.asarray(value)
+        if _is_binary(host):
+            packed = np.packbits(host.reshape(-1) != 0)  # 1 bit per weight
+            info.update(encoding="packbits", stored_shape=list(packed.shape), stored_dtype="uint8")
+            return packed, info
+    stored = value if kind == "jax" else np.asarray(value)
+    info.update(encoding="raw", stored_shape=info["shape"], stored_dtype=info["dtype"])
+    return stored, info
+
+
+def _decode(stored: Any, info: dict[str, Any]) -> Any:
+    dtype, shape = np.dtype(info["dtype"]), tuple(info["shape"])
+    if info["encoding"] == "empty":
+        value = np.zeros(shape, dtype)
+        return jax.device_put(value, jax.devices()[0]) if info["type"] == "jax" else value
+    if info["encoding"] == "packbits":
+        bits = np.unpackbits(np.asarray(stored), count=int(np.prod(shape, dtype=np.int64)))
+        value = bits.reshape(shape).astype(dtype)
+        return jax.device_put(value, jax.devices()[0]) if info["type"] == "jax" else value
+    if info["type"] == "numpy-scalar":
+        return np.asarray(stored)[()]
+    return stored
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _leaf_names(model: Any) -> list[tuple[str, Any]]:
+    flat, _ = jax.tree_util.tree_flatten_with_path(model)
+    return [(jax.tree_util.keystr(p, simple=True, separator="."), leaf) for p, leaf in flat]
+
+
+def save_model(path: str | Path, model: LlamaForCausalLM, meta: dict[str, Any] | None = None) -> Path:
+    """Save a model's weights (and masks, bit-packed when 0/1) with Orbax, atomically.
+
+    ``meta`` (model card, source, weights sha256, run arguments, ...) must be
+    JSON-serialisable and comes back from :func:`load_model`.
+    """
+    if not isinstance(model, LlamaForCausalLM):
+        raise TypeError(f"save_model takes an nlprune LlamaForCausalLM, not {type(model).__name__}")
+    arrays, leaves = {}, {}
+    for name, leaf in _leaf_names(model):
+        arrays[name], leaves[name] = _encode(name, leaf, compact=name.endswith(".mask"))
+    sidecar = {
+        "kind": "model",
+        "config": model.config.to_hf_dict(),
+        "masks": [n for n in leaves if n.endswith(".mask")],
+        "meta": meta or {},
+    }
+    return _save(path, arrays, leaves, sidecar)
+
+
+def config_differences(saved: LlamaConfig, other: LlamaConfig) -> list[str]:
+    """``"field: checkpoint A, model B"`` for every field that differs."""
+    out = []
+    for f in dataclasses.fields(LlamaConfig):
+        a, b = getattr(saved, f.name), getattr(other, f.name)
+        if a != b:
+            out.append(f"{f.name}: checkpoint {a}, model {b}")
+    return out
+
+
+def _abstract_model(config: LlamaConfig, masks: set[str]) -> LlamaForCausalLM:
+    """Shapes-only model with mask leaves exactly where the checkpoint has them."""
+    def build(key):
+        model = init_llama(config, key)
+        return with_masks(model) if masks else model
+
+    abstract = eqx.filter_eval_shape(build, jax.random.key(0))
+    if not masks:
+        return abstract
+    linears = {p: lin for p, lin in zip(linear_paths(config), _linears(abstract))}
+    drop = [p for p in linears if f"{p}.mask" not in masks]
+    if drop:
+        abstract = eqx.tree_at(
+            lambda m: [lin.mask for p, lin in zip(linear_paths(config), _linears(m)) if p in drop],
+            abstract,
+            [None] * len(drop),
+        )
+    return abstract
+
+
+def _linears(model: LlamaForCausalLM) -> list[Any]:
+    return [lin for layer in model.model.layers for lin in layer.linears().values()]
+
+
+def load_model(
+    path: str | Path, expect_config: LlamaConfig | None = None
+) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    """Restore ``(model, meta)`` saved by :func:`save_model`, bit for bit.
+
+    With ``expect_config``, a checkpoint of any other architecture is refused, naming the
+    fields that differ.
+    """
+    path, sidecar = _open(path, "model")
+    try:
+        config = LlamaConfig.from_hf_dict(sidecar["config"])
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path / SIDECAR}: unreadable model config ({e}).") from None
+    if expect_config is not None and config != expect_config:
+        diffs = "; ".join(config_differences(config, expect_config))
+        raise CheckpointError(
+            f"checkpoint {path} is for another model configuration: {diffs}. Resume with the "
+            "model it was made from, or start a fresh run (another checkpoint path)."
+        )
+    abstract = _abstract_model(config, set(sidecar.get("masks", [])))
+    expected = _leaf_names(abstract)
+    leaves = sidecar["leaves"]
+    names = [n for n, _ in expected]
+    if names != list(leaves):
+        missing, extra = sorted(set(names) - set(leaves)), sorted(set(leaves) - set(names))
+        raise CheckpointError(
+            f"{path}: stored arrays do not match the model layout (missing {missing[:4]}, "
+            f"unexpected {extra[:4]}); the checkpoint is damaged or from an incompatible "
+            "nlprune version."
+        )
+    for name, leaf in expected:
+        if tuple(leaves[name]["shape"]) != tuple(leaf.shape):
+            raise CheckpointError(
+                f"{path}: {name} has shape {tuple(leaves[name]['shape'])}, its config implies "
+                f"{tuple(leaf.shape)}; the checkpoint is damaged."
+            )
+    stored = _restore(path, leaves)
+    values = [_decode(stored.get(n), leaves[n]) for n in names]
+    values = [v if isinstance(v, jax.Array) else jax.device_put(v) for v in values]
+    model = jax.tree.unflatten(jax.tree.structure(abstract), values)
+    return model, sidecar.get("meta", {})
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The sidecar of a complete checkpoint (kind, config, meta, leaf table), arrays unread."""
+    sidecar_path = Path(path) / SIDECAR
+    if not sidecar_path.is_file():
+        raise CheckpointError(f"{path} is not a complete nlprune checkpoint ({SIDECAR} missing).")
+    return json.loads(sidecar_path.read_text())
+
+
+# --------------------------------------------------------------------------- arbitrary state
+
+
+def _encode_tree(node: Any, arrays: dict[str, Any], leaves: dict[str, Any], where: str) -> Any:
+    """JSON description of a pytree of dict/list/tuple/None/scalars/arrays; arrays collected."""
+    if isinstance(node, dict):
+        bad = [k for k in node if not isinstance(k, str)]
+        if bad:
+            raise TypeError(f"state{where}: dict keys must be strings, got {bad[0]!r}")
+        return {"dict": {k: _encode_tree(v, arrays, leaves, f"{where}[{k!r}]") for k, v in node.items()}}
+    if isinstance(node, (list, tuple)):
+        kind = "list" if isinstance(node, list) else "tuple"
+        return {kind: [_encode_tree(v, arrays, leaves, f"{where}[{i}]") for i, v in enumerate(node)]}
+    # Arrays first: np.float64 is also a Python float, and must stay a numpy scalar.
+    if isinstance(node, (np.ndarray, np.generic, jax.Array)):
+        name = f"leaf{len(arrays)}"
+        arrays[name], leaves[name] = _encode(f"state{where}", node, compact=False)
+        return {"array": name}
+    if node is None or isinstance(node, (bool, int, float, str)):
+        return {"value": node}
+    raise TypeError(
+        f"state{where}: cannot checkpoint a {type(node).__name__}; use dicts, lists, tuples, "
+        "arrays and JSON scalars."
+    )
+
+
+def _decode_tree(desc: Any, values: dict[str, Any]) -> Any:
+    (kind, body), = desc.items()
+    if kind == "dict":
+        return {k: _decode_tree(v, values) for k, v in body.items()}
+    if kind in ("list", "tuple"):
+        items = [_decode_tree(v, values) for v in body]
+        return items if kind == "list" else tuple(items)
+    if kind == "value":
+        return body
+    return values[body]
+
+
+def save_state(path: str | Path, state: Any, meta: dict[str, Any] | None = None) -> Path:
+    """Atomically save a pytree of arrays (nested dict/list/tuple; numpy or jax leaves; JSON
+    scalars and None allowed) and JSON ``meta``. :func:`load_state` gives it back with the
+    same structure, leaf types (numpy stays numpy, jax goes to the default device) and bits."""
+    arrays: dict[str, Any] = {}
+    leaves: dict[str, Any] = {}
+    structure = _encode_tree(state, arrays, leaves, "")
+    return _save(path, arrays, leaves, {"kind": "state", "structure": structure, "meta": meta or {}})
+
+
+def load_state(path: str | Path) -> tuple[Any, dict[str, Any]]:
+    """``(state, meta)`` saved by :func:`save_state`."""
+    path, sidecar = _open(path, "state")
+    leaves = sidecar["leaves"]
+    stored = _restore(path, leaves)
+    values = {n: _decode(stored.get(n), leaves[n]) for n in leaves}
+    return _decode_tree(sidecar["structure"], values), sidecar.get("meta", {})
+
+
+# --------------------------------------------------------------------------- packed masks
+
+
+def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
+    """Write every mask as bits into one safetensors file, keyed by the HF weight name.
+
+    Each tensor is ``np.packbits(mask != 0, axis=-1)`` (uint8, shape (out, ceil(in/8)),
+    big-endian bit order); the metadata ``shapes`` gives the unpacked shapes. Linears without
+    a mask are absent (dense). Apply with :func:`load_packed_masks` or, without nlprune,
+    ``np.unpackbits(t, axis=-1, count=in_features).astype(bool)``.
+    """
+    from safetensors.numpy import save_file
+
+    tensors, shapes = {}, {}
+    for lin_path, lin in zip(linear_paths(model.config), _linears(model)):
+        if lin.mask is None:
+            continue
+        mask = np.asarray(lin.mask)
+        if not _is_binary(mask):
+            raise ValueError(f"{lin_path}.mask holds values other than 0 and 1; it cannot be bit-packed.")
+        key = f"{lin_path}.weight"
+        tensors[key] = np.ascontiguousarray(np.packbits(mask != 0, axis=-1))
+        shapes[key] = list(mask.shape)
+    if not tensors:
+        raise ValueError("the model has no masks (nlprune.modeling.llama.with_masks adds them).")
+    metadata = {
+        "format": PACKED_MASKS_FORMAT,
+        "version": "1",
+        "packing": "numpy.packbits(mask != 0, axis=-1), bitorder big",
+        "shapes": json.dumps(shapes),
+    }
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # a file rename is atomic: readers see the old or the new file
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_packed_masks(path: str | Path) -> dict[str, np.ndarray]:
+    """Boolean masks (True = kept) by HF weight name, from :func:`save_packed_masks`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no packed masks file at {path}.")
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != PACKED_MASKS_FORMAT:
+                raise CheckpointError(f"{path} is not an nlprune packed masks file.")
+            shapes = json.loads(metadata["shapes"])
+            return {
+                k: np.unpackbits(f.get_tensor(k), axis=-1, count=shapes[k][-1]).astype(bool)
+                for k in f.keys()
+            }
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read packed masks {path} ({e}); the file is corrupt.") from None
+
+
+def set_masks(model: LlamaForCausalLM, masks: dict[str, np.ndarray]) -> LlamaForCausalLM:
+    """Put masks keyed by HF weight name (as from :func:`load_packed_masks`) onto ``model``,
+    in each weight's dtype; linears not named keep their current mask."""
+    paths = linear_paths(model.config)
+    unknown = sorted(set(masks) - {f"{p}.weight" for p in paths})
+    if unknown:
+        raise ValueError(f"masks for unknown weights {unknown[:4]}: they are for another model.")
+    chosen = [(i, masks[f"{p}.weight"]) for i, p in enumerate(paths) if f"{p}.weight" in masks]
+    lins = _linears(model)
+    for i, m in chosen:
+        if tuple(m.shape) != tuple(lins[i].weight.shape):
+            raise ValueError(
+                f"mask for {paths[i]}.weight has shape {tuple(m.shape)}, the weight "
+                f"{tuple(lins[i].weight.shape)}."
+            )
+    return eqx.tree_at(
+        lambda mdl: [_linears(mdl)[i].mask for i, _ in chosen],
+        model,
+        [jax.numpy.asarray(m, dtype=lins[i].weight.dtype) for i, m in chosen],
+        is_leaf=lambda x: x is None,
+    )

@@ -1,0 +1,176 @@
+"""Export to a Hugging Face folder: transformers loads it and computes the masked model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from nlprune.convert.export import export_hf
+from nlprune.convert.hf import WeightsError, from_transformers, load_hf_folder, to_state_dict
+from nlprune.modeling.llama import linear_paths, mask_filter_spec, with_masks
+
+
+def tiny_hf_config(**overrides) -> dict:
+    cfg = dict(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+        eos_token_id=2,
+    )
+    cfg.update(overrides)
+    return cfg
+
+
+def random_hf_model(cfg: dict, seed: int = 0) -> transformers.LlamaForCausalLM:
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg)).float().eval()
+    with torch.no_grad():  # HF inits norms/biases to constants: randomise so nothing hides
+        for name, p in model.named_parameters():
+            p.copy_(torch.randn_like(p) * 0.08 + (1.0 if "norm" in name else 0.0))
+    return model
+
+
+def pruned_model(seed: int = 0, **overrides):
+    """nlprune model with a random ~50% mask on every linear."""
+    model = with_masks(from_transformers(random_hf_model(tiny_hf_config(**overrides), seed)))
+    rng = np.random.default_rng(seed)
+    masks, rest = eqx.partition(model, mask_filter_spec(model))
+    masks = jax.tree.map(lambda m: jnp.asarray(rng.random(m.shape) < 0.5, m.dtype), masks)
+    return eqx.combine(masks, rest)
+
+
+def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_export_loads_in_transformers_with_same_logits_and_sparsity(tmp_path, tied):
+    model = pruned_model(tie_word_embeddings=tied)
+    out = export_hf(model, tmp_path / "export")
+
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(
+        out, dtype=torch.float32, output_loading_info=True
+    )
+    assert type(hf) is transformers.LlamaForCausalLM
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    hf.eval()
+
+    ids = np.random.default_rng(1).integers(0, 97, size=(2, 20))
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jax.vmap(model)(jnp.asarray(ids)))
+    assert np.abs(ours - ref).max() <= 1e-4
+
+    # Pruned weights are exact zeros, exactly where the mask is 0 (~50% of each linear).
+    params = dict(hf.named_parameters())
+    for path, lin in zip(linear_paths(model.config), (
+        lin for layer in model.model.layers for lin in layer.linears().values()
+    )):
+        mask = np.asarray(lin.mask)
+        weight = params[f"{path}.weight"].detach().numpy()
+        np.testing.assert_array_equal(weight == 0, mask == 0, err_msg=path)
+        assert 0.4 < (mask == 0).mean() < 0.6
+
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["tie_word_embeddings"] is tied and hf.config.tie_word_embeddings is tied
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+        keys = set(f.keys())
+        assert {f.get_tensor(k).dtype for k in keys} == {np.dtype(np.float32)}
+    assert ("lm_head.weight" in keys) is not tied
+    if tied:
+        assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
+
+    # And nlprune reads back exactly what it wrote.
+    back = to_state_dict(load_hf_folder(out))
+    want = to_state_dict(model)
+    assert set(back) == set(want)
+    for k in want:
+        assert back[k].tobytes() == want[k].tobytes(), k
+
+
+def test_export_writes_tokenizer_and_generation_config(tmp_path):
+    gen = {"bos_token_id": 1, "eos_token_id": 2, "do_sample": False, "max_new_tokens": 32}
+    out = export_hf(pruned_model(), tmp_path / "export", tokenizer=tiny_tokenizer(), generation_config=gen)
+    assert json.loads((out / "generation_config.json").read_text()) == gen
+    assert transformers.GenerationConfig.from_pretrained(out).max_new_tokens == 32
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok("w5 w7")["input_ids"][-2:] == [5, 7] and tok.eos_token == "</s>"
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_export_refuses_non_empty_folder_without_overwrite(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_hf(pruned_model(), out)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "mine"
+    # --overwrite replaces model folders only: an unrelated folder is never wiped.
+    with pytest.raises(FileExistsError, match="not a model folder"):
+        export_hf(pruned_model(), out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]  # no temporary debris
+
+
+def test_export_overwrite_replaces_previous_export(tmp_path):
+    out = tmp_path / "export"
+    export_hf(pruned_model(seed=0), out)
+    (out / "stale.txt").write_text("from the old export")
+    second = pruned_model(seed=1)
+    export_hf(second, out, overwrite=True)
+    assert not (out / "stale.txt").exists()
+    back = to_state_dict(load_hf_folder(out))
+    for k, v in to_state_dict(second).items():
+        np.testing.assert_array_equal(back[k], v)
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_failed_export_leaves_existing_folder_untouched(tmp_path):
+    out = tmp_path / "export"
+    first = pruned_model(seed=0)
+    export_hf(first, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    class BrokenTokenizer:
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{")  # half-written, then dies
+            raise OSError("disk full (simulated)")
+
+    with pytest.raises(OSError, match="simulated"):
+        export_hf(pruned_model(seed=1), out, overwrite=True, tokenizer=BrokenTokenizer())
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["export"]
+
+
+def test_export_into_empty_existing_folder(tmp_path):
+    out = tmp_path / "export"
+    out.mkdir()
+    export_hf(pruned_model(), out)
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+
+
+def test_truncated_safetensors_raises_weights_error(tmp_path):
+    out = export_hf(pruned_model(), tmp_path / "export")
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match=r"model\.safetensors.*truncated or corrupt.*re-export"):
+        load_hf_folder(out)

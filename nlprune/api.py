@@ -15,14 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from nlprune import cards
 from nlprune.data import eval_windows
 from nlprune.eval.perplexity import perplexity
 from nlprune.modeling.llama import LlamaForCausalLM
+from nlprune.runs import MODEL, RESULTS, RunDir, RunDirError
 
-RUN_MODEL_DIR = "model"
-RUN_RESULTS = "results.json"
 
 
 @dataclasses.dataclass
@@ -58,19 +58,18 @@ def machine() -> dict[str, Any]:
 
 def load_run(run_dir: str | Path) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """The pruned model of a run directory and its results record."""
-    from nlprune.checkpoint import CheckpointError, load_model
+    from nlprune.checkpoint import load_model
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"run directory {run_dir} does not exist.")
-    results_path = run_dir / RUN_RESULTS
-    if not results_path.is_file():
-        raise CheckpointError(
-            f"{run_dir} has no {RUN_RESULTS}: the run did not finish (rerun `nlprune prune` "
+    run = RunDir(run_dir)
+    if not run.path.is_dir():
+        raise RunDirError(f"run directory {run.path} does not exist.")
+    if not run.is_finished():
+        raise RunDirError(
+            f"{run.path} has no {RESULTS}: the run did not finish (rerun `nlprune prune` "
             "with the same --output to resume it)."
         )
-    model, _ = load_model(run_dir / RUN_MODEL_DIR)
-    return model, json.loads(results_path.read_text())
+    model, _ = load_model(run.path / MODEL)
+    return model, json.loads(run.results_path.read_text())
 
 
 def evaluate(
@@ -116,3 +115,113 @@ def evaluate(
         "machine": machine(),
     }
     return record
+
+
+def _peak_rss_bytes() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def prune(
+    model: str | Loaded = cards.DEFAULT_MODEL,
+    prune_method: str = "wanda",
+    sparsity_ratio: float | None = 0.5,
+    sparsity_type: str = "unstructured",
+    nsamples: int = 8,
+    seqlen: int = 512,
+    seed: int = 0,
+    data_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    do_eval: bool = False,
+    eval_nsamples: int = 128,
+    eval_seqlen: int = 512,
+    attention_windows: int = 4,
+    batch_size: int = 8,
+    options: dict[str, Any] | None = None,
+    true_sequential: bool = True,
+    progress: bool = True,
+) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    """Prune a model layer by layer; returns the pruned model and the results record.
+
+    With ``output`` the run is written there (results.json, Orbax model, packed masks) and
+    saved after every layer, so rerunning the same call resumes an interrupted run."""
+    from nlprune.data import calibration_windows
+    from nlprune.eval.attention_error import attention_error
+    from nlprune.prune import get_method, parse_pattern
+    from nlprune.prune.pipeline import prune_model
+
+    # Validate everything cheap before loading anything heavy.
+    pattern = parse_pattern(sparsity_type, sparsity_ratio)
+    method = get_method(prune_method)
+    options = method.resolve_options(**(options or {}))
+    if output is not None and RunDir(output).is_finished() and not overwrite:
+        RunDir(output).prepare({}, overwrite=False)  # raises: refuse before loading anything
+    loaded = model if isinstance(model, Loaded) else load(model)
+    config = loaded.model.config
+    for width in (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size):
+        pattern.check_width(width, f"{loaded.source.name} (a linear layer)")
+
+    calibration, calib_prov = calibration_windows(
+        loaded.tokenizer, nsamples, seqlen, seed, data_dir=data_dir, max_seqlen=config.max_position_embeddings
+    )
+    args = {
+        "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
+        "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+        "options": options, "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
+    }
+    model_desc = loaded.describe()
+    fingerprint = {
+        **{k: args[k] for k in ("prune_method", "sparsity_ratio", "sparsity_type", "nsamples", "seqlen", "seed", "true_sequential")},
+        "options": json.loads(json.dumps(options, default=str)),
+        "weights_sha256": model_desc["weights_sha256"],
+        "calibration_sha256": [f["sha256"] for f in calib_prov["files"]],
+    }
+
+    run = RunDir(output) if output is not None else None
+    start_layer, hidden, base = 0, None, loaded.model
+    if run is not None:
+        start_layer = run.prepare(fingerprint, overwrite)
+        if start_layer:
+            base, hidden = run.restore(loaded.model, start_layer)
+
+    def checkpoint_layer(i, current, outputs):
+        run.save_layer(i, current.model.layers[i], outputs, fingerprint)
+
+    pruned, report = prune_model(
+        base, calibration, method, pattern, options, batch_size=batch_size, progress=progress,
+        start_layer=start_layer, hidden=hidden, on_layer_done=checkpoint_layer if run else None,
+        true_sequential=true_sequential,
+    )
+    record: dict[str, Any] = {
+        "args": args,
+        "model": model_desc,
+        "calibration": {k: calib_prov.get(k) for k in ("dataset", "split", "files", "seed", "nsamples", "seqlen", "doc_indices", "starts")},
+        "sparsity": {"overall": report.overall_sparsity, "per_linear": report.sparsity},
+        "prune_seconds": report.prune_seconds,
+        "checkpoint_seconds": report.checkpoint_seconds,
+        "layer_seconds": report.layer_seconds,
+        "resumed_from_layer": start_layer,
+        "peak_rss_bytes": _peak_rss_bytes(),
+        "machine": machine(),
+    }
+    eval_kwargs = dict(data_dir=data_dir, max_seqlen=config.max_position_embeddings, progress=progress)
+    if attention_windows:
+        # Held-out windows (C4 validation), never the calibration ones.
+        held_out, _ = eval_windows(loaded.tokenizer, "c4", attention_windows, seqlen, **eval_kwargs)
+        per_layer = attention_error(loaded.model, pruned, held_out)
+        record["attention_error"] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "windows": attention_windows, "seqlen": seqlen}
+    if do_eval:
+        windows, eval_prov = eval_windows(loaded.tokenizer, "c4", eval_nsamples, eval_seqlen, **eval_kwargs)
+        pruned_ppl = perplexity(pruned, windows, batch_size=batch_size, progress=progress, desc="pruned perplexity")
+        dense_ppl = perplexity(loaded.model, windows, batch_size=batch_size, progress=progress, desc="dense perplexity")
+        record.update(
+            perplexity=pruned_ppl.perplexity,
+            dense_perplexity=dense_ppl.perplexity,
+            eval={"dataset": "c4", "nsamples": len(windows), "seqlen": eval_seqlen, "tokens": pruned_ppl.tokens,
+                  "files": eval_prov["files"], "seconds": pruned_ppl.seconds},
+        )
+    if run is not None:
+        run.finish(pruned, record, {"args": args, "model": model_desc})
+    return pruned, record

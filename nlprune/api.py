@@ -117,6 +117,24 @@ def evaluate(
     return record
 
 
+def dense_perplexity(loaded: Loaded, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> float:
+    """The unpruned model's perplexity on ``windows``, cached on disk by weights and windows
+    (every pruning run with --eval reports it; computing it once per protocol is enough)."""
+    import hashlib
+
+    key = hashlib.sha256(
+        f"{loaded.source.weights_sha256()}:{windows.shape}:".encode() + np.ascontiguousarray(windows, np.int32).tobytes()
+    ).hexdigest()[:24]
+    path = cards.cache_dir() / "dense_perplexity" / f"{key}.json"
+    if path.is_file():
+        return float(json.loads(path.read_text())["perplexity"])
+    result = perplexity(loaded.model, windows, batch_size=batch_size, progress=progress, desc="dense perplexity")
+    from nlprune.runs import write_json
+
+    write_json(path, result.as_dict())
+    return result.perplexity
+
+
 def _peak_rss_bytes() -> int:
     import resource
 
@@ -215,10 +233,9 @@ def prune(
     if do_eval:
         windows, eval_prov = eval_windows(loaded.tokenizer, "c4", eval_nsamples, eval_seqlen, **eval_kwargs)
         pruned_ppl = perplexity(pruned, windows, batch_size=batch_size, progress=progress, desc="pruned perplexity")
-        dense_ppl = perplexity(loaded.model, windows, batch_size=batch_size, progress=progress, desc="dense perplexity")
         record.update(
             perplexity=pruned_ppl.perplexity,
-            dense_perplexity=dense_ppl.perplexity,
+            dense_perplexity=dense_perplexity(loaded, windows, batch_size, progress),
             eval={"dataset": "c4", "nsamples": len(windows), "seqlen": eval_seqlen, "tokens": pruned_ppl.tokens,
                   "files": eval_prov["files"], "seconds": pruned_ppl.seconds},
         )

@@ -89,6 +89,7 @@ class ModelSource:
     weights_path: Path
     tokenizer_spec: dict[str, Any]
     card: dict[str, Any] | None = None
+    _sha256: str | None = dataclasses.field(default=None, repr=False)
 
     def weight_files(self) -> list[Path]:
         if self.kind == "gguf":
@@ -96,10 +97,15 @@ class ModelSource:
         return sorted(self.weights_path.glob("*.safetensors"))
 
     def weights_sha256(self) -> str:
-        h = hashlib.sha256()
-        for f in self.weight_files():
-            h.update(file_sha256(f).encode())
-        return h.hexdigest()
+        """sha256 of the weight file (several files: of their hashes), computed once."""
+        if self._sha256 is None:
+            files = self.weight_files()
+            self._sha256 = (
+                file_sha256(files[0])
+                if len(files) == 1
+                else hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+            )
+        return self._sha256
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -190,10 +196,3 @@ def load_tokenizer(source: ModelSource):
             "model's tokenizer there."
         )
     return AutoTokenizer.from_pretrained(str(folder))
-
-
-def tokenizer_id(tokenizer) -> str:
-    """A stable identity for cache keys: the hash of the tokenizer's full definition."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    text = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]

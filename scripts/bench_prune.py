@@ -1,0 +1,110 @@
+"""The SmolLM2-135M pruning table: every method at 50% unstructured and 2:4, cpu protocol.
+
+    .venv/bin/python scripts/bench_prune.py --data-dir ../shared/data --out benchmarks/prune
+
+Each row is one `nlprune prune ... --eval` process (so its peak memory is its own), run with
+the exact command printed in the table; the results.json of each run lands in
+OUT/runs/NAME. Writes OUT/table.md, OUT/table.json and OUT/perplexity.png.
+"""
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+DEFAULT_ROWS = [
+    ("magnitude", "unstructured"), ("wanda", "unstructured"), ("sparsegpt", "unstructured"),
+    ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"),
+]
+
+
+def run_row(method: str, pattern: str, args, extra: list[str]) -> tuple[str, dict]:
+    name = f"{method}-{pattern.replace(':', 'of')}" + ("-" + "-".join(e.strip("-") for e in extra) if extra else "")
+    out = Path(args.out) / "runs" / name
+    cmd = [
+        "nlprune", "prune", "--model", args.model, "--prune-method", method, "--sparsity-type", pattern,
+        "--sparsity-ratio", "0.5", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
+        "--seed", str(args.seed), "--eval", "--eval-nsamples", str(args.eval_nsamples),
+        "--eval-seqlen", str(args.eval_seqlen), "--data-dir", args.data_dir, "--output", str(out), "--overwrite", *extra,
+    ]
+    print("$", shlex.join(cmd), flush=True)
+    exe = [str(Path(sys.executable).with_name("nlprune")), *cmd[1:]]
+    subprocess.run(exe, check=True)
+    return shlex.join(cmd), json.loads((out / "results.json").read_text())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--out", default="benchmarks/prune")
+    ap.add_argument("--nsamples", type=int, default=8)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--eval-nsamples", type=int, default=128)
+    ap.add_argument("--eval-seqlen", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", nargs="*", default=None, help="METHOD:PATTERN[:extra flags], e.g. wanda:2:4")
+    ap.add_argument("--extra", action="append", default=[], help="METHOD=FLAGS: extra flags for a method")
+    args = ap.parse_args()
+
+    rows = DEFAULT_ROWS if not args.rows else [tuple(r.split("@")) for r in args.rows]
+    extras = {}
+    for e in args.extra:
+        method, flags = e.split("=", 1)
+        extras[method] = shlex.split(flags)
+    results = []
+    for method, pattern in rows:
+        cmd, rec = run_row(method, pattern, args, extras.get(method, []))
+        results.append({"command": cmd, "method": method, "pattern": pattern, "record": rec})
+
+    dense = results[0]["record"]["dense_perplexity"]
+    lines = [
+        f"| method | sparsity | C4 ppl | sparsity measured | attention error | prune s | peak RSS GiB | command |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| dense | 0 | {dense:.2f} | 0 | 0 | - | - | (each run's `dense_perplexity`) |",
+    ]
+    for r in results:
+        rec = r["record"]
+        lines.append(
+            f"| {r['method']} | {r['pattern']} | {rec['perplexity']:.2f} | {rec['sparsity']['overall']:.4f} | "
+            f"{rec['attention_error']['mean']:.2e} | {rec['prune_seconds']:.1f} | "
+            f"{rec['peak_rss_bytes'] / 2**30:.2f} | `{r['command']}` |"
+        )
+    out = Path(args.out)
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    (out / "table.json").write_text(json.dumps(
+        [{k: v for k, v in r.items() if k != "record"} | {
+            "perplexity": r["record"]["perplexity"], "dense_perplexity": r["record"]["dense_perplexity"],
+            "sparsity": r["record"]["sparsity"]["overall"], "prune_seconds": r["record"]["prune_seconds"],
+            "attention_error": r["record"]["attention_error"]["mean"], "peak_rss_bytes": r["record"]["peak_rss_bytes"],
+            "machine": r["record"]["machine"]} for r in results], indent=2) + "\n")
+    print("\n".join(lines))
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    patterns = sorted({r["pattern"] for r in results}, key=lambda p: p != "unstructured")
+    methods = list(dict.fromkeys(r["method"] for r in results))
+    width = 0.8 / len(patterns)
+    for j, pat in enumerate(patterns):
+        vals = [next((r["record"]["perplexity"] for r in results if r["method"] == m and r["pattern"] == pat), float("nan")) for m in methods]
+        bars = ax.bar([i + j * width for i in range(len(methods))], vals, width, label=f"50% {pat}")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
+    ax.set_xticks([i + width * (len(patterns) - 1) / 2 for i in range(len(methods))], methods)
+    ax.set_yscale("log")
+    ax.set_ylabel(f"C4 perplexity ({args.eval_nsamples} x {args.eval_seqlen})")
+    ax.set_title(f"{args.model}: calibration {args.nsamples} x {args.seqlen}, seed {args.seed}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "perplexity.png", dpi=120)
+    print(f"wrote {out}/table.md, table.json, perplexity.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,7 @@ def load_run(run_dir: str | Path) -> tuple[LlamaForCausalLM, dict[str, Any]]:
 
 
 def evaluate(
-    model: str | Loaded = cards.DEFAULT_MODEL,
+    model: str | Loaded | None = None,
     run_dir: str | Path | None = None,
     dataset: str = "c4",
     nsamples: int | None = 128,
@@ -82,11 +82,24 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Perplexity of a model (or of a run's pruned model) with a full provenance record."""
-    loaded = model if isinstance(model, Loaded) else load(model)
-    weights, run_record = loaded.model, None
+    """Perplexity of a model (or of a run's pruned model) with a full provenance record.
+
+    With ``run_dir``, ``model`` defaults to the model the run was pruned from, and a
+    different one is refused (its tokenizer would not match)."""
+    run_record = None
     if run_dir is not None:
         weights, run_record = load_run(run_dir)
+        run_model = run_record["model"]
+        model = model or run_model.get("card") or run_model["path"]
+    loaded = model if isinstance(model, Loaded) else load(model or cards.DEFAULT_MODEL)
+    if run_record is None:
+        weights = loaded.model
+    elif loaded.source.weights_sha256() != run_record["model"]["weights_sha256"]:
+        raise RunDirError(
+            f"{run_dir} was pruned from {run_record['model']['name']} "
+            f"({run_record['model']['path']}), not from {loaded.source.name}; leave --model out "
+            "to use the run's own model."
+        )
     windows, provenance = eval_windows(
         loaded.tokenizer,
         dataset,
@@ -242,3 +255,18 @@ def prune(
     if run is not None:
         run.finish(pruned, record, {"args": args, "model": model_desc})
     return pruned, record
+
+
+def export_hf(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
+    """Write a run's pruned model as a Hugging Face folder (config, safetensors, tokenizer,
+    generation config when the source had one) that ``transformers`` loads as is."""
+    from nlprune.convert.export import export_hf as write_folder
+
+    model, record = load_run(run_dir)
+    desc = record["model"]
+    source = cards.resolve_model(desc.get("card") or desc["path"])
+    generation = None
+    gen_path = Path(source.weights_path) / "generation_config.json"
+    if source.kind == "hf" and gen_path.is_file():
+        generation = json.loads(gen_path.read_text())
+    return write_folder(model, output, overwrite=overwrite, tokenizer=cards.load_tokenizer(source), generation_config=generation)

@@ -110,6 +110,7 @@ class ModelSource:
     def describe(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "card": self.card["name"] if self.card else None,
             "kind": self.kind,
             "path": str(self.weights_path),
             "weights_sha256": self.weights_sha256(),

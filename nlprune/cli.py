@@ -195,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity of a model or a pruned run")
     p.add_argument(
         "--model",
-        default=cards.DEFAULT_MODEL,
-        help="card name, Hugging Face folder or .gguf file (default %(default)s)",
+        default=None,
+        help=f"card name, Hugging Face folder or .gguf file (default: the run's model with "
+        f"--run, else {cards.DEFAULT_MODEL})",
     )
     p.add_argument("--run", default=None, help="evaluate the pruned model of this run directory")
     p.add_argument("--dataset", choices=("c4", "wikitext2"), default="c4")
@@ -208,7 +209,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     add_prune_parser(sub)
+
+    p = sub.add_parser("export-hf", help="write a run's pruned model as a Hugging Face folder")
+    p.add_argument("--run", required=True, help="run directory written by `nlprune prune`")
+    p.add_argument("--output", required=True, help="folder to write (HF_DIR)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.set_defaults(func=cmd_export_hf)
     return parser
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from nlprune.api import export_hf
+
+    out = export_hf(args.run, args.output, overwrite=args.overwrite)
+    print(f"wrote {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

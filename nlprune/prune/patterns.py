@@ -110,7 +110,7 @@ def _count_dtype(width: int) -> jnp.dtype:
     return jnp.float32 if width < 2**24 else jnp.int32
 
 
-def _kth_smallest_key(keys: jax.Array, k: int) -> jax.Array:
+def _kth_smallest_key(keys: jax.Array, k: int | jax.Array) -> jax.Array:
     """Per row of ``keys`` (last axis), the k-th smallest value (1-based), by bisection.
 
     A full sort per row is ~6x slower on CPU than ~30 vectorised counting passes.
@@ -133,15 +133,16 @@ def _kth_smallest_key(keys: jax.Array, k: int) -> jax.Array:
     return lo
 
 
-def _keep_top_k_last_axis(scores: jax.Array, n_prune: int) -> jax.Array:
+def _keep_top_k_last_axis(scores: jax.Array, n_prune: int | jax.Array) -> jax.Array:
     """Boolean mask that drops exactly the ``n_prune`` lowest scores along the last axis.
 
     Ties are broken by position (the earlier index is pruned first) so the count is exact.
+    ``n_prune`` may be a traced integer (SparseGPT's last, padded block prunes more).
     """
     width = scores.shape[-1]
-    if n_prune == 0:
+    if isinstance(n_prune, int) and n_prune == 0:
         return jnp.ones(scores.shape, bool)
-    if n_prune >= width:
+    if isinstance(n_prune, int) and n_prune >= width:
         return jnp.zeros(scores.shape, bool)
     keys = _sortable_keys(scores)
     if width <= 16:
@@ -251,7 +252,7 @@ def assert_mask(
     """chex-checked invariants: binary, and exactly the asked count pruned per group."""
     mask = np.asarray(mask)
     chex.assert_rank(mask, 2)
-    binary = np.isin(mask, (0, 1)).all()
+    binary = mask.dtype == bool or bool(np.isin(mask, (0, 1)).all())
     chex.assert_equal(bool(binary), True, custom_message="mask is not binary")
     pruned, want = _pruned_and_wanted(mask.astype(bool), pattern, group, blocksize)
     bad = np.flatnonzero(pruned != want)

@@ -7,6 +7,7 @@ sparsity type, nsamples, seqlen, seed); underscore spellings (``--sparsity_ratio
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -96,10 +97,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- prune
 
 
+# --prune-method nonlinear's flags: option name -> flag
+NONLINEAR_FLAGS = {
+    "linear_method": "--linear-method", "lam": "--lambda", "eta": "--eta", "step_rule": "--step-rule",
+    "steps": "--steps", "mask_init": "--mask-init", "binarize": "--binarize", "project": "--project",
+    "window_batch": "--window-batch", "window_chunk": "--window-chunk",
+}
+
+
 def _method_options(args: argparse.Namespace) -> dict:
     """Method-specific flags the user actually gave (the method validates the names)."""
     flags = {"blocksize": args.blocksize, "percdamp": args.percdamp, "group": args.group}
-    return {k: v for k, v in flags.items() if v is not None}
+    flags.update({k: getattr(args, k) for k in NONLINEAR_FLAGS})
+    options = {k: v for k, v in flags.items() if v is not None}
+    stray = [NONLINEAR_FLAGS[k] for k in NONLINEAR_FLAGS if k in options]
+    if stray and args.prune_method != "nonlinear":
+        raise ValueError(f"{', '.join(stray)} apply only to --prune-method nonlinear, not {args.prune_method}.")
+    return options
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -176,6 +190,29 @@ def add_prune_parser(sub) -> None:
     g.add_argument("--blocksize", type=int, default=None, help="sparsegpt: columns per block (128)")
     g.add_argument("--percdamp", type=float, default=None, help="sparsegpt: Hessian damping (0.01)")
     g.add_argument("--group", choices=("row", "matrix"), default=None, help="magnitude: comparison group")
+    from nlprune.prune.nonlinear import BINARIZE_CHOICES, LINEAR_METHODS, MASK_INITS, STEP_RULES
+
+    n = p.add_argument_group(
+        "nonlinear options",
+        "--prune-method nonlinear: q/k masks by gradient descent on the attention error "
+        "(Liang et al., ICLR 2025), v/o/MLP by --linear-method",
+    )
+    _add(n, "--linear-method", choices=LINEAR_METHODS, default=None, help="fills in v, o, gate, up, down (wanda)")
+    n.add_argument("--lambda", dest="lam", type=float, default=None, help="mask regulariser lambda >= 0 (0.05, the paper's)")
+    n.add_argument("--eta", type=float, default=None,
+                   help="step size > 0 (fixed rule: 0.005, the paper's; certified: 1/L; certified_local: first try 0.005; "
+                   "backtracking: first try 1/|lambda_max|)")
+    _add(n, "--step-rule", choices=STEP_RULES, default=None,
+         help="fixed (paper's eta, default), certified (1/L on the box [0,1], projected), certified_local "
+         "(per-step certificate), backtracking (Armijo)")
+    n.add_argument("--steps", type=int, default=None, help="gradient steps T (100)")
+    _add(n, "--mask-init", choices=MASK_INITS, default=None, help="M_0: ones (dense, the paper's) or wanda's mask")
+    n.add_argument("--binarize", choices=BINARIZE_CHOICES, default=None,
+                   help="keep the top (1 - ratio) of M_T per row (default), per matrix, or of |M_T o W| per row")
+    n.add_argument("--project", action="store_true", default=None, help="clip the masks to [0, 1] after every step")
+    _add(n, "--window-batch", type=int, default=None, help="calibration windows per step, cycling (default: all)")
+    _add(n, "--window-chunk", type=int, default=None,
+         help="windows per gradient chunk, to bound memory at long seqlen (default: all at once)")
     p.set_defaults(func=cmd_prune)
 
 
@@ -226,12 +263,24 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _enable_compilation_cache() -> None:
+    """Reuse XLA compilations across runs (the first layer of a run otherwise compiles for
+    seconds every time); NLPRUNE_COMPILATION_CACHE=0 turns it off."""
+    if os.environ.get("NLPRUNE_COMPILATION_CACHE", "1") == "0":
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cards.cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    _enable_compilation_cache()
     try:
         return args.func(args)
     except USER_ERRORS as e:

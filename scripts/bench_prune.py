@@ -3,8 +3,9 @@
     .venv/bin/python scripts/bench_prune.py --data-dir ../shared/data --out benchmarks/prune
 
 Each row is one `nlprune prune ... --eval` process (so its peak memory is its own), run with
-the exact command printed in the table; the results.json of each run lands in
-OUT/runs/NAME. Writes OUT/table.md, OUT/table.json and OUT/perplexity.png.
+the exact command printed in the table; each run's folder is OUT/runs/NAME (git-ignored: it
+holds the checkpoint) and its results.json is copied to OUT/results/NAME.json. Writes
+OUT/table.md, OUT/table.json and OUT/perplexity.png.
 """
 
 import argparse
@@ -37,7 +38,11 @@ def run_row(method: str, pattern: str, args, extra: list[str]) -> tuple[str, dic
     print("$", shlex.join(cmd), flush=True)
     exe = [str(Path(sys.executable).with_name("nlprune")), *cmd[1:]]
     subprocess.run(exe, check=True)
-    return shlex.join(cmd), json.loads((out / "results.json").read_text())
+    record = json.loads((out / "results.json").read_text())
+    # The run folders hold checkpoints (hundreds of MB, git-ignored); keep each record beside the table.
+    (Path(args.out) / "results").mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "results" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    return shlex.join(cmd), record
 
 
 def main():

@@ -247,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_prune_parser(sub)
 
+    from nlprune.experiments.synthetic import add_parser as add_synthetic_parser
+
+    add_synthetic_parser(sub)
+
     p = sub.add_parser("export-hf", help="write a run's pruned model as a Hugging Face folder")
     p.add_argument("--run", required=True, help="run directory written by `nlprune prune`")
     p.add_argument("--output", required=True, help="folder to write (HF_DIR)")

@@ -1,0 +1,1 @@
+"""Reproducible experiments (``nlprune synthetic``: the paper's Figure 2 on synthetic data)."""

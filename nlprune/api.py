@@ -235,6 +235,7 @@ def prune(
         "layer_seconds": report.layer_seconds,
         "resumed_from_layer": start_layer,
         "peak_rss_bytes": _peak_rss_bytes(),
+        **({"method_reports": method.reports} if hasattr(method, "reports") else {}),  # nonlinear: per-layer GD
         "machine": machine(),
     }
     eval_kwargs = dict(data_dir=data_dir, max_seqlen=config.max_position_embeddings, progress=progress)

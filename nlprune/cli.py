@@ -101,7 +101,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 NONLINEAR_FLAGS = {
     "linear_method": "--linear-method", "lam": "--lambda", "eta": "--eta", "step_rule": "--step-rule",
     "steps": "--steps", "mask_init": "--mask-init", "binarize": "--binarize", "project": "--project",
-    "window_batch": "--window-batch", "window_chunk": "--window-chunk",
+    "window_batch": "--window-batch", "window_chunk": "--window-chunk", "eta_relative": "--eta-relative",
+    "straight_through": "--straight-through",
 }
 
 
@@ -210,9 +211,14 @@ def add_prune_parser(sub) -> None:
     n.add_argument("--binarize", choices=BINARIZE_CHOICES, default=None,
                    help="keep the top (1 - ratio) of M_T per row (default), per matrix, or of |M_T o W| per row")
     n.add_argument("--project", action="store_true", default=None, help="clip the masks to [0, 1] after every step")
-    _add(n, "--window-batch", type=int, default=None, help="calibration windows per step, cycling (default: all)")
+    _add(n, "--window-batch", type=int, default=None, help="calibration windows per step, cycling (default 1; --nsamples for full-batch GD)")
     _add(n, "--window-chunk", type=int, default=None,
          help="windows per gradient chunk, to bound memory at long seqlen (default: all at once)")
+    _add(n, "--eta-relative", action="store_true", default=None,
+         help="fixed rule: eta in units of 1/RMS of each KV group's initial gradient (transfers across layers)")
+    _add(n, "--straight-through", action="store_true", default=None,
+         help="each step's attention sees the binarised masks, gradients pass straight through to "
+         "scores (needs --mask-init wanda, --step-rule fixed, --binarize row; eta defaults to 0.01, relative)")
     p.set_defaults(func=cmd_prune)
 
 

@@ -78,17 +78,59 @@ def set_linears(layer: DecoderLayer, updates: dict[str, tuple[jax.Array, jax.Arr
     return eqx.tree_at(nodes, layer, values, is_leaf=lambda x: x is None)
 
 
+def needs_hessian(method: PruningMethod, options: dict[str, Any]) -> bool:
+    """Whether the statistics need X^T X; a method whose answer depends on its options (the
+    non-linear method's linear fill-in) says so with ``needs_hessian_for(options)``."""
+    hook = getattr(method, "needs_hessian_for", None)
+    return bool(hook(options)) if hook is not None else method.needs_hessian
+
+
+def prune_qkv(
+    layer: DecoderLayer,
+    stats: LayerStats,
+    method: PruningMethod,
+    pattern: SparsityPattern,
+    options: dict[str, Any],
+    attn_inputs: jax.Array | None = None,
+    cos: jax.Array | None = None,
+    sin: jax.Array | None = None,
+) -> DecoderLayer:
+    """Prune q/k/v. A method with a ``prune_qk(layer, inputs, cos, sin, pattern, **options)``
+    hook (the non-linear method) gets the raw attention inputs of all calibration windows
+    (windows, seq, hidden) for q/k, and prunes v from the statistics as usual."""
+    names = INPUT_GROUPS["qkv"]
+    lins = layer.linears()
+    hook = getattr(method, "prune_qk", None)
+    if hook is None:
+        results = method.prune_many([lins[n].weight for n in names], stats, pattern, **options)
+        updates = {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)}
+    else:
+        if attn_inputs is None:
+            raise ValueError(f"method {method.name!r} prunes q/k from the layer inputs: pass attn_inputs, cos, sin")
+        updates = {n: (r.weight, r.mask) for n, r in hook(layer, attn_inputs, cos, sin, pattern, **options).items()}
+        (v,) = method.prune_many([lins["v_proj"].weight], stats, pattern, **options)
+        updates["v_proj"] = (v.weight, v.mask)
+    return set_linears(layer, updates)
+
+
 def prune_layer(
     layer: DecoderLayer,
     stats: dict[str, LayerStats],
     method: PruningMethod,
     pattern: SparsityPattern,
     options: dict[str, Any],
+    attn_inputs: jax.Array | None = None,
+    cos: jax.Array | None = None,
+    sin: jax.Array | None = None,
 ) -> DecoderLayer:
-    """Prune all linears of one layer from its statistics."""
+    """Prune all linears of one layer from its statistics (``attn_inputs``, ``cos``, ``sin``:
+    see :func:`prune_qkv`)."""
+    layer = prune_qkv(layer, stats["qkv"], method, pattern, options, attn_inputs, cos, sin)
     lins = layer.linears()
     updates = {}
     for group, names in INPUT_GROUPS.items():
+        if group == "qkv":
+            continue
         results = method.prune_many([lins[n].weight for n in names], stats[group], pattern, **options)
         updates.update({n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
     return set_linears(layer, updates)
@@ -151,7 +193,7 @@ def prune_layer_true_sequential(
 
     One forward pass per layer (the layer-at-once order needs two: a dense one for the
     statistics and a pruned one for the outputs)."""
-    hess = method.needs_hessian
+    hess = needs_hessian(method, options)
 
     def prune_group(layer, group, stats):
         names = INPUT_GROUPS[group]
@@ -159,7 +201,9 @@ def prune_layer_true_sequential(
         results = method.prune_many([lins[n].weight for n in names], stats, pattern, **options)
         return set_linears(layer, {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
 
-    layer = prune_group(layer, "qkv", _group_stats(_batched(lambda h: _attn_input(layer, h), batch_size, hidden), batch_size, hess))
+    attn_in = _batched(lambda h: _attn_input(layer, h), batch_size, hidden)
+    layer = prune_qkv(layer, _group_stats(attn_in, batch_size, hess), method, pattern, options, attn_in, cos, sin)
+    del attn_in
     context = _batched(lambda h: _attn_context(layer, h, cos, sin), batch_size, hidden)
     layer = prune_group(layer, "o", _group_stats(context, batch_size, hess))
     hidden = _batched(lambda h, c: _after_attention(layer, h, c), batch_size, hidden, context)
@@ -239,9 +283,13 @@ def prune_model(
             )
         else:
             bar.set_postfix_str(f"layer {i}: statistics")
-            stats = collect_stats(layers[i], hidden, cos, sin, batch_size, method.needs_hessian)
+            stats = collect_stats(layers[i], hidden, cos, sin, batch_size, needs_hessian(method, options))
             bar.set_postfix_str(f"layer {i}: pruning")
-            layers[i] = prune_layer(layers[i], stats, method, pattern, options)
+            attn_in = None
+            if hasattr(method, "prune_qk"):  # q/k see the raw inputs (the dense layer's: q/k/v come first)
+                attn_in = _batched(lambda h: _attn_input(layers[i], h), batch_size, hidden)
+            layers[i] = prune_layer(layers[i], stats, method, pattern, options, attn_in, cos, sin)
+            del attn_in
             bar.set_postfix_str(f"layer {i}: outputs")
             hidden = propagate(layers[i], hidden, cos, sin, batch_size)
         hidden.block_until_ready()

@@ -80,7 +80,7 @@ def test_bad_prune_arguments(args, message, tiny_model_dir, shared_data_dir, tmp
 
 
 def test_unknown_method_lists_known_ones():
-    with pytest.raises(ValueError, match="known methods: magnitude, sparsegpt, wanda"):
+    with pytest.raises(ValueError, match="known methods: magnitude, nonlinear, sparsegpt, wanda"):
         get_method("obs")
 
 

@@ -63,17 +63,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _ste(eta: float, steps: int, window_batch: int | None = 1) -> dict[str, Any]:
+def _ste(eta: float, steps: int, window_batch: int | None = 1, rule: str = "fixed") -> dict[str, Any]:
     """Straight-through: binary masks in the forward, Wanda-score init, eta relative to the
-    initial gradient's RMS."""
-    return dict(step_rule="fixed", eta=eta, eta_relative=True, steps=steps, window_batch=window_batch,
+    initial gradient's RMS (backtracking: each step's first try)."""
+    return dict(step_rule=rule, eta=eta, eta_relative=True, steps=steps, window_batch=window_batch,
                 init="wanda", ste=True)
 
 
-# eta x T (the total movement) decides; mb2 / full: 2 / all 8 windows per step
+# fixed: eta x T (the total movement) decides; mb2 / full: 2 / all 8 windows per step
 CONFIGS.update({f"ste_eta{e}_T{t}": _ste(e, t) for e in (0.01, 0.02, 0.03) for t in (10, 20, 40, 80)})
 CONFIGS.update({"ste_eta0.1_T40": _ste(0.1, 40), "ste_eta0.01_T40_mb2": _ste(0.01, 40, 2),
                 "ste_eta0.01_T40_full": _ste(0.01, 40, None)})
+# backtracking: a step that raises the mini-batch's binary-mask loss is shrunk until it does not
+CONFIGS.update({f"ste_bt_eta{e}_T{t}": _ste(e, t, rule="backtracking") for e in (0.01, 0.03, 0.1) for t in (10, 20, 40, 80)})
 # "paper" (full batch, ~100 s per layer on 2 CPU cores) only on request
 DEFAULT_CONFIGS = ["paper_mb1", "backtrack_mb1", "lam10_backtrack_mb1", "paper_mb1_magbin", "wanda_init_mb1",
                    "ste_eta0.01_T20", "ste_eta0.01_T40", "ste_eta0.01_T80"]

@@ -196,7 +196,9 @@ def add_prune_parser(sub) -> None:
     n = p.add_argument_group(
         "nonlinear options",
         "--prune-method nonlinear: q/k masks by gradient descent on the attention error "
-        "(Liang et al., ICLR 2025), v/o/MLP by --linear-method",
+        "(Liang et al., ICLR 2025), v/o/MLP by --linear-method. Defaults are the paper's recipe; "
+        "--straight-through switches the left-out ones to the variant that beats Wanda on SmolLM2 "
+        "(--mask-init wanda --step-rule backtracking --eta 0.1 --eta-relative --steps 20)",
     )
     _add(n, "--linear-method", choices=LINEAR_METHODS, default=None, help="fills in v, o, gate, up, down (wanda)")
     n.add_argument("--lambda", dest="lam", type=float, default=None, help="mask regulariser lambda >= 0 (0.05, the paper's)")
@@ -206,7 +208,7 @@ def add_prune_parser(sub) -> None:
     _add(n, "--step-rule", choices=STEP_RULES, default=None,
          help="fixed (paper's eta, default), certified (1/L on the box [0,1], projected), certified_local "
          "(per-step certificate), backtracking (Armijo)")
-    n.add_argument("--steps", type=int, default=None, help="gradient steps T (100)")
+    n.add_argument("--steps", type=int, default=None, help="gradient steps T (100, the paper's)")
     _add(n, "--mask-init", choices=MASK_INITS, default=None, help="M_0: ones (dense, the paper's) or wanda's mask")
     n.add_argument("--binarize", choices=BINARIZE_CHOICES, default=None,
                    help="keep the top (1 - ratio) of M_T per row (default), per matrix, or of |M_T o W| per row")
@@ -215,10 +217,10 @@ def add_prune_parser(sub) -> None:
     _add(n, "--window-chunk", type=int, default=None,
          help="windows per gradient chunk, to bound memory at long seqlen (default: all at once)")
     _add(n, "--eta-relative", action="store_true", default=None,
-         help="fixed rule: eta in units of 1/RMS of each KV group's initial gradient (transfers across layers)")
+         help="eta in units of 1/RMS of each KV group's initial gradient (fixed or backtracking; needs --mask-init wanda)")
     _add(n, "--straight-through", action="store_true", default=None,
-         help="each step's attention sees the binarised masks, gradients pass straight through to "
-         "scores (needs --mask-init wanda, --step-rule fixed, --binarize row; eta defaults to 0.01, relative)")
+         help="each step's attention sees the binarised masks (top-k of scores started from Wanda's), gradients "
+         "pass straight through to the scores; needs --binarize row")
     p.set_defaults(func=cmd_prune)
 
 

@@ -4,8 +4,9 @@ For each chosen layer, on the *dense* model's inputs to that layer (so layers ar
 independently of upstream pruning), prune q_proj and k_proj at one ratio with
 
   * the linear baselines: magnitude, Wanda, SparseGPT (its updated weights);
-  * configurations of the non-linear method (``CONFIGS``): the paper's recipe and the
-    variants that isolate step size, init, binarisation, regulariser, steps, and cost;
+  * configurations of the non-linear method (``CONFIGS``): the paper's recipe, the variants
+    that isolate step size, init, binarisation, regulariser and steps, and the
+    straight-through variant (``ste_*``; ``bt`` = backtracking) at several costs;
 
 and measure the attention error on held-out windows (C4 validation): mean over heads of
 ||P_pruned - P_dense||_F^2 / n, mean over windows, the same number as ``results.json``'s
@@ -78,7 +79,7 @@ CONFIGS.update({"ste_eta0.1_T40": _ste(0.1, 40), "ste_eta0.01_T40_mb2": _ste(0.0
 CONFIGS.update({f"ste_bt_eta{e}_T{t}": _ste(e, t, rule="backtracking") for e in (0.01, 0.03, 0.1) for t in (10, 20, 40, 80)})
 # "paper" (full batch, ~100 s per layer on 2 CPU cores) only on request
 DEFAULT_CONFIGS = ["paper_mb1", "backtrack_mb1", "lam10_backtrack_mb1", "paper_mb1_magbin", "wanda_init_mb1",
-                   "ste_eta0.01_T20", "ste_eta0.01_T40", "ste_eta0.01_T80"]
+                   "ste_eta0.03_T40", "ste_bt_eta0.1_T10", "ste_bt_eta0.1_T20", "ste_bt_eta0.1_T40"]
 
 
 def layer_inputs(model, windows: np.ndarray, layers: list[int]) -> dict[int, jax.Array]:

@@ -192,7 +192,9 @@ def test_straight_through_starts_at_wanda_and_lowers_the_binary_loss():
     stats = LayerStats.from_inputs(X, with_hessian=False)
     rq, rk = wanda.prune_many([attn.q_proj.weight, attn.k_proj.weight], stats, PATTERN)
     assert bool(jnp.all(binarize(init[0], None, PATTERN) == rq.mask))  # the ranking's top-k is Wanda's mask
-    sol = nl.solve_qk(attn, X, cos, sin, init=init, straight_through=PATTERN, eta=0.05, eta_relative=True, steps=30)
+    sol = nl.solve_qk(attn, X, cos, sin, init=init, straight_through=PATTERN, step_rule="backtracking",
+                      eta=0.1, eta_relative=True, steps=20)
+    assert sol.n_increases == 0  # every accepted step lowered the binary masks' loss
 
     def binary_loss(mq, mk):
         groups = nl.with_qk_masks(nl.split_groups(attn), mq.astype(jnp.float32), mk.astype(jnp.float32))
@@ -249,13 +251,17 @@ def test_prune_cli_nonlinear_layer_at_once_nm_sparsegpt_straight_through(tiny_mo
     """The hook in the layer-at-once pipeline, N:M, a fill-in that needs the Hessian, STE."""
     out = tmp_path / "run"
     assert prune_cli(tiny_model_dir, shared_data_dir, out, "--sparsity-type", "2:4", "--steps", "4",
-                     "--linear-method", "sparsegpt", "--no-true-sequential", "--mask-init", "wanda",
-                     "--straight-through", "--eta-relative", "--eta", "0.03", "--window-batch", "2") == 0
+                     "--linear-method", "sparsegpt", "--no-true-sequential", "--straight-through",
+                     "--window-batch", "2") == 0
     rec = json.loads((out / "results.json").read_text())
-    assert rec["args"]["options"]["linear_method"] == "sparsegpt" and not rec["args"]["true_sequential"]
+    options = rec["args"]["options"]
+    assert options["linear_method"] == "sparsegpt" and not rec["args"]["true_sequential"]
+    # the straight-through defaults, recorded resolved
+    assert (options["mask_init"], options["step_rule"], options["eta"], options["eta_relative"]) == (
+        "wanda", "backtracking", 0.1, True)
     assert all(v == 0.5 for v in rec["sparsity"]["per_linear"].values())
     assert len(rec["attention_error"]["per_layer"]) == 6
-    assert all(r["rule"] == "fixed" for r in rec["method_reports"])
+    assert all(r["rule"] == "backtracking" and r["n_increases"] == 0 for r in rec["method_reports"])
 
 
 @pytest.mark.parametrize(
@@ -266,9 +272,12 @@ def test_prune_cli_nonlinear_layer_at_once_nm_sparsegpt_straight_through(tiny_mo
         (["--eta", "-1"], "--eta must be a finite number > 0"),
         (["--steps", "0"], "--steps must be an integer >= 1"),
         (["--window-batch", "0"], "--window-batch must be an integer >= 1"),
-        (["--straight-through"], "needs --mask-init wanda"),
-        (["--eta-relative", "--step-rule", "backtracking"], "applies to --step-rule fixed only"),
-        (["--eta-relative"], "--eta-relative needs --mask-init wanda"),
+        (["--straight-through", "--mask-init", "ones"], "--mask-init ones (use wanda"),
+        (["--straight-through", "--step-rule", "certified"], "--step-rule certified (use backtracking or fixed"),
+        (["--straight-through", "--binarize", "matrix"], "--binarize matrix (use row"),
+        (["--eta-relative", "--step-rule", "certified_local"], "applies to --step-rule fixed or backtracking"),
+        (["--eta-relative", "--mask-init", "wanda"], "--eta-relative needs --eta"),
+        (["--eta-relative", "--eta", "0.1"], "--eta-relative needs --mask-init wanda"),
         (["--linear-method", "wanda", "--blocksize", "64"], "does not take ['blocksize']"),
     ],
 )

@@ -36,7 +36,9 @@ the relaxed optimum (L2 keeps M dense and small) is not a good binary mask eithe
 variant optimises the binary mask's own attention error: the params are scores initialised
 from Wanda (a ranking whose top-k is Wanda's mask), each step's attention sees their top-k
 mask, and the gradient with respect to that mask is applied to the scores (a straight-through
-estimator), with eta relative to the initial gradient's RMS so one value fits every layer.
+estimator). The forward is exact, so backtracking on the mini-batch's loss still applies: a
+step that would raise the binary masks' loss is shrunk (a fixed eta diverged on some KV
+groups). eta is relative to the initial gradient's RMS, so one value fits every layer.
 
 The "paper recipe" method :class:`NonLinear` prunes q/k this way and v, o, gate, up, down with a
 linear method (Wanda by default), all at the same ratio. It needs the pipeline's q/k hook
@@ -729,13 +731,6 @@ class NonLinear(PruningMethod):
             options["lam"], options["eta"], options["steps"], options["step_rule"],
             options["window_batch"], options["window_chunk"],
         )
-        if options["eta_relative"]:
-            if options["step_rule"] not in ("fixed", "backtracking"):
-                raise ValueError(f"--eta-relative applies to --step-rule fixed or backtracking, not {options['step_rule']}")
-            if options["eta"] is None:
-                raise ValueError("--eta-relative needs --eta (in units of 1 / RMS of the initial gradient)")
-            if options["mask_init"] == "ones":
-                raise ValueError("--eta-relative needs --mask-init wanda: at M_0 = 1 the attention gradient is zero")
         if options["straight_through"]:
             problems = [
                 f"--step-rule {options['step_rule']} (use backtracking or fixed: the loss is piecewise "
@@ -749,6 +744,13 @@ class NonLinear(PruningMethod):
             problems = [p for p in problems if p]
             if problems:
                 raise ValueError(f"--straight-through does not work with {'; '.join(problems)}")
+        if options["eta_relative"]:
+            if options["step_rule"] not in ("fixed", "backtracking"):
+                raise ValueError(f"--eta-relative applies to --step-rule fixed or backtracking, not {options['step_rule']}")
+            if options["eta"] is None:
+                raise ValueError("--eta-relative needs --eta (in units of 1 / RMS of the initial gradient)")
+            if options["mask_init"] == "ones":
+                raise ValueError("--eta-relative needs --mask-init wanda: at M_0 = 1 the attention gradient is zero")
         self._linear(options)  # the fill-in validates its own options now, not at layer 0
         return options
 

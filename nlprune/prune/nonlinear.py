@@ -60,6 +60,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlprune import parallel
 from nlprune.modeling.llama import Attention, DecoderLayer, Linear
 # Module references, not names: nlprune.nonlinear.solver imports nlprune.prune (patterns), so
 # either package may be the one half-initialised when the other is imported.
@@ -625,8 +626,10 @@ def solve_qk(
         etas0 = etas0 / np.maximum(rms, np.finfo(np.float32).tiny)
     eta_arr, floor_arr = jnp.asarray(etas0, jnp.float32), jnp.asarray(floor)
     if vmap:
+        # On a mesh (nlprune.parallel): the KV groups over the devices, every window on each.
+        masks, rest, targets, eta_arr, floor_arr = parallel.shard_groups((masks, rest, targets, eta_arr, floor_arr))
         out_masks, losses, step_sizes = _solve_vmapped(
-            masks, rest, targets, eta_arr, floor_arr, X, cos, sin, lam_arr, st
+            masks, rest, targets, eta_arr, floor_arr, *parallel.replicate((X, cos, sin)), lam_arr, st
         )
     else:
         parts = [

@@ -85,6 +85,14 @@ def test_logits_match_transformers(overrides):
     assert compare(tiny_hf_config(**overrides)) <= 1e-5
 
 
+def test_blocked_attention_matches_transformers_across_blocks():
+    """Sequences longer than one query block, with a ragged last block (QUERY_BLOCK = 128)."""
+    from nlprune.modeling.llama import QUERY_BLOCK
+
+    seq = 2 * QUERY_BLOCK + 45
+    assert compare(tiny_hf_config(), seq=seq) <= 1e-5
+
+
 def test_llama3_rope_beyond_original_context():
     """Llama 3.2-1B's scaling factors at positions past 8192, where the scaling matters."""
     cfg = tiny_hf_config(rope_theta=500000.0, rope_scaling=LLAMA32_ROPE, tie_word_embeddings=True)

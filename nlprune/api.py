@@ -173,23 +173,33 @@ def prune(
     options: dict[str, Any] | None = None,
     true_sequential: bool = True,
     progress: bool = True,
+    mesh: str | jax.sharding.Mesh | None = None,
 ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Prune a model layer by layer; returns the pruned model and the results record.
 
     With ``output`` the run is written there (results.json, Orbax model, packed masks) and
-    saved after every layer, so rerunning the same call resumes an interrupted run."""
+    saved after every layer, so rerunning the same call resumes an interrupted run.
+    ``mesh``: a device mesh or a --mesh spec (``"data=2,model=2"``; ``""`` = every device on
+    'data'); None = one device. A run may be resumed on another mesh."""
     from nlprune.data import calibration_windows
     from nlprune.eval.attention_error import attention_error
     from nlprune.prune import get_method, parse_pattern
     from nlprune.prune.pipeline import prune_model
 
+    from nlprune import parallel
+
     # Validate everything cheap before loading anything heavy.
+    if isinstance(mesh, str):
+        mesh = parallel.parse_mesh(mesh)
+    mesh = parallel.effective(mesh)
     pattern = parse_pattern(sparsity_type, sparsity_ratio)
     method = get_method(prune_method)
     options = method.resolve_options(**(options or {}))
     if output is not None and RunDir(output).is_finished() and not overwrite:
         RunDir(output).prepare({}, overwrite=False)  # raises: refuse before loading anything
     loaded = model if isinstance(model, Loaded) else load(model)
+    if mesh is not None:  # the dense model too: it is evaluated beside the pruned one
+        loaded = dataclasses.replace(loaded, model=parallel.place_model(loaded.model, mesh))
     config = loaded.model.config
     for width in (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size):
         pattern.check_width(width, f"{loaded.source.name} (a linear layer)")
@@ -201,6 +211,7 @@ def prune(
         "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
         "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
         "options": options, "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
+        "mesh": parallel.mesh_spec(mesh),
     }
     model_desc = loaded.describe()
     fingerprint = {
@@ -216,6 +227,7 @@ def prune(
         start_layer = run.prepare(fingerprint, overwrite)
         if start_layer:
             base, hidden = run.restore(loaded.model, start_layer)
+            base = parallel.place_model(base, mesh)  # restored arrays sit on device 0
 
     def checkpoint_layer(i, current, outputs):
         run.save_layer(i, current.model.layers[i], outputs, fingerprint)
@@ -223,7 +235,7 @@ def prune(
     pruned, report = prune_model(
         base, calibration, method, pattern, options, batch_size=batch_size, progress=progress,
         start_layer=start_layer, hidden=hidden, on_layer_done=checkpoint_layer if run else None,
-        true_sequential=true_sequential,
+        true_sequential=true_sequential, mesh=mesh,
     )
     record: dict[str, Any] = {
         "args": args,
@@ -234,6 +246,7 @@ def prune(
         "checkpoint_seconds": report.checkpoint_seconds,
         "layer_seconds": report.layer_seconds,
         "resumed_from_layer": start_layer,
+        "mesh": report.mesh or parallel.describe(None),
         "peak_rss_bytes": _peak_rss_bytes(),
         **({"method_reports": method.reports} if hasattr(method, "reports") else {}),  # nonlinear: per-layer GD
         "machine": machine(),

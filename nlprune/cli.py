@@ -117,7 +117,25 @@ def _method_options(args: argparse.Namespace) -> dict:
     return options
 
 
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("devices")
+    g.add_argument(
+        "--mesh", default=None, metavar="SPEC",
+        help="device mesh, e.g. data=2,model=2: 'data' shards the calibration windows, 'model' the "
+        "weights' rows and the non-linear method's KV groups; sizes multiply to the device count "
+        "(default: every device on 'data'; one device = the one-device path)",
+    )
+    g.add_argument(
+        "--distributed", action="store_true",
+        help="call jax.distributed.initialize first (one process per host, same command on each); "
+        "implied when JAX_COORDINATOR_ADDRESS is set",
+    )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
+    from nlprune import parallel
+
+    parallel.initialize_distributed(args.distributed)  # before anything touches a device
     from nlprune.api import prune
 
     _, record = prune(
@@ -137,12 +155,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         options=_method_options(args),
         true_sequential=args.true_sequential,
+        mesh=parallel.parse_mesh(args.mesh),
     )
     a = record["args"]
     print(
         f"{a['model']}: {a['prune_method']} {a['sparsity_type']} at {a['sparsity_ratio']:g} -> "
         f"sparsity {record['sparsity']['overall']:.4f} in {record['prune_seconds']:.1f} s"
+        + (f" on mesh {record['mesh']['spec']}" if record["mesh"]["devices"] > 1 else "")
     )
+    for note in record["mesh"]["notes"]:
+        print(f"  mesh: {note}")
     if "attention_error" in record:
         print(f"  attention error (mean over layers, held-out): {record['attention_error']['mean']:.3e}")
     if "perplexity" in record:
@@ -187,6 +209,7 @@ def add_prune_parser(sub) -> None:
         "before it, one forward per layer (default); --no-true-sequential collects all "
         "statistics from the dense layer first, as Wanda's reference code does",
     )
+    add_mesh_args(p)
     g = p.add_argument_group("method options")
     g.add_argument("--blocksize", type=int, default=None, help="sparsegpt: columns per block (128)")
     g.add_argument("--percdamp", type=float, default=None, help="sparsegpt: Hessian damping (0.01)")
@@ -224,6 +247,63 @@ def add_prune_parser(sub) -> None:
     p.set_defaults(func=cmd_prune)
 
 
+# --------------------------------------------------------------------------- plan
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from nlprune import parallel
+    from nlprune.plan import config_of, plan_memory
+    from nlprune.prune import parse_pattern
+
+    if args.mesh and args.devices:
+        raise ValueError("give --mesh or --devices, not both (--devices N is --mesh data=N).")
+    if args.devices is not None and args.devices < 1:
+        raise ValueError(f"--devices must be >= 1, got {args.devices}.")
+    sizes = parallel.parse_mesh_spec(args.mesh) if args.mesh else {"data": args.devices or 1, "model": 1}
+    parse_pattern(args.sparsity_type, 0.5 if args.sparsity_type == "unstructured" else None)  # validate it
+    config, name = config_of(args.model)
+    settings = dict(
+        method=args.prune_method, nsamples=args.nsamples, seqlen=args.seqlen, data=sizes["data"],
+        model=sizes["model"], batch_size=args.batch_size,
+    )
+    if args.prune_method == "nonlinear":
+        settings.update(window_batch=args.window_batch, window_chunk=args.window_chunk,
+                        linear_method=args.linear_method or "wanda")
+    elif args.window_batch != 1 or args.window_chunk is not None or args.linear_method:
+        raise ValueError("--window-batch, --window-chunk and --linear-method apply only to --prune-method nonlinear.")
+    plan = plan_memory(config, name, **settings)
+    print(plan.table())
+    if args.output:
+        _write_json(args.output, plan.as_dict())
+        print(f"wrote {args.output}")
+    return 0
+
+
+def add_plan_parser(sub) -> None:
+    from nlprune.prune import available_methods
+
+    p = sub.add_parser(
+        "plan",
+        help="peak memory per device of a prune, from the model's config alone",
+        description="Plan the peak memory per device of `nlprune prune` (float32): weights, "
+        "calibration hidden states, one layer's activations, Hessians and the non-linear step's "
+        "n x n attention, for a mesh, and which options lower it. Needs no weights.",
+    )
+    p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder (config.json) or .gguf file")
+    _add(p, "--prune-method", default="wanda", choices=available_methods(), help="pruning method (wanda)")
+    _add(p, "--sparsity-type", default="unstructured", help="unstructured, 2:4, 4:8 (does not change memory)")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    p.add_argument("--mesh", default=None, metavar="SPEC", help="mesh to plan for, e.g. data=2,model=2 (default: one device)")
+    p.add_argument("--devices", type=int, default=None, help="plan for N devices on 'data' (= --mesh data=N)")
+    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    _add(p, "--window-batch", type=int, default=1, help="nonlinear: windows per gradient step (default 1)")
+    _add(p, "--window-chunk", type=int, default=None, help="nonlinear: windows per gradient chunk (default: all)")
+    _add(p, "--linear-method", default=None, choices=("wanda", "sparsegpt", "magnitude"), help="nonlinear: fill-in method")
+    p.add_argument("--output", default=None, help="also write the plan as JSON here")
+    p.set_defaults(func=cmd_plan)
+
+
 # --------------------------------------------------------------------------- parser
 
 
@@ -254,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     add_prune_parser(sub)
+    add_plan_parser(sub)
 
     from nlprune.experiments.synthetic import add_parser as add_synthetic_parser
 

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nlprune import parallel
 from nlprune.prune.patterns import DEFAULT_BLOCKSIZE, SparsityPattern, assert_mask
 
 # --------------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def check_result(
     blocksize: int = DEFAULT_BLOCKSIZE,
 ) -> None:
     """chex-checked invariants of one pruned weight (raises AssertionError on a violation)."""
-    mask, pruned = np.asarray(result.mask), np.asarray(result.weight)
+    mask, pruned = parallel.to_host(result.mask), parallel.to_host(result.weight)  # may be sharded
     chex.assert_shape([mask, pruned], weight.shape)
     chex.assert_equal(mask.dtype, np.dtype(bool), custom_message="mask must be bool")
     chex.assert_equal(pruned.dtype, np.dtype(weight.dtype), custom_message="dtype changed")

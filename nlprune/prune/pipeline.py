@@ -10,6 +10,10 @@ For each decoder layer, in order:
 
 Only the hidden states of the calibration windows (nsamples x seqlen x hidden) and one
 batch of a layer's intermediate activations are held at once.
+
+On a device mesh (``mesh=``, see :mod:`nlprune.parallel`) the same code runs with its arrays
+placed: hidden states by windows over 'data', each layer's weights by rows over 'model'; the
+jitted steps are partitioned by XLA (the statistics' sums over tokens become all-reduces).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from nlprune import parallel
 from nlprune.eval.perplexity import _embed, _rope, run_layer
 from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
 from nlprune.prune.base import LayerStats, PruningMethod, get_method
@@ -46,13 +51,45 @@ def layer_inputs(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Arr
     return jax.vmap(layer.linear_inputs, in_axes=(0, None, None))(h, cos, sin)
 
 
+def _chunks(arrays: tuple[jax.Array, ...], batch_size: int):
+    """The forward batches of windows, as tuples of slices of ``arrays`` (windows first).
+
+    One device: ``batch_size`` consecutive windows at a time. Windows sharded over 'data' in D
+    contiguous blocks: each batch takes up to ``batch_size`` windows from every block (so each
+    device works on its own windows and nothing moves between devices)."""
+    n = arrays[0].shape[0]
+    d = parallel.window_shards(n)
+    if d == 1:
+        for i in range(0, n, batch_size):
+            yield tuple(a[i : i + batch_size] for a in arrays)
+        return
+    per = n // d
+    if per <= batch_size:
+        yield tuple(arrays)
+        return
+    views = [a.reshape(d, per, *a.shape[1:]) for a in arrays]
+    for i in range(0, per, batch_size):
+        yield tuple(parallel.shard_windows(v[:, i : i + batch_size].reshape(-1, *v.shape[2:])) for v in views)
+
+
+def _unchunk(outputs: list[jax.Array], n: int) -> jax.Array:
+    """Reassemble the per-batch outputs of :func:`_chunks` in window order."""
+    d = parallel.window_shards(n)
+    if d == 1:
+        return jnp.concatenate(outputs)
+    if len(outputs) == 1:
+        return parallel.shard_windows(outputs[0])
+    blocks = [o.reshape(d, -1, *o.shape[1:]) for o in outputs]
+    return parallel.shard_windows(jnp.concatenate(blocks, axis=1).reshape(n, *outputs[0].shape[1:]))
+
+
 def collect_stats(
     layer: DecoderLayer, hidden: jax.Array, cos, sin, batch_size: int, with_hessian: bool
 ) -> dict[str, LayerStats]:
     """Calibration statistics of each input group, accumulated batch by batch."""
     stats: dict[str, LayerStats] = {}
-    for i in range(0, hidden.shape[0], batch_size):
-        inputs = layer_inputs(layer, hidden[i : i + batch_size], cos, sin)
+    for (h,) in _chunks((hidden,), batch_size):
+        inputs = layer_inputs(layer, h, cos, sin)
         for group, x in inputs.items():
             part = LayerStats.from_inputs(x, with_hessian=with_hessian)
             stats[group] = part if group not in stats else stats[group].merge(part)
@@ -61,9 +98,7 @@ def collect_stats(
 
 def propagate(layer: DecoderLayer, hidden: jax.Array, cos, sin, batch_size: int) -> jax.Array:
     """The layer's outputs for all calibration windows."""
-    return jnp.concatenate(
-        [run_layer(layer, hidden[i : i + batch_size], cos, sin) for i in range(0, hidden.shape[0], batch_size)]
-    )
+    return _batched(lambda h: run_layer(layer, h, cos, sin), batch_size, hidden)
 
 
 def set_linears(layer: DecoderLayer, updates: dict[str, tuple[jax.Array, jax.Array]]) -> DecoderLayer:
@@ -76,6 +111,11 @@ def set_linears(layer: DecoderLayer, updates: dict[str, tuple[jax.Array, jax.Arr
 
     values = [v for n in names for v in (updates[n][0], updates[n][1].astype(updates[n][0].dtype))]
     return eqx.tree_at(nodes, layer, values, is_leaf=lambda x: x is None)
+
+
+def _prune_many(method: PruningMethod, weights, stats: LayerStats, pattern: SparsityPattern, options):
+    """``method.prune_many`` with the weights' rows over the mesh's 'model' axis (if any)."""
+    return method.prune_many([parallel.shard_rows(w) for w in weights], stats, pattern, **options)
 
 
 def needs_hessian(method: PruningMethod, options: dict[str, Any]) -> bool:
@@ -102,13 +142,13 @@ def prune_qkv(
     lins = layer.linears()
     hook = getattr(method, "prune_qk", None)
     if hook is None:
-        results = method.prune_many([lins[n].weight for n in names], stats, pattern, **options)
+        results = _prune_many(method, [lins[n].weight for n in names], stats, pattern, options)
         updates = {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)}
     else:
         if attn_inputs is None:
             raise ValueError(f"method {method.name!r} prunes q/k from the layer inputs: pass attn_inputs, cos, sin")
         updates = {n: (r.weight, r.mask) for n, r in hook(layer, attn_inputs, cos, sin, pattern, **options).items()}
-        (v,) = method.prune_many([lins["v_proj"].weight], stats, pattern, **options)
+        (v,) = _prune_many(method, [lins["v_proj"].weight], stats, pattern, options)
         updates["v_proj"] = (v.weight, v.mask)
     return set_linears(layer, updates)
 
@@ -131,21 +171,18 @@ def prune_layer(
     for group, names in INPUT_GROUPS.items():
         if group == "qkv":
             continue
-        results = method.prune_many([lins[n].weight for n in names], stats[group], pattern, **options)
+        results = _prune_many(method, [lins[n].weight for n in names], stats[group], pattern, options)
         updates.update({n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
     return set_linears(layer, updates)
 
 
 def _batched(fn, batch_size: int, *arrays):
     """Apply a jitted batch function over the leading axis in chunks; concatenate results."""
-    n = arrays[0].shape[0]
-    return jnp.concatenate([fn(*(a[i : i + batch_size] for a in arrays)) for i in range(0, n, batch_size)])
+    return _unchunk([fn(*chunk) for chunk in _chunks(arrays, batch_size)], arrays[0].shape[0])
 
 
 def _group_stats(xs: jax.Array, batch_size: int, with_hessian: bool) -> LayerStats:
-    return LayerStats.from_chunks(
-        (xs[i : i + batch_size] for i in range(0, xs.shape[0], batch_size)), with_hessian=with_hessian
-    )
+    return LayerStats.from_chunks((x for (x,) in _chunks((xs,), batch_size)), with_hessian=with_hessian)
 
 
 @eqx.filter_jit
@@ -198,7 +235,7 @@ def prune_layer_true_sequential(
     def prune_group(layer, group, stats):
         names = INPUT_GROUPS[group]
         lins = layer.linears()
-        results = method.prune_many([lins[n].weight for n in names], stats, pattern, **options)
+        results = _prune_many(method, [lins[n].weight for n in names], stats, pattern, options)
         return set_linears(layer, {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
 
     attn_in = _batched(lambda h: _attn_input(layer, h), batch_size, hidden)
@@ -225,6 +262,7 @@ class PruneReport:
     layer_seconds: list[float]
     sparsity: dict[str, float]  # per linear, HF names
     overall_sparsity: float  # over all prunable linears
+    mesh: dict[str, Any] | None = None  # parallel.describe: axes, devices, fallbacks taken
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -235,7 +273,7 @@ def measured_sparsity(model: LlamaForCausalLM) -> tuple[dict[str, float], float]
     per, zeros, total = {}, 0, 0
     for i, layer in enumerate(model.model.layers):
         for name, lin in layer.linears().items():
-            w = np.asarray(lin.effective_weight)
+            w = parallel.to_host(lin.effective_weight)
             z = int(w.size - np.count_nonzero(w))
             per[f"model.layers.{i}.{_SUBMODULE[name]}.{name}"] = z / w.size
             zeros, total = zeros + z, total + w.size
@@ -254,6 +292,7 @@ def prune_model(
     hidden: jax.Array | None = None,
     on_layer_done: Callable[[int, LlamaForCausalLM, jax.Array], None] | None = None,
     true_sequential: bool = True,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[LlamaForCausalLM, PruneReport]:
     """Prune every decoder layer of ``model`` in order on calibration windows (n, seqlen).
 
@@ -263,19 +302,34 @@ def prune_model(
     ``true_sequential`` calibrates each sublayer on the pruned sublayers before it (one
     forward per layer); False collects every sublayer's statistics from the dense layer
     first, as Wanda's reference code does (two forwards per layer).
+    ``mesh``: run on a device mesh (``nlprune.parallel.parse_mesh``); None or one device is
+    the one-device path.
     """
+    with parallel.use_mesh(mesh):
+        return _prune_model(
+            model, calibration, method, pattern, options, batch_size, progress, start_layer, hidden,
+            on_layer_done, true_sequential,
+        )
+
+
+def _prune_model(
+    model, calibration, method, pattern, options, batch_size, progress, start_layer, hidden, on_layer_done,
+    true_sequential,
+) -> tuple[LlamaForCausalLM, PruneReport]:
     method = get_method(method) if isinstance(method, str) else method
     options = method.resolve_options(**(options or {}))
     calibration = jnp.asarray(calibration, jnp.int32)
-    cos, sin = _rope(model, calibration.shape[1])
+    cos, sin = parallel.replicate(_rope(model, calibration.shape[1]))
     start = time.perf_counter()
     if hidden is None:
         hidden = _embed(model, calibration)
+    hidden = parallel.shard_windows(hidden)
     layers = list(model.model.layers)
     seconds, checkpoint_seconds = [], 0.0
     bar = tqdm(range(start_layer, len(layers)), desc=f"{method.name} {pattern.name}", unit="layer", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
+        layers[i] = parallel.place_layer(layers[i])
         if true_sequential:
             bar.set_postfix_str(f"layer {i}: sublayers in order")
             layers[i], hidden = prune_layer_true_sequential(
@@ -302,7 +356,9 @@ def prune_model(
     model = eqx.tree_at(lambda m: m.model.layers, model, layers)
     elapsed = time.perf_counter() - start - checkpoint_seconds
     per, overall = measured_sparsity(model)
+    mesh = parallel.current_mesh()
     report = PruneReport(
-        method.name, pattern.name, pattern.ratio, true_sequential, elapsed, checkpoint_seconds, seconds, per, overall
+        method.name, pattern.name, pattern.ratio, true_sequential, elapsed, checkpoint_seconds, seconds, per, overall,
+        None if mesh is None else parallel.describe(mesh),
     )
     return model, report

@@ -1,0 +1,346 @@
+"""Memory planning: the peak memory per device of `nlprune prune`, from the config alone.
+
+``plan_memory(config, method=..., nsamples=..., seqlen=..., data=..., model=...)`` walks the
+pipeline's stages for the last decoder layer (where the most pruned layers are held) and adds
+up, per device, what each stage holds in float32:
+
+  weights       the dense model (linears' rows over 'model', the rest replicated) and the
+                pruned linears so far (weight + float mask each: 2x a linear);
+  hidden states the calibration windows' hidden states (windows over 'data'): the layer's
+                input, and the intermediates the true-sequential order keeps;
+  activations   one forward batch's temporaries: the attention scores (windows x heads x
+                seq x seq), the MLP's gate/up outputs;
+  Hessians      X^T X of the group being pruned (SparseGPT; replicated) and its factor work;
+  method work   the temporaries of pruning one group of weights (scores, sort keys, OBS);
+  attention n x n
+                the non-linear step: the dense target attention of every KV group (all
+                windows) and the gradient's working set for the groups solved at once.
+
+The per-stage multipliers (how many copies of a buffer XLA keeps alive) were measured on CPU
+against the peak resident memory of real runs (tests/test_plan.py checks one within 30%);
+an accelerator's allocator may keep more or fewer. ``suggestions`` re-plans with each option
+that lowers the peak: smaller forward batches, chunked windows in the non-linear gradient
+(no stored targets), more devices on 'data' or 'model'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from nlprune.modeling.llama import LlamaConfig
+
+F32 = 4  # bytes: nlprune prunes in float32
+
+# Measured copies of a buffer kept alive at once (see the module docstring).
+ATTN_FORWARD_COPIES = 2.0  # scores + probabilities of a forward batch's attention
+MLP_FORWARD_COPIES = 2.0  # gate and up outputs of a forward batch
+WEIGHT_WORK_COPIES = 4.0  # scores, sort keys, mask, pruned weight of the group being pruned
+FACTOR_COPIES = 6.0  # SparseGPT: damped H, its reversal, L, L^-1 and block temporaries, U
+OBS_COPIES = 4.0  # SparseGPT: W^T, errors, keep mask, the updated weights
+TARGET_BUILD_COPIES = 3.0  # non-linear: scores, probabilities and the stacked targets
+SOLVE_COPIES = 8.0  # non-linear: forward and backward n x n buffers per group and window
+
+STAGES = ("q/k/v", "attention forward", "o", "gate/up", "mlp forward", "down", "layer output")
+CATEGORIES = ("weights", "hidden states", "activations", "Hessians", "method work", "attention n x n")
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanSettings:
+    """What the plan depends on besides the config (the prune command's options)."""
+
+    method: str = "wanda"
+    nsamples: int = 8
+    seqlen: int = 512
+    data: int = 1  # mesh axis sizes
+    model: int = 1
+    batch_size: int = 8  # windows per forward pass (per device)
+    linear_method: str = "wanda"  # nonlinear's fill-in
+    window_batch: int | None = 1  # nonlinear: windows per step (None = all)
+    window_chunk: int | None = None  # nonlinear: windows per gradient chunk (None = all)
+    mask_init: str = "ones"
+
+
+@dataclasses.dataclass
+class Suggestion:
+    option: str
+    peak_bytes: int
+    what: str
+
+
+@dataclasses.dataclass
+class MemoryPlan:
+    """Peak memory per device (bytes) and its breakdown, for one configuration."""
+
+    model: str
+    settings: PlanSettings
+    stages: dict[str, dict[str, int]]  # stage -> category -> bytes per device
+    peak_stage: str
+    dense_weight_bytes: int  # what the loaded model holds before pruning starts
+    notes: list[str]
+    suggestions: list[Suggestion] = dataclasses.field(default_factory=list)
+
+    @property
+    def devices(self) -> int:
+        return self.settings.data * self.settings.model
+
+    @property
+    def peak_bytes(self) -> int:
+        return sum(self.stages[self.peak_stage].values())
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return dict(self.stages[self.peak_stage])
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(peak_bytes=self.peak_bytes, devices=self.devices)
+        return d
+
+    def table(self) -> str:
+        s = self.settings
+        lines = [
+            f"{self.model}: {s.method} on {s.nsamples} x {s.seqlen} calibration tokens, mesh data={s.data},"
+            f"model={s.model} ({self.devices} device{'s' if self.devices > 1 else ''}), float32",
+            f"peak per device: {gib(self.peak_bytes)} (stage: {self.peak_stage}, last layer)",
+            "",
+            "| per device | at the peak | " + " | ".join(STAGES) + " |",
+            "|---|---|" + "---|" * len(STAGES),
+        ]
+        for c in CATEGORIES:
+            row = [gib(self.stages[st].get(c, 0)) for st in STAGES]
+            lines.append(f"| {c} | {gib(self.breakdown.get(c, 0))} | " + " | ".join(row) + " |")
+        lines.append(
+            "| **total** | **" + gib(self.peak_bytes) + "** | "
+            + " | ".join(gib(sum(self.stages[st].values())) for st in STAGES) + " |"
+        )
+        lines += [""] + [f"note: {n}" for n in self.notes]
+        if self.suggestions:
+            lines += ["", "options that lower the peak:"]
+            lines += [
+                f"  {x.option:<28} -> {gib(x.peak_bytes)} per device ({x.what})" for x in self.suggestions
+            ]
+        return "\n".join(lines)
+
+
+def gib(b: float) -> str:
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GiB"
+    if b >= 2**20:
+        return f"{b / 2**20:.1f} MiB"
+    return f"{b / 2**10:.1f} KiB" if b else "0"
+
+
+# --------------------------------------------------------------------------------------------
+# The model
+# --------------------------------------------------------------------------------------------
+
+
+def _linears(c: LlamaConfig) -> dict[str, tuple[int, int]]:
+    """(out, in) of each prunable linear of one layer."""
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    H, I = c.hidden_size, c.intermediate_size
+    return {
+        "q_proj": (q, H), "k_proj": (kv, H), "v_proj": (kv, H), "o_proj": (H, q),
+        "gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I),
+    }
+
+
+# the linears each stage prunes, and those pruned before it in the layer
+_PRUNES = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "o": ("o_proj",), "gate/up": ("gate_proj", "up_proj"), "down": ("down_proj",)}
+
+
+def plan_memory(config: LlamaConfig, name: str = "model", **settings: Any) -> MemoryPlan:
+    """The memory plan of pruning ``config`` with ``settings`` (see :class:`PlanSettings`)."""
+    s = PlanSettings(**settings)
+    _validate(s)
+    plan = _plan(config, name, s)
+    plan.suggestions = _suggest(config, name, s, plan.peak_bytes)
+    return plan
+
+
+def _validate(s: PlanSettings) -> None:
+    for k in ("nsamples", "seqlen", "data", "model", "batch_size"):
+        v = getattr(s, k)
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"plan: {k} must be an integer >= 1, got {v!r}")
+    from nlprune.prune import available_methods
+
+    if s.method not in available_methods():
+        raise ValueError(f"plan: unknown method {s.method!r}; known methods: {', '.join(available_methods())}")
+
+
+def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
+    notes: list[str] = []
+    lins = _linears(c)
+    H, I, L, n, seq = c.hidden_size, c.intermediate_size, c.num_hidden_layers, s.nsamples, s.seqlen
+    nh, G, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    rep = nh // G
+
+    # windows over 'data' when they divide, else replicated (as nlprune.parallel places them)
+    d = s.data if s.nsamples % s.data == 0 else 1
+    if s.data > 1 and d == 1:
+        notes.append(f"{n} windows do not divide over data={s.data}: the hidden states are replicated")
+    n_dev = n // d
+    call = min(s.batch_size, n_dev)  # windows per forward call per device
+    T = n_dev * seq  # tokens per device
+
+    def rows_dev(out: int) -> int:
+        return out // s.model if out % s.model == 0 else out
+
+    lin_dev = {k: rows_dev(o) * i for k, (o, i) in lins.items()}  # elements per device
+    layer_lin = sum(lin_dev.values())
+    other = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * H
+    dense = F32 * (other + L * layer_lin)
+
+    method = s.method
+    fill = s.linear_method if method == "nonlinear" else method
+    hessian = fill == "sparsegpt"
+
+    def pruned_before(stage: str) -> int:  # weights + float masks of the pruned linears
+        done = []
+        for st, names in _PRUNES.items():
+            if st == stage:
+                break
+            done += names
+        if stage in ("attention forward",):
+            done = list(_PRUNES["q/k/v"])
+        elif stage == "mlp forward":
+            done = [*_PRUNES["q/k/v"], *_PRUNES["o"], *_PRUNES["gate/up"]]
+        elif stage == "layer output":
+            done = list(lins)
+        return F32 * 2 * ((L - 1) * layer_lin + sum(lin_dev[k] for k in done))
+
+    def prune_work(stage: str) -> tuple[int, int]:
+        """(Hessians, method work) of pruning one stage's linears."""
+        names = _PRUNES[stage]
+        in_f = lins[names[0]][1]
+        biggest = max(lin_dev[k] for k in names)
+        if fill == "sparsegpt":
+            by_shape: dict[tuple[int, int], int] = {}
+            for k in names:
+                by_shape[lins[k]] = by_shape.get(lins[k], 0) + lin_dev[k]
+            return F32 * in_f * in_f * (1 + FACTOR_COPIES), int(F32 * OBS_COPIES * max(by_shape.values()))
+        return 0, int(F32 * WEIGHT_WORK_COPIES * biggest)
+
+    hid = F32 * T * H
+    stages: dict[str, dict[str, int]] = {}
+
+    def stage(name_, weights, hidden, acts=0, hess=0, work=0, nn=0):
+        stages[name_] = {
+            "weights": int(weights), "hidden states": int(hidden), "activations": int(acts),
+            "Hessians": int(hess), "method work": int(work), "attention n x n": int(nn),
+        }
+
+    # q/k/v: the layer input and the attention input (input_layernorm(h))
+    h_, w_ = prune_work("q/k/v")
+    nn = 0
+    if method == "nonlinear":
+        g_axes = _group_shards(G, s.data, s.model)
+        if g_axes == 1 and s.data * s.model > 1:
+            notes.append(f"{G} KV groups do not divide over the mesh: every device solves all of them")
+        g_dev = G // g_axes
+        per_group_window = F32 * rep * seq * seq
+        wb = n if s.window_batch is None else s.window_batch
+        chunk = s.window_chunk if s.window_chunk is not None and s.window_chunk < wb else None
+        if chunk is None:  # targets of every group and window, built on one device, then sharded
+            build = TARGET_BUILD_COPIES * G * n * per_group_window
+            solve = G * n * per_group_window / g_axes + SOLVE_COPIES * g_dev * wb * per_group_window
+            nn = max(build, solve)
+        else:  # no stored targets: each chunk recomputes its dense attention
+            nn = (SOLVE_COPIES + 2) * g_dev * chunk * per_group_window
+        # the solve holds every window on every device (it slices windows per step), plus the
+        # per-group copies of W_Q/W_K and their masks
+        x_all = F32 * n * seq * H if d > 1 else 0
+        w_ = max(w_, F32 * 4 * (lins["q_proj"][0] + lins["k_proj"][0]) * H)
+        stage("q/k/v", dense + pruned_before("q/k/v"), 2 * hid + x_all, 0, h_, w_, nn)
+    else:
+        stage("q/k/v", dense + pruned_before("q/k/v"), 2 * hid, 0, h_, w_)
+    q_tokens = F32 * call * seq * (nh + 2 * G) * hd
+    attn = F32 * ATTN_FORWARD_COPIES * call * nh * seq * seq
+    ctx = F32 * T * nh * hd
+    stage("attention forward", dense + pruned_before("attention forward"), hid + ctx, attn + q_tokens)
+    h_, w_ = prune_work("o")
+    stage("o", dense + pruned_before("o"), hid + ctx, 0, h_, w_)
+    h_, w_ = prune_work("gate/up")
+    stage("gate/up", dense + pruned_before("gate/up"), 3 * hid, 0, h_, w_)
+    mlp = F32 * MLP_FORWARD_COPIES * call * seq * I
+    act = F32 * T * I
+    stage("mlp forward", dense + pruned_before("mlp forward"), 2 * hid + act, mlp)
+    h_, w_ = prune_work("down")
+    stage("down", dense + pruned_before("down"), 2 * hid + act, 0, h_, w_)
+    stage("layer output", dense + pruned_before("layer output"), 3 * hid + act)
+    if not hessian:
+        notes.append(f"{fill} needs no Hessian (only ||x_j||^2 per input feature)")
+    if s.model > 1:
+        bad = [k for k, (o, _) in lins.items() if o % s.model]
+        if bad:
+            notes.append(f"rows of {', '.join(bad)} do not divide over model={s.model}: replicated")
+    notes.append(
+        "weights include the dense model (kept for the attention-error metric) and the pruned "
+        "linears so far, each a weight and a float mask"
+    )
+    peak = max(stages, key=lambda k: sum(stages[k].values()))
+    return MemoryPlan(name, s, stages, peak, dense, notes)
+
+
+def _group_shards(groups: int, data: int, model: int) -> int:
+    """Devices the KV groups spread over (nlprune.parallel.group_axes)."""
+    for size in (data * model, model, data):
+        if size > 1 and groups % size == 0:
+            return size
+    return 1
+
+
+def _suggest(c: LlamaConfig, name: str, s: PlanSettings, peak: int) -> list[Suggestion]:
+    """Single changes of the options that lower the peak, each re-planned."""
+    tries: list[tuple[str, dict[str, Any], str]] = []
+    if s.batch_size > 1:
+        tries.append((f"--batch-size {max(1, s.batch_size // 4)}", {"batch_size": max(1, s.batch_size // 4)},
+                      "fewer windows per forward pass: smaller attention and MLP temporaries"))
+    if s.method == "nonlinear":
+        if s.window_chunk is None or s.window_chunk > 1:
+            # the solver stores the dense targets unless a step's windows are chunked, so
+            # chunking needs steps of more than one window
+            wb = s.window_batch if s.window_batch not in (None, 1) else s.nsamples
+            flag = "" if s.window_batch == wb else f"--window-batch {wb} "
+            tries.append((f"{flag}--window-chunk 1", {"window_batch": wb, "window_chunk": 1},
+                          "no stored dense targets; one window's n x n attention per KV group at a time"
+                          + (" (steps see all windows: more compute per step)" if flag else "")))
+        for m in (2, 4, 8):
+            if c.num_key_value_heads % (m * s.model) == 0:
+                tries.append((f"--mesh data={s.data},model={m * s.model}", {"model": m * s.model},
+                              f"{m}x the devices share the KV groups (fewer heads at once per device)"))
+                break
+    for dd in (2, 4, 8):
+        if s.nsamples % (s.data * dd) == 0:
+            tries.append((f"--mesh data={s.data * dd},model={s.model}", {"data": s.data * dd},
+                          "calibration windows over more devices"))
+            break
+    out = []
+    for option, change, what in tries:
+        alt = _plan(c, name, dataclasses.replace(s, **change))
+        if alt.peak_bytes < peak:
+            out.append(Suggestion(option, alt.peak_bytes, what))
+    return sorted(out, key=lambda x: x.peak_bytes)
+
+
+def config_of(model: str) -> tuple[LlamaConfig, str]:
+    """The config of a card name, a Hugging Face folder or a .gguf file, without its weights."""
+    import json
+    from pathlib import Path
+
+    from nlprune import cards
+
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise cards.ModelNotFound(f"{path} is a folder without config.json: not a Hugging Face model.")
+        return LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text())), path.name
+    if path.suffix == ".gguf":
+        from nlprune.convert.gguf import _import_gguf, config_from_gguf
+
+        reader = _import_gguf().GGUFReader(str(path))  # metadata only: tensors are memory-mapped
+        return LlamaConfig.from_hf_dict(config_from_gguf(reader)), path.stem
+    return cards.card_config(cards.get_card(model)), model

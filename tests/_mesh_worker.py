@@ -1,0 +1,63 @@
+"""Prune one model under several meshes; run by tests/test_parallel.py in a subprocess whose
+environment sets XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX is imported.
+
+    python tests/_mesh_worker.py CONFIG.json
+
+CONFIG: {"model_dir", "method", "sparsity_type", "options", "nsamples", "seqlen", "out",
+"runs": [[mesh spec or "none", batch_size], ...]}. Writes OUT.npz with every run's masks and
+weights ("RUN/LAYER.NAME.mask|weight") and prints one JSON line: per run, the report's mesh
+record, the layer outputs' and the pruned weights' shardings, and the seconds it took.
+"""
+
+import json
+import sys
+import time
+
+import jax
+import numpy as np
+
+from nlprune import parallel
+from nlprune.convert.hf import load_hf_folder
+from nlprune.prune import parse_pattern
+from nlprune.prune.pipeline import prune_model
+
+
+def main(path: str) -> None:
+    cfg = json.loads(open(path).read())
+    model = load_hf_folder(cfg["model_dir"])
+    rng = np.random.default_rng(0)
+    calibration = rng.integers(0, model.config.vocab_size, (cfg["nsamples"], cfg["seqlen"]))
+    pattern = parse_pattern(cfg.get("sparsity_type", "unstructured"), 0.5)
+    arrays, summary = {}, {"devices": len(jax.devices())}
+    for spec, batch_size in cfg["runs"]:
+        key = f"{spec}@{batch_size}"
+        mesh = None if spec == "none" else parallel.parse_mesh(spec)
+        hidden_specs = []
+
+        def seen(i, current, hidden):
+            hidden_specs.append(str(getattr(hidden.sharding, "spec", hidden.sharding)))
+
+        t0 = time.perf_counter()
+        pruned, report = prune_model(
+            model, calibration, cfg["method"], pattern, cfg.get("options", {}), batch_size=batch_size,
+            progress=False, mesh=mesh, on_layer_done=seen,
+        )
+        seconds = time.perf_counter() - t0
+        for i, layer in enumerate(pruned.model.layers):
+            for name, lin in layer.linears().items():
+                arrays[f"{key}/{i}.{name}.mask"] = np.asarray(lin.mask).astype(bool)
+                arrays[f"{key}/{i}.{name}.weight"] = np.asarray(lin.weight)
+        q = pruned.model.layers[-1].self_attn.q_proj.weight
+        summary[key] = {
+            "mesh": report.mesh,
+            "hidden_sharding": hidden_specs[-1],
+            "q_proj_sharding": str(getattr(q.sharding, "spec", q.sharding)),
+            "q_proj_devices": len(q.sharding.device_set),
+            "seconds": seconds,
+        }
+    np.savez(cfg["out"], **arrays)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

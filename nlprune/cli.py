@@ -102,7 +102,8 @@ NONLINEAR_FLAGS = {
     "linear_method": "--linear-method", "lam": "--lambda", "eta": "--eta", "step_rule": "--step-rule",
     "steps": "--steps", "mask_init": "--mask-init", "binarize": "--binarize", "project": "--project",
     "window_batch": "--window-batch", "window_chunk": "--window-chunk", "eta_relative": "--eta-relative",
-    "straight_through": "--straight-through",
+    "straight_through": "--straight-through", "objective": "--objective", "refit": "--refit",
+    "refit_steps": "--refit-steps", "refit_eta": "--refit-eta", "refit_cg": "--refit-cg",
 }
 
 
@@ -214,7 +215,7 @@ def add_prune_parser(sub) -> None:
     g.add_argument("--blocksize", type=int, default=None, help="sparsegpt: columns per block (128)")
     g.add_argument("--percdamp", type=float, default=None, help="sparsegpt: Hessian damping (0.01)")
     g.add_argument("--group", choices=("row", "matrix"), default=None, help="magnitude: comparison group")
-    from nlprune.prune.nonlinear import BINARIZE_CHOICES, LINEAR_METHODS, MASK_INITS, STEP_RULES
+    from nlprune.prune.nonlinear import BINARIZE_CHOICES, LINEAR_METHODS, MASK_INITS, OBJECTIVES, STEP_RULES
 
     n = p.add_argument_group(
         "nonlinear options",
@@ -244,6 +245,18 @@ def add_prune_parser(sub) -> None:
     _add(n, "--straight-through", action="store_true", default=None,
          help="each step's attention sees the binarised masks (top-k of scores started from Wanda's), gradients "
          "pass straight through to the scores; needs --binarize row")
+    _add(n, "--objective", choices=OBJECTIVES, default=None,
+         help="probs (default): q/k match the attention matrix softmax(QK^T); output: q, k, v and o masks match "
+         "the attention output softmax(QK^T) V W_O per KV group (needs --straight-through)")
+    _add(n, "--refit", action="store_true", default=None,
+         help="re-fit the kept weights once the masks are fixed: q/k (and v under --objective output) by "
+         "backtracking gradient steps on the objective, v/o/MLP by least squares (SparseGPT's update on the "
+         "mask; o towards the dense attention output)")
+    _add(n, "--refit-steps", type=int, default=None, help="--refit: gradient steps on the kept q/k weights (10; 0: none)")
+    _add(n, "--refit-eta", type=float, default=None,
+         help="--refit: first try of each gradient step, as a fraction of RMS(W) (0.01)")
+    _add(n, "--refit-cg", type=int, default=None,
+         help="--refit: conjugate-gradient steps polishing v/o/MLP towards the exact row-wise least squares (0)")
     p.set_defaults(func=cmd_prune)
 
 

@@ -74,6 +74,8 @@ from nlprune.prune.base import (
     get_method,
     register_method,
 )
+from nlprune.prune import nonlinear_output as nlo
+from nlprune.prune import refit as rf
 from nlprune.prune.patterns import DEFAULT_BLOCKSIZE, SparsityPattern, mask_from_scores
 from nlprune.prune.wanda import wanda_prune
 
@@ -89,6 +91,14 @@ PAPER_LAMBDA = 0.05  # Section 6.2 (Llama 3.2-1B)
 # 0.03 already diverged on some KV groups (layers 25, 29).
 PAPER_DEFAULTS = {"step_rule": "fixed", "steps": 100, "mask_init": "ones", "eta_relative": False}
 STE_DEFAULTS = {"step_rule": "backtracking", "steps": 20, "mask_init": "wanda", "eta": 0.1, "eta_relative": True}
+OBJECTIVES = nlo.OBJECTIVES
+# --refit's settings left None (scripts/nonlinear_variants.py): q/k (and v under the output
+# objective) take refit_steps backtracking gradient steps from a first try of refit_eta x RMS(W);
+# v/o/MLP least squares (SparseGPT's update on the fixed mask) then refit_cg CG steps.
+REFIT_DEFAULTS = {"refit_steps": 10, "refit_eta": 0.01, "refit_cg": 0}
+# o_proj's least-squares target under --refit: "dense" = the dense attention output on the same
+# inputs (corrects the upstream q/k/v error), "input" = SparseGPT's (dense o on the pruned context)
+REFIT_O_TARGET = "dense"
 _BOX_SAFETY = 1e-9  # relative margin of the float64 host bound
 _CURVATURE_ITERS = 20  # power iterations for the backtracking rule's first eta
 
@@ -707,6 +717,13 @@ class NonLinear(PruningMethod):
         "window_chunk": None,  # windows per gradient chunk (memory); None = all at once
         "eta_relative": None,  # eta in units of 1 / RMS(initial gradient), per KV group
         "straight_through": False,  # binary masks in the forward pass, STE gradients to scores
+        # beyond the paper (nonlinear_output.py, refit.py): "output" chooses q, k, v and o by
+        # the attention output softmax(QK^T) V W_O (needs straight_through)
+        "objective": "probs",
+        "refit": False,  # re-fit the kept weights once the masks are fixed
+        "refit_steps": None,  # None: REFIT_DEFAULTS
+        "refit_eta": None,
+        "refit_cg": None,
         "blocksize": None,
         "percdamp": None,
         "group": None,
@@ -754,8 +771,40 @@ class NonLinear(PruningMethod):
                 raise ValueError("--eta-relative needs --eta (in units of 1 / RMS of the initial gradient)")
             if options["mask_init"] == "ones":
                 raise ValueError("--eta-relative needs --mask-init wanda: at M_0 = 1 the attention gradient is zero")
+        self._validate_variants(options)
         self._linear(options)  # the fill-in validates its own options now, not at layer 0
         return options
+
+    @staticmethod
+    def _validate_variants(options: dict[str, Any]) -> None:
+        """--objective and --refit*: checked before any model is loaded; fills the refit defaults."""
+        if options["objective"] not in OBJECTIVES:
+            raise ValueError(f"unknown --objective {options['objective']!r}; use one of {', '.join(OBJECTIVES)}")
+        if options["objective"] == "output":
+            if not options["straight_through"]:
+                raise ValueError(
+                    "--objective output needs --straight-through: the masks of q, k, v and o are found from "
+                    "Wanda's rankings by straight-through descent on the binary masks' output error"
+                )
+            if options["window_chunk"] is not None:
+                raise ValueError("--window-chunk is not supported with --objective output (use --window-batch)")
+            if not options["eta_relative"]:
+                raise ValueError("--objective output takes eta relative to each tensor's initial gradient (--eta-relative)")
+        given = [f"--{k.replace('_', '-')}" for k in REFIT_DEFAULTS if options[k] is not None]
+        if given and not options["refit"]:
+            raise ValueError(f"{', '.join(given)} appl{'ies' if len(given) == 1 else 'y'} only with --refit")
+        if not options["refit"]:
+            return
+        for key, value in REFIT_DEFAULTS.items():
+            if options[key] is None:
+                options[key] = value
+        steps, eta, cg = options["refit_steps"], options["refit_eta"], options["refit_cg"]
+        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise ValueError(f"--refit-steps must be an integer >= 0 (0: no gradient refit of q/k), got {steps!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not (math.isfinite(eta) and eta > 0):
+            raise ValueError(f"--refit-eta must be a finite number > 0 (a fraction of RMS(W)), got {eta!r}")
+        if isinstance(cg, bool) or not isinstance(cg, (int, np.integer)) or cg < 0:
+            raise ValueError(f"--refit-cg must be an integer >= 0, got {cg!r}")
 
     def _linear(self, options: dict[str, Any]) -> tuple[PruningMethod, dict[str, Any]]:
         method = get_method(options["linear_method"])
@@ -769,8 +818,8 @@ class NonLinear(PruningMethod):
             ) from None
 
     def needs_hessian_for(self, options: dict[str, Any]) -> bool:
-        """Whether the calibration statistics need X^T X (the fill-in decides)."""
-        return self._linear(options)[0].needs_hessian
+        """Whether the calibration statistics need X^T X (the fill-in or --refit)."""
+        return bool(options.get("refit")) or self._linear(options)[0].needs_hessian
 
     def comparison_group(self, pattern: SparsityPattern, **options: Any) -> tuple[str, int]:
         method, lin_opts = self._linear(options)
@@ -784,7 +833,48 @@ class NonLinear(PruningMethod):
     def _prune_many(self, weights: Sequence[jax.Array], stats: LayerStats, pattern, **options) -> list[PruneResult]:
         method, lin_opts = self._linear(options)
         # check=False: prune_many of this method already checks in the fill-in's group
-        return method.prune_many(weights, stats, pattern, check=False, **lin_opts)
+        results = method.prune_many(weights, stats, pattern, check=False, **lin_opts)
+        if options["refit"]:
+            results = self._refit_linear(weights, [r.mask for r in results], stats, options, results)
+        return results
+
+    def _refit_linear(self, weights, masks, stats, options, results=None, targets=None) -> list[PruneResult]:
+        """Least squares on fixed masks: SparseGPT's update (already done by a sparsegpt
+        fill-in, whose weights ``results`` are then kept), then ``refit_cg`` CG steps."""
+        percdamp = options["percdamp"] if options["percdamp"] is not None else 0.01
+        blocksize = options["blocksize"] if options["blocksize"] is not None else DEFAULT_BLOCKSIZE
+        targets = weights if targets is None else targets
+        if results is None or options["linear_method"] != "sparsegpt" or targets is not weights:
+            results = rf.obs_refit(weights, masks, stats, percdamp=percdamp, blocksize=blocksize, targets=targets)
+        return rf.cg_polish(results, targets, stats, options["refit_cg"], percdamp)
+
+    # -- the attention output projection (pipeline hook) --------------------------------------
+
+    def prune_group(self, input_group, layer, dense_layer, stats, pattern, hidden=None, cos=None, sin=None,
+                    batch_size: int = 8, **options) -> list[PruneResult] | None:
+        """o_proj when the q/k hook already chose its mask (``objective="output"``) or when
+        ``refit`` re-fits it towards the dense attention output (``hidden``: the layer's
+        calibration inputs; without them, towards its own input's output); None otherwise
+        (the pipeline prunes the group with :meth:`prune_many`)."""
+        options = self.resolve_options(**options)
+        if input_group != "o" or not (options["objective"] == "output" or options["refit"]):
+            return None
+        o = dense_layer.self_attn.o_proj
+        if options["objective"] == "output":
+            mask = layer.self_attn.o_proj.mask
+        else:
+            method, lin_opts = self._linear(options)
+            mask = method.prune_many([o.effective_weight], stats, pattern, check=False, **lin_opts)[0].mask
+        result = nlo.o_stage(
+            layer, dense_layer, stats, hidden, cos, sin, batch_size, mask, refit=options["refit"], corrected=REFIT_O_TARGET == "dense",
+            percdamp=options["percdamp"] if options["percdamp"] is not None else 0.01,
+            blocksize=options["blocksize"] if options["blocksize"] is not None else DEFAULT_BLOCKSIZE,
+            cg_iters=options["refit_cg"],
+        )
+        group_kind = "row" if options["objective"] == "output" else self.comparison_group(pattern, **options)[0]
+        check_result(result, o.weight, pattern, group_kind, DEFAULT_BLOCKSIZE if group_kind == "row" else
+                     self.comparison_group(pattern, **options)[1])
+        return [result]
 
     # -- q/k: the non-linear objective --------------------------------------------------------
 
@@ -803,6 +893,8 @@ class NonLinear(PruningMethod):
         wq, wk = attn.q_proj.weight, attn.k_proj.weight
         for w, what in ((wq, "q_proj"), (wk, "k_proj")):
             pattern.check_width(w.shape[1], what)
+        if options["objective"] == "output":
+            return self._prune_attention_output(layer, inputs, cos, sin, pattern, options)
         init = None
         if options["mask_init"] == "wanda":
             norms = LayerStats.from_inputs(inputs, with_hessian=False).norms
@@ -816,10 +908,21 @@ class NonLinear(PruningMethod):
         )
         how = options["binarize"]
         group = "matrix" if how == "matrix" else "row"
+        masks = {
+            name: gd.binarize(m, getattr(attn, name).effective_weight, pattern, how)
+            for name, m in (("q_proj", sol.mask_q), ("k_proj", sol.mask_k))
+        }
+        weights = {"q_proj": jnp.where(masks["q_proj"], wq, 0), "k_proj": jnp.where(masks["k_proj"], wk, 0)}
+        refit_report = None
+        if options["refit"] and options["refit_steps"] > 0:  # gradient steps on the kept q/k weights
+            weights, rsol = nlo.refit_attention(
+                attn, inputs, cos, sin, masks, ("q_proj", "k_proj"), objective="probs",
+                steps=options["refit_steps"], eta=options["refit_eta"], window_batch=options["window_batch"],
+            )
+            refit_report = rsol.report()
         results = {}
-        for name, w, m in (("q_proj", wq, sol.mask_q), ("k_proj", wk, sol.mask_k)):
-            mask = gd.binarize(m, getattr(attn, name).effective_weight, pattern, how)
-            result = PruneResult(mask, jnp.where(mask, w, 0).astype(w.dtype))
+        for name, w in (("q_proj", wq), ("k_proj", wk)):
+            result = PruneResult(masks[name], weights[name].astype(w.dtype))
             check_result(result, w, pattern, group, DEFAULT_BLOCKSIZE)
             results[name] = result
         self.reports.append(
@@ -828,6 +931,29 @@ class NonLinear(PruningMethod):
                 "loss_first": sol.losses[:, 0, 0].tolist(), "loss_last": sol.losses[:, -1, -1].tolist(),
                 "n_increases": sol.n_increases,
                 "lipschitz": None if sol.lipschitz is None else sol.lipschitz.tolist(),
+                **({"refit": refit_report} if refit_report is not None else {}),
             }
         )
+        return results
+
+    def _prune_attention_output(self, layer, inputs, cos, sin, pattern, options) -> dict[str, PruneResult]:
+        """``objective="output"``: q, k, v and o masks (and, with refit, q/k/v weights) from
+        the attention output (:func:`nlprune.prune.nonlinear_output.prune_attention_output`).
+        v is re-fitted by gradient steps only; o's least-squares refit waits for its pruned
+        input (:meth:`prune_group`)."""
+        attn = layer.self_attn
+        for name in nlo.ATTN_LINEARS:
+            pattern.check_width(getattr(attn, name).weight.shape[1], name)
+        out, report = nlo.prune_attention_output(
+            attn, inputs, cos, sin, pattern, steps=options["steps"], eta=options["eta"],
+            window_batch=options["window_batch"], step_rule=options["step_rule"],
+            refit=options["refit"] and options["refit_steps"] > 0, refit_steps=options["refit_steps"],
+            refit_eta=options["refit_eta"],
+        )
+        results = {}
+        for name, (mask, weight) in out.items():
+            result = PruneResult(mask, weight)
+            check_result(result, getattr(attn, name).weight, pattern, "row", DEFAULT_BLOCKSIZE)
+            results[name] = result
+        self.reports.append({"rule": options["step_rule"], **report})
         return results

@@ -148,9 +148,21 @@ def prune_qkv(
         if attn_inputs is None:
             raise ValueError(f"method {method.name!r} prunes q/k from the layer inputs: pass attn_inputs, cos, sin")
         updates = {n: (r.weight, r.mask) for n, r in hook(layer, attn_inputs, cos, sin, pattern, **options).items()}
-        (v,) = _prune_many(method, [lins["v_proj"].weight], stats, pattern, options)
-        updates["v_proj"] = (v.weight, v.mask)
+        if "v_proj" not in updates:  # the hook may prune v (and o) too: nonlinear --objective output
+            (v,) = _prune_many(method, [lins["v_proj"].weight], stats, pattern, options)
+            updates["v_proj"] = (v.weight, v.mask)
     return set_linears(layer, updates)
+
+
+def _group_hook(method, group, layer, dense_layer, stats, pattern, options, hidden=None, cos=None, sin=None,
+                batch_size=8):
+    """A method's own pruning of one later group (``prune_group``: the non-linear method's o_proj,
+    whose mask its q/k hook may have chosen), or None: prune the group with ``prune_many``.
+    ``dense_layer`` is the layer before any pruning; ``hidden`` its calibration inputs."""
+    hook = getattr(method, "prune_group", None)
+    if hook is None:
+        return None
+    return hook(group, layer, dense_layer, stats, pattern, hidden, cos, sin, batch_size, **options)
 
 
 def prune_layer(
@@ -165,13 +177,16 @@ def prune_layer(
 ) -> DecoderLayer:
     """Prune all linears of one layer from its statistics (``attn_inputs``, ``cos``, ``sin``:
     see :func:`prune_qkv`)."""
+    dense = layer
     layer = prune_qkv(layer, stats["qkv"], method, pattern, options, attn_inputs, cos, sin)
     lins = layer.linears()
     updates = {}
     for group, names in INPUT_GROUPS.items():
         if group == "qkv":
             continue
-        results = _prune_many(method, [lins[n].weight for n in names], stats[group], pattern, options)
+        results = _group_hook(method, group, layer, dense, stats[group], pattern, options)
+        if results is None:
+            results = _prune_many(method, [lins[n].weight for n in names], stats[group], pattern, options)
         updates.update({n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
     return set_linears(layer, updates)
 
@@ -231,11 +246,14 @@ def prune_layer_true_sequential(
     One forward pass per layer (the layer-at-once order needs two: a dense one for the
     statistics and a pruned one for the outputs)."""
     hess = needs_hessian(method, options)
+    dense, layer_in = layer, hidden
 
     def prune_group(layer, group, stats):
         names = INPUT_GROUPS[group]
         lins = layer.linears()
-        results = _prune_many(method, [lins[n].weight for n in names], stats, pattern, options)
+        results = _group_hook(method, group, layer, dense, stats, pattern, options, layer_in, cos, sin, batch_size)
+        if results is None:
+            results = _prune_many(method, [lins[n].weight for n in names], stats, pattern, options)
         return set_linears(layer, {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
 
     attn_in = _batched(lambda h: _attn_input(layer, h), batch_size, hidden)

@@ -5,7 +5,8 @@
 Each row is one `nlprune prune ... --eval` process (so its peak memory is its own), run with
 the exact command printed in the table; each run's folder is OUT/runs/NAME (git-ignored: it
 holds the checkpoint) and its results.json is copied to OUT/results/NAME.json. Writes
-OUT/table.md, OUT/table.json and OUT/perplexity.png.
+OUT/table.md, OUT/table.json and OUT/perplexity.png (--table NAME: NAME.md, NAME.json, NAME.png).
+Rows may carry their own flags: --rows 'nonlinear@2:4@--straight-through --refit'.
 """
 
 import argparse
@@ -55,36 +56,39 @@ def main():
     ap.add_argument("--eval-nsamples", type=int, default=128)
     ap.add_argument("--eval-seqlen", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--rows", nargs="*", default=None, help="METHOD:PATTERN[:extra flags], e.g. wanda:2:4")
+    ap.add_argument("--rows", nargs="*", default=None,
+                    help="METHOD@PATTERN[@EXTRA FLAGS], e.g. wanda@2:4, 'nonlinear@unstructured@--straight-through'")
+    ap.add_argument("--table", default="table", help="basename of the table files written in OUT (table.md/.json, .png)")
     ap.add_argument("--extra", action="append", default=[], help="METHOD=FLAGS: extra flags for a method")
     args = ap.parse_args()
 
-    rows = DEFAULT_ROWS if not args.rows else [tuple(r.split("@")) for r in args.rows]
+    rows = DEFAULT_ROWS if not args.rows else [tuple(r.split("@", 2)) for r in args.rows]
     extras = {}
     for e in args.extra:
         method, flags = e.split("=", 1)
         extras[method] = shlex.split(flags)
     results = []
-    for method, pattern in rows:
-        cmd, rec = run_row(method, pattern, args, extras.get(method, []))
-        results.append({"command": cmd, "method": method, "pattern": pattern, "record": rec})
+    for method, pattern, *row_flags in rows:
+        flags = shlex.split(row_flags[0]) if row_flags else extras.get(method, [])
+        cmd, rec = run_row(method, pattern, args, flags)
+        results.append({"command": cmd, "method": method, "pattern": pattern, "flags": shlex.join(flags), "record": rec})
 
     dense = results[0]["record"]["dense_perplexity"]
     lines = [
-        f"| method | sparsity | C4 ppl | sparsity measured | attention error | prune s | peak RSS GiB | command |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| dense | 0 | {dense:.2f} | 0 | 0 | - | - | (each run's `dense_perplexity`) |",
+        f"| method | flags | sparsity | C4 ppl | sparsity measured | attention error | prune s | peak RSS GiB | command |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {dense:.2f} | 0 | 0 | - | - | (each run's `dense_perplexity`) |",
     ]
     for r in results:
         rec = r["record"]
         lines.append(
-            f"| {r['method']} | {r['pattern']} | {rec['perplexity']:.2f} | {rec['sparsity']['overall']:.4f} | "
+            f"| {r['method']} | {r['flags']} | {r['pattern']} | {rec['perplexity']:.2f} | {rec['sparsity']['overall']:.4f} | "
             f"{rec['attention_error']['mean']:.2e} | {rec['prune_seconds']:.1f} | "
             f"{rec['peak_rss_bytes'] / 2**30:.2f} | `{r['command']}` |"
         )
     out = Path(args.out)
-    (out / "table.md").write_text("\n".join(lines) + "\n")
-    (out / "table.json").write_text(json.dumps(
+    (out / f"{args.table}.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.table}.json").write_text(json.dumps(
         [{k: v for k, v in r.items() if k != "record"} | {
             "perplexity": r["record"]["perplexity"], "dense_perplexity": r["record"]["dense_perplexity"],
             "sparsity": r["record"]["sparsity"]["overall"], "prune_seconds": r["record"]["prune_seconds"],
@@ -94,10 +98,11 @@ def main():
 
     fig, ax = plt.subplots(figsize=(8, 4))
     patterns = sorted({r["pattern"] for r in results}, key=lambda p: p != "unstructured")
-    methods = list(dict.fromkeys(r["method"] for r in results))
+    label = lambda r: r["method"] + ("\n" + r["flags"].replace("--", "") if r["flags"] else "")  # noqa: E731
+    methods = list(dict.fromkeys(label(r) for r in results))
     width = 0.8 / len(patterns)
     for j, pat in enumerate(patterns):
-        vals = [next((r["record"]["perplexity"] for r in results if r["method"] == m and r["pattern"] == pat), float("nan")) for m in methods]
+        vals = [next((r["record"]["perplexity"] for r in results if label(r) == m and r["pattern"] == pat), float("nan")) for m in methods]
         bars = ax.bar([i + j * width for i in range(len(methods))], vals, width, label=f"50% {pat}")
         ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.axhline(dense, color="k", ls="--", lw=1, label=f"dense {dense:.1f}")
@@ -107,8 +112,9 @@ def main():
     ax.set_title(f"{args.model}: calibration {args.nsamples} x {args.seqlen}, seed {args.seed}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "perplexity.png", dpi=120)
-    print(f"wrote {out}/table.md, table.json, perplexity.png")
+    png = "perplexity.png" if args.table == "table" else f"{args.table}.png"
+    fig.savefig(out / png, dpi=120)
+    print(f"wrote {out}/{args.table}.md, {args.table}.json, {png}")
 
 
 if __name__ == "__main__":

@@ -29,17 +29,18 @@ import dataclasses
 import math
 from typing import Any
 
-from nlprune.modeling.llama import LlamaConfig
+from nlprune.modeling.llama import QUERY_BLOCK, LlamaConfig
 
 F32 = 4  # bytes: nlprune prunes in float32
 
 # Measured copies of a buffer kept alive at once (see the module docstring).
-ATTN_FORWARD_COPIES = 2.0  # scores + probabilities of a forward batch's attention
+ATTN_FORWARD_COPIES = 1.75  # scores + probabilities of a forward batch's causal attention blocks
 MLP_FORWARD_COPIES = 2.0  # gate and up outputs of a forward batch
 WEIGHT_WORK_COPIES = 4.0  # scores, sort keys, mask, pruned weight of the group being pruned
-FACTOR_COPIES = 6.0  # SparseGPT: damped H, its reversal, L, L^-1 and block temporaries, U
+FACTOR_COPIES = 4.5  # SparseGPT: X^T X's block temporaries (on CPU not yet released when the
+# factorisation starts) and the factor's own (damped H, L, L^-1, U)
 OBS_COPIES = 4.0  # SparseGPT: W^T, errors, keep mask, the updated weights
-TARGET_BUILD_COPIES = 3.0  # non-linear: scores, probabilities and the stacked targets
+TARGET_BUILD_COPIES = 4.0  # non-linear: scores, masked scores, exponentials, the stacked targets
 SOLVE_COPIES = 8.0  # non-linear: forward and backward n x n buffers per group and window
 
 STAGES = ("q/k/v", "attention forward", "o", "gate/up", "mlp forward", "down", "layer output")
@@ -244,8 +245,12 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         per_group_window = F32 * rep * seq * seq
         wb = n if s.window_batch is None else s.window_batch
         chunk = s.window_chunk if s.window_chunk is not None and s.window_chunk < wb else None
-        if chunk is None:  # targets of every group and window, built on one device, then sharded
-            build = TARGET_BUILD_COPIES * G * n * per_group_window
+        if chunk is None:
+            # the dense targets of every group and window: built where the q/k rows live (KV
+            # groups over 'model' when it divides them, windows over 'data'), then resharded
+            # over the solve's group axes
+            g_build = G // s.model if G % s.model == 0 else G
+            build = TARGET_BUILD_COPIES * g_build * (n // d) * per_group_window
             solve = G * n * per_group_window / g_axes + SOLVE_COPIES * g_dev * wb * per_group_window
             nn = max(build, solve)
         else:  # no stored targets: each chunk recomputes its dense attention
@@ -258,7 +263,10 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     else:
         stage("q/k/v", dense + pruned_before("q/k/v"), 2 * hid, 0, h_, w_)
     q_tokens = F32 * call * seq * (nh + 2 * G) * hd
-    attn = F32 * ATTN_FORWARD_COPIES * call * nh * seq * seq
+    # the forward attention goes in blocks of QUERY_BLOCK queries against the keys up to each
+    # block's end (llama.Attention.context); XLA keeps every block's scores alive at once
+    causal = sum((min(b + QUERY_BLOCK, seq) - b) * min(b + QUERY_BLOCK, seq) for b in range(0, seq, QUERY_BLOCK))
+    attn = F32 * ATTN_FORWARD_COPIES * call * nh * causal
     ctx = F32 * T * nh * hd
     stage("attention forward", dense + pruned_before("attention forward"), hid + ctx, attn + q_tokens)
     h_, w_ = prune_work("o")

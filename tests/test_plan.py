@@ -1,0 +1,113 @@
+"""`nlprune plan`: peak memory per device from the config alone, checked against real runs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nlprune import cards
+from nlprune.cli import main as cli_main
+from nlprune.plan import F32, plan_memory
+
+WORKER = Path(__file__).with_name("_plan_worker.py")
+LLAMA_1B = cards.card_config(cards.get_card("llama-3.2-1b"))
+
+
+def test_paper_protocol_plan_for_llama_3_2_1b():
+    """8 x 2048 calibration, non-linear: the n x n attention of all 8 KV groups (4 query heads
+    each, every window) dominates, and more devices lower the peak per device."""
+    plan = plan_memory(LLAMA_1B, "llama-3.2-1b", method="nonlinear", nsamples=8, seqlen=2048)
+    targets = 8 * 8 * 4 * 2048 * 2048 * F32  # groups x windows x heads per group x n x n
+    assert plan.peak_stage == "q/k/v"
+    assert plan.breakdown["attention n x n"] >= targets
+    assert plan.breakdown["hidden states"] == 2 * 8 * 2048 * 2048 * F32  # layer input + attention input
+    assert plan.dense_weight_bytes == pytest.approx(1.236e9 * F32, rel=0.01)  # 1.24B parameters
+    # 'model' shares the KV groups, 'data' the windows
+    on_model = plan_memory(LLAMA_1B, method="nonlinear", nsamples=8, seqlen=2048, model=4)
+    on_data = plan_memory(LLAMA_1B, method="nonlinear", nsamples=8, seqlen=2048, data=4)
+    assert on_model.stages["q/k/v"]["attention n x n"] < plan.stages["q/k/v"]["attention n x n"]
+    assert on_model.stages["q/k/v"]["weights"] < plan.stages["q/k/v"]["weights"]
+    assert on_data.stages["q/k/v"]["hidden states"] < plan.stages["q/k/v"]["hidden states"]
+    # the suggestions re-plan, and each lowers the peak
+    assert plan.suggestions and all(s.peak_bytes < plan.peak_bytes for s in plan.suggestions)
+    assert any("--window-chunk" in s.option for s in plan.suggestions)
+
+
+def test_sparsegpt_plan_counts_the_down_projection_hessian():
+    plan = plan_memory(LLAMA_1B, method="sparsegpt", nsamples=8, seqlen=2048)
+    assert plan.stages["down"]["Hessians"] >= 8192 * 8192 * F32  # X^T X of the MLP's 8192 features
+    assert plan_memory(LLAMA_1B, method="wanda", nsamples=8, seqlen=2048).stages["down"]["Hessians"] == 0
+
+
+def test_plan_command(capsys, tmp_path):
+    out = tmp_path / "plan.json"
+    rc = cli_main(["plan", "--model", "llama-3.2-1b", "--nsamples", "8", "--seqlen", "2048",
+                   "--prune-method", "nonlinear", "--mesh", "data=2,model=2", "--output", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    for what in ("peak per device", "weights", "hidden states", "Hessians", "attention n x n", "options that lower the peak"):
+        assert what in text, what
+    rec = json.loads(out.read_text())
+    assert rec["devices"] == 4 and rec["settings"]["model"] == 2 and rec["peak_bytes"] > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--mesh", "data=2,modle=2"], "unknown axis 'modle'"),
+        (["--mesh", "data=2", "--devices", "2"], "give --mesh or --devices, not both"),
+        (["--model", "gpt-17"], "unknown model 'gpt-17'"),
+        (["--prune-method", "wanda", "--window-chunk", "2"], "apply only to --prune-method nonlinear"),
+        (["--nsamples", "0"], "nsamples must be an integer >= 1"),
+    ],
+)
+def test_plan_bad_input(args, message, capsys):
+    assert cli_main(["plan", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
+# A small random Llama whose activations outweigh the runtime's noise: 8 x 1024 tokens.
+SMALL = {
+    "vocab_size": 1024, "hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2,
+    "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 32, "max_position_embeddings": 4096,
+    "tie_word_embeddings": True,
+}
+
+
+def measured_added_bytes(tmp_path, config, method, options=None, nsamples=8, seqlen=1024):
+    cfg = {"config": config, "method": method, "options": options or {}, "nsamples": nsamples, "seqlen": seqlen}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "JAX_PLATFORMS": "cpu"}
+    env.pop("XLA_FLAGS", None)  # one device
+    proc = subprocess.run([sys.executable, str(WORKER), str(tmp_path / "cfg.json")], capture_output=True,
+                          text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["added_bytes"]
+
+
+# Wider, shorter: the MLP and the 2048 x 2048 Hessian of down_proj make the peak, not attention.
+WIDE = {**SMALL, "hidden_size": 512, "intermediate_size": 2048, "head_dim": 64}
+
+
+@pytest.mark.parametrize(
+    "method, options, config, seqlen",
+    [
+        ("wanda", {}, SMALL, 1024),  # peak: the forward attention
+        pytest.param("sparsegpt", {}, WIDE, 256, marks=pytest.mark.slow),  # peak: down_proj's Hessian
+        pytest.param("nonlinear", {"steps": 5}, SMALL, 1024, marks=pytest.mark.slow),  # peak: the n x n targets
+    ],
+)
+def test_plan_matches_a_measured_peak(method, options, config, seqlen, tmp_path):
+    """The plan's peak minus the dense model (already resident when the run starts) against
+    the measured growth of the peak resident set during a real prune (tests/_plan_worker.py:
+    CPU device buffers are host memory; compilation happens in a warm-up run first)."""
+    from nlprune.modeling.llama import LlamaConfig
+
+    plan = plan_memory(LlamaConfig.from_hf_dict(config), method=method, nsamples=8, seqlen=seqlen)
+    planned = plan.peak_bytes - plan.dense_weight_bytes
+    measured = measured_added_bytes(tmp_path, config, method, options, seqlen=seqlen)
+    print(f"{method}: planned {planned / 2**20:.1f} MiB (peak at {plan.peak_stage}), measured {measured / 2**20:.1f} MiB")
+    assert abs(planned - measured) <= 0.3 * measured, (planned, measured, plan.table())

@@ -26,7 +26,6 @@ that lowers the peak: smaller forward batches, chunked windows in the non-linear
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 from nlprune.modeling.llama import QUERY_BLOCK, LlamaConfig

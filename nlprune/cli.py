@@ -249,14 +249,14 @@ def add_prune_parser(sub) -> None:
          help="probs (default): q/k match the attention matrix softmax(QK^T); output: q, k, v and o masks match "
          "the attention output softmax(QK^T) V W_O per KV group (needs --straight-through)")
     _add(n, "--refit", action="store_true", default=None,
-         help="re-fit the kept weights once the masks are fixed: q/k (and v under --objective output) by "
-         "backtracking gradient steps on the objective, v/o/MLP by least squares (SparseGPT's update on the "
-         "mask; o towards the dense attention output)")
-    _add(n, "--refit-steps", type=int, default=None, help="--refit: gradient steps on the kept q/k weights (10; 0: none)")
+         help="re-fit the kept weights once the masks are fixed: v/o/MLP by least squares (SparseGPT's update on "
+         "the mask, then --refit-cg CG steps; o and down towards the dense sublayer's output), q/k (and v under "
+         "--objective output) by --refit-steps backtracking gradient steps on the objective")
+    _add(n, "--refit-steps", type=int, default=None, help="--refit: gradient steps on the kept q/k weights (default 0: none)")
     _add(n, "--refit-eta", type=float, default=None,
          help="--refit: first try of each gradient step, as a fraction of RMS(W) (0.01)")
     _add(n, "--refit-cg", type=int, default=None,
-         help="--refit: conjugate-gradient steps polishing v/o/MLP towards the exact row-wise least squares (0)")
+         help="--refit: conjugate-gradient steps polishing v/o/MLP towards the exact row-wise least squares (20)")
     p.set_defaults(func=cmd_prune)
 
 

@@ -43,7 +43,8 @@ from nlprune.prune.pipeline import prune_layer_true_sequential
 STE = {"straight_through": True}
 OUT = {"straight_through": True, "objective": "output"}
 SG = {"linear_method": "sparsegpt"}
-# name -> (method, options); "_o_input": o's refit target is SparseGPT's (its own pruned input)
+# name -> (method, options); "_o_input" / "_down_input": o's / down's refit target is SparseGPT's
+# (the dense weight on its own pruned input) instead of the dense sublayer's output
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "wanda": ("wanda", {}),
     "sparsegpt": ("sparsegpt", {}),
@@ -64,6 +65,11 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "out_sgpt_refit_o_input": ("nonlinear", {**OUT, **SG, "refit": True, "_o_input": True}),
     "out_sgpt_refit_cg20": ("nonlinear", {**OUT, **SG, "refit": True, "refit_cg": 20}),
     "out_sgpt_T40": ("nonlinear", {**OUT, **SG, "steps": 40}),
+    "ste_sgpt_refit0_cg20": ("nonlinear", {**STE, **SG, "refit": True, "refit_steps": 0, "refit_cg": 20}),
+    "ste_sgpt_refit0_cg50": ("nonlinear", {**STE, **SG, "refit": True, "refit_steps": 0, "refit_cg": 50}),
+    "ste_sgpt_refit0_cg20_down_input": ("nonlinear", {**STE, **SG, "refit": True, "refit_steps": 0, "refit_cg": 20,
+                                                      "_down_input": True}),
+    "ste_refit0_cg20": ("nonlinear", {**STE, "refit": True, "refit_steps": 0, "refit_cg": 20}),
 }
 DEFAULT_CONFIGS = ["wanda", "sparsegpt", "ste", "ste_sgpt", "out", "out_sgpt", "ste_sgpt_refit", "out_sgpt_refit"]
 
@@ -130,6 +136,7 @@ def main() -> None:
             method_name, options = CONFIGS[name]
             options = dict(options)
             nl.REFIT_O_TARGET = "input" if options.pop("_o_input", False) else "dense"
+            nl.REFIT_DOWN_TARGET = "input" if options.pop("_down_input", False) else "dense"
             method = get_method(method_name)
             options = method.resolve_options(**options)
             start = time.perf_counter()
@@ -139,7 +146,7 @@ def main() -> None:
             p, a, l = (float(v) for v in _errors(dense, pruned, h_eval[li], cos, sin))
             row["probs"][name], row["attn"][name], row["layer_err"][name] = p, a, l
             print(f"layer {li} {name:<26} probs {p:.3e} attn {a:.4f} layer {l:.4f} {row['seconds'][name]:6.1f} s", flush=True)
-        nl.REFIT_O_TARGET = "dense"
+        nl.REFIT_O_TARGET = nl.REFIT_DOWN_TARGET = "dense"
         rows.append(row)
 
     base = {r["layer"]: r for r in rows}

@@ -393,3 +393,30 @@ def o_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, mask: 
     (res,) = rf.obs_refit([w0], [mask], stats, percdamp=percdamp, blocksize=blocksize, targets=[target])
     (res,) = rf.cg_polish([res], [target], stats, cg_iters, percdamp)
     return res
+
+
+def down_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, weights, masks, *,
+               percdamp: float, blocksize: int, cg_iters: int):
+    """down_proj re-fitted on its fixed ``masks`` towards the *dense* MLP's output on the
+    same residual stream (the already-pruned attention's): its input X_p = act(gate_p, up_p),
+    the dense one X_d = act(gate_0, up_0) on the same normalised stream, and the target
+    weight :func:`nlprune.prune.refit.corrected_target`, so down also absorbs what pruning gate
+    and up changed. ``hidden``: the layer's calibration inputs (None: SparseGPT's target)."""
+    from nlprune.prune import refit as rf
+    from nlprune.prune.pipeline import _after_attention, _attn_context, _mlp_hidden
+
+    (w0,) = weights
+    target = w0
+    if hidden is not None:
+        u, _ = rf.SparseGPT.factor(stats, percdamp)
+        cross = None
+        for start in range(0, hidden.shape[0], batch_size):
+            h = hidden[start : start + batch_size]
+            mid = _after_attention(layer, h, _attn_context(layer, h, cos, sin))
+            ap = _mlp_hidden(layer, mid).reshape(-1, w0.shape[1])
+            ad = _mlp_hidden(dense_layer, mid).reshape(-1, w0.shape[1])
+            part = jnp.matmul(ap.T, ad, precision=jax.lax.Precision.HIGHEST)
+            cross = part if cross is None else cross + part
+        target = rf.corrected_target(w0, u, cross, stats.hessian)
+    results = rf.obs_refit([w0], masks, stats, percdamp=percdamp, blocksize=blocksize, targets=[target])
+    return rf.cg_polish(results, [target], stats, cg_iters, percdamp)

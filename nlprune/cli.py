@@ -276,7 +276,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     parse_pattern(args.sparsity_type, 0.5 if args.sparsity_type == "unstructured" else None)  # validate it
     config, name = config_of(args.model)
     settings = dict(
-        method=args.prune_method, nsamples=args.nsamples, seqlen=args.seqlen, data=sizes["data"],
+        method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
+        data=sizes["data"],
         model=sizes["model"], batch_size=args.batch_size,
     )
     if args.prune_method == "nonlinear":

@@ -176,6 +176,11 @@ def notes() -> list[str]:
     return sorted(found) if found else []
 
 
+def note(message: str) -> None:
+    """Record (and warn once per ``use_mesh`` block) that something is not sharded as asked."""
+    _fallback(message)
+
+
 def _fallback(message: str) -> None:
     found = _NOTES.get()
     if found is not None and message in found:

@@ -51,6 +51,7 @@ class PlanSettings:
     """What the plan depends on besides the config (the prune command's options)."""
 
     method: str = "wanda"
+    sparsity_type: str = "unstructured"  # N:M lets SparseGPT's pruned rows shard over 'model'
     nsamples: int = 8
     seqlen: int = 512
     data: int = 1  # mesh axis sizes
@@ -197,6 +198,13 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     method = s.method
     fill = s.linear_method if method == "nonlinear" else method
     hessian = fill == "sparsegpt"
+    # SparseGPT's unstructured mask ranks whole blocks of rows: its weights are pruned
+    # replicated (nlprune.prune.pipeline._prune_many); per-row and N:M masks shard by rows
+    rows_shard = s.sparsity_type != "unstructured" or fill != "sparsegpt"
+    if s.model > 1 and not rows_shard:
+        notes.append("sparsegpt unstructured ranks whole blocks of rows: the pruned weights are replicated")
+    lin_pruned = {k: (rows_dev(o) if rows_shard else o) * i for k, (o, i) in lins.items()}
+    layer_pruned = sum(lin_pruned.values())
 
     def pruned_before(stage: str) -> int:  # weights + float masks of the pruned linears
         done = []
@@ -210,17 +218,17 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
             done = [*_PRUNES["q/k/v"], *_PRUNES["o"], *_PRUNES["gate/up"]]
         elif stage == "layer output":
             done = list(lins)
-        return F32 * 2 * ((L - 1) * layer_lin + sum(lin_dev[k] for k in done))
+        return F32 * 2 * ((L - 1) * layer_pruned + sum(lin_pruned[k] for k in done))
 
     def prune_work(stage: str) -> tuple[int, int]:
         """(Hessians, method work) of pruning one stage's linears."""
         names = _PRUNES[stage]
         in_f = lins[names[0]][1]
-        biggest = max(lin_dev[k] for k in names)
+        biggest = max(lin_pruned[k] for k in names)
         if fill == "sparsegpt":
             by_shape: dict[tuple[int, int], int] = {}
             for k in names:
-                by_shape[lins[k]] = by_shape.get(lins[k], 0) + lin_dev[k]
+                by_shape[lins[k]] = by_shape.get(lins[k], 0) + lin_pruned[k]
             return F32 * in_f * in_f * (1 + FACTOR_COPIES), int(F32 * OBS_COPIES * max(by_shape.values()))
         return 0, int(F32 * WEIGHT_WORK_COPIES * biggest)
 

@@ -122,9 +122,11 @@ def test_wanda_sharded_equals_one_device_exactly(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
 def test_sparsegpt_sharded_matches_one_device(sparsity_type, tiny_model_dir, tmp_path):
     """SparseGPT on a mesh: the Hessians are all-reduced across devices (another summation
-    order), so the masks are the same and the updated weights equal to float tolerance."""
+    order), so the masks are the same and the updated weights equal to float tolerance. 2:4
+    prunes rows over 'model'; unstructured ranks whole blocks of rows, so it prunes replicated."""
     runs = [["none", 8]] + [[m, 8] for m in MESHES]
-    arrays, _ = run_meshes(tmp_path, tiny_model_dir, "sparsegpt", runs, sparsity_type=sparsity_type)
+    arrays, summary = run_meshes(tmp_path, tiny_model_dir, "sparsegpt", runs, sparsity_type=sparsity_type)
+    assert summary["model=4@8"]["q_proj_sharding"] == ("P('model',)" if sparsity_type == "2:4" else "P()")
     ref = of_run(arrays, "none@8")
     for spec, _ in runs[1:]:
         got = of_run(arrays, f"{spec}@8")

@@ -252,7 +252,7 @@ def add_prune_parser(sub) -> None:
          help="re-fit the kept weights once the masks are fixed: v/o/MLP by least squares (SparseGPT's update on "
          "the mask, then --refit-cg CG steps; o and down towards the dense sublayer's output), q/k (and v under "
          "--objective output) by --refit-steps backtracking gradient steps on the objective")
-    _add(n, "--refit-steps", type=int, default=None, help="--refit: gradient steps on the kept q/k weights (default 0: none)")
+    _add(n, "--refit-steps", type=int, default=None, help="--refit: gradient steps on the kept q/k weights (10; 0: none)")
     _add(n, "--refit-eta", type=float, default=None,
          help="--refit: first try of each gradient step, as a fraction of RMS(W) (0.01)")
     _add(n, "--refit-cg", type=int, default=None,

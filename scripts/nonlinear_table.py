@@ -16,6 +16,14 @@ import json
 from pathlib import Path
 
 
+def _options(out: Path, row: dict) -> dict:
+    """The run's resolved method options, from OUT/results/<its --output folder name>.json."""
+    words = row["command"].split()
+    name = Path(words[words.index("--output") + 1]).name
+    path = out / "results" / f"{name}.json"
+    return json.loads(path.read_text())["args"]["options"] if path.exists() else {}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/nonlinear")
@@ -38,8 +46,13 @@ def main() -> None:
     ]
     for r in rows_list:
         ratio = f"{r['prune_seconds'] / sgpt[r['pattern']]:.1f}" if r["pattern"] in sgpt else "-"
+        flags = r.get("flags") or "(defaults)"
+        options = _options(out, r)
+        if options.get("refit"):  # the resolved refit settings (their defaults changed between runs)
+            flags += f" [refit-steps {options['refit_steps']}, refit-cg {options['refit_cg']}]"
+        r["options"] = options
         lines.append(
-            f"| {r['pattern']} | {r['method']} | {r.get('flags') or '(defaults)'} | {r['perplexity']:.2f} | "
+            f"| {r['pattern']} | {r['method']} | {flags} | {r['perplexity']:.2f} | "
             f"{r['attention_error']:.2e} | {r['prune_seconds']:.1f} | {ratio} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -186,6 +186,32 @@ def test_corrected_target_approaches_the_dense_output():
     assert err(corr.weight) < 0.9 * err(plain.weight)
 
 
+@pytest.mark.parametrize("stage", ["o", "down"])
+def test_refit_towards_the_dense_sublayer_beats_sparsegpts_target(stage, monkeypatch):
+    """In the true-sequential layer step, o (down) re-fitted towards the dense attention (MLP)
+    output on the same inputs is closer to it, on the calibration windows, than o (down)
+    re-fitted towards the dense weight on its own pruned input (SparseGPT's target)."""
+    from nlprune.prune import nonlinear as nl
+    from nlprune.prune.pipeline import _after_attention, _attn_context, _mlp_hidden, prune_layer_true_sequential
+
+    layer, X, cos, sin = tiny_layer()
+    method = get_method("nonlinear")
+    options = method.resolve_options(straight_through=True, refit=True, steps=3)
+    errors = {}
+    for target in ("input", "dense"):
+        monkeypatch.setattr(nl, "REFIT_O_TARGET" if stage == "o" else "REFIT_DOWN_TARGET", target)
+        pruned, _ = prune_layer_true_sequential(layer, X, cos, sin, method, PATTERN, options, 2)
+        if stage == "o":
+            mine = pruned.self_attn.o_proj(_attn_context(pruned, X, cos, sin))
+            dense = layer.self_attn.o_proj(_attn_context(layer, X, cos, sin))
+        else:
+            mid = _after_attention(pruned, X, _attn_context(pruned, X, cos, sin))
+            mine = pruned.mlp.down_proj(_mlp_hidden(pruned, mid))
+            dense = layer.mlp.down_proj(_mlp_hidden(layer, mid))
+        errors[target] = float(jnp.sum((mine - dense) ** 2))
+    assert errors["dense"] < 0.98 * errors["input"], errors
+
+
 # ----------------------------------------------------------------------------- the command line
 
 

@@ -39,6 +39,7 @@ from nlprune.eval.perplexity import _rope
 from nlprune.prune import get_method, parse_pattern
 from nlprune.prune import nonlinear as nl
 from nlprune.prune.pipeline import prune_layer_true_sequential
+from nonlinear_layers import layer_inputs as dense_inputs  # the dense model's inputs to each layer
 
 STE = {"straight_through": True}
 OUT = {"straight_through": True, "objective": "output"}
@@ -72,19 +73,6 @@ CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
     "ste_refit0_cg20": ("nonlinear", {**STE, "refit": True, "refit_steps": 0, "refit_cg": 20}),
 }
 DEFAULT_CONFIGS = ["wanda", "sparsegpt", "ste", "ste_sgpt", "out", "out_sgpt", "ste_sgpt_refit", "out_sgpt_refit"]
-
-
-def dense_inputs(model, windows: np.ndarray, layers: list[int]) -> dict[int, jax.Array]:
-    from nlprune.eval.perplexity import _embed, run_layer
-
-    cos, sin = _rope(model, windows.shape[1])
-    h = _embed(model, jnp.asarray(windows, jnp.int32))
-    out = {}
-    for i, layer in enumerate(model.model.layers[: max(layers) + 1]):
-        if i in layers:
-            out[i] = h
-        h = run_layer(layer, h, cos, sin)
-    return out
 
 
 @eqx.filter_jit

@@ -99,8 +99,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 # --prune-method nonlinear's flags: option name -> flag
 NONLINEAR_FLAGS = {
-    "linear_method": "--linear-method", "lam": "--lambda", "eta": "--eta", "step_rule": "--step-rule",
-    "steps": "--steps", "mask_init": "--mask-init", "binarize": "--binarize", "project": "--project",
+    "recipe": "--recipe", "linear_method": "--linear-method", "lam": "--lambda", "eta": "--eta",
+    "step_rule": "--step-rule", "steps": "--steps", "mask_init": "--mask-init", "binarize": "--binarize",
+    "project": "--project",
     "window_batch": "--window-batch", "window_chunk": "--window-chunk", "eta_relative": "--eta-relative",
     "straight_through": "--straight-through", "objective": "--objective", "refit": "--refit",
     "refit_steps": "--refit-steps", "refit_eta": "--refit-eta", "refit_cg": "--refit-cg",
@@ -215,7 +216,7 @@ def add_prune_parser(sub) -> None:
     g.add_argument("--blocksize", type=int, default=None, help="sparsegpt: columns per block (128)")
     g.add_argument("--percdamp", type=float, default=None, help="sparsegpt: Hessian damping (0.01)")
     g.add_argument("--group", choices=("row", "matrix"), default=None, help="magnitude: comparison group")
-    from nlprune.prune.nonlinear import BINARIZE_CHOICES, LINEAR_METHODS, MASK_INITS, OBJECTIVES, STEP_RULES
+    from nlprune.prune.nonlinear import BINARIZE_CHOICES, LINEAR_METHODS, MASK_INITS, OBJECTIVES, RECIPES, STEP_RULES
 
     n = p.add_argument_group(
         "nonlinear options",
@@ -224,6 +225,9 @@ def add_prune_parser(sub) -> None:
         "--straight-through switches the left-out ones to the variant that beats Wanda on SmolLM2 "
         "(--mask-init wanda --step-rule backtracking --eta 0.1 --eta-relative --steps 20)",
     )
+    _add(n, "--recipe", choices=tuple(RECIPES), default=None,
+         help="preset: paper (default; Algorithm 1 as published) or best (--straight-through --linear-method "
+         "sparsegpt --refit: the lowest C4 perplexity measured, BENCHMARKS.md); flags given override it")
     _add(n, "--linear-method", choices=LINEAR_METHODS, default=None, help="fills in v, o, gate, up, down (wanda)")
     n.add_argument("--lambda", dest="lam", type=float, default=None, help="mask regulariser lambda >= 0 (0.05, the paper's)")
     n.add_argument("--eta", type=float, default=None,
@@ -281,10 +285,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         model=sizes["model"], batch_size=args.batch_size,
     )
     if args.prune_method == "nonlinear":
-        settings.update(window_batch=args.window_batch, window_chunk=args.window_chunk,
-                        linear_method=args.linear_method or "wanda")
-    elif args.window_batch != 1 or args.window_chunk is not None or args.linear_method:
-        raise ValueError("--window-batch, --window-chunk and --linear-method apply only to --prune-method nonlinear.")
+        from nlprune.prune.nonlinear import RECIPES
+
+        fill = args.linear_method or RECIPES[args.recipe or "paper"].get("linear_method", "wanda")
+        settings.update(window_batch=args.window_batch, window_chunk=args.window_chunk, linear_method=fill)
+    elif args.window_batch != 1 or args.window_chunk is not None or args.linear_method or args.recipe:
+        raise ValueError(
+            "--window-batch, --window-chunk, --linear-method and --recipe apply only to --prune-method nonlinear."
+        )
     plan = plan_memory(config, name, **settings)
     print(plan.table())
     if args.output:
@@ -314,6 +322,7 @@ def add_plan_parser(sub) -> None:
     _add(p, "--window-batch", type=int, default=1, help="nonlinear: windows per gradient step (default 1)")
     _add(p, "--window-chunk", type=int, default=None, help="nonlinear: windows per gradient chunk (default: all)")
     _add(p, "--linear-method", default=None, choices=("wanda", "sparsegpt", "magnitude"), help="nonlinear: fill-in method")
+    _add(p, "--recipe", default=None, choices=("paper", "best"), help="nonlinear: preset (best fills in with sparsegpt)")
     p.add_argument("--output", default=None, help="also write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
 

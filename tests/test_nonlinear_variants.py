@@ -16,7 +16,7 @@ from nlprune.cli import main as cli_main
 from nlprune.prune import LayerStats, assert_mask, get_method, parse_pattern
 from nlprune.prune import nonlinear_output as nlo
 from nlprune.prune import refit as rf
-from test_nonlinear_llama import tiny_layer  # tests/ is on sys.path (pytest's rootdir conftest)
+from test_nonlinear_llama import prune_cli, tiny_layer  # tests/ is on sys.path (pytest's rootdir conftest)
 
 PATTERN = parse_pattern("unstructured", 0.5)
 NM = parse_pattern("2:4")
@@ -215,13 +215,6 @@ def test_refit_towards_the_dense_sublayer_beats_sparsegpts_target(stage, monkeyp
 # ----------------------------------------------------------------------------- the command line
 
 
-def prune_cli(tiny_model_dir, shared_data_dir, out, *extra):
-    return cli_main(
-        ["prune", "--model", str(tiny_model_dir), "--nsamples", "4", "--seqlen", "32",
-         "--data-dir", str(shared_data_dir), "--output", str(out), "--prune-method", "nonlinear", *extra]
-    )
-
-
 @pytest.mark.parametrize(
     "extra",
     [
@@ -294,3 +287,38 @@ def test_variant_flags_with_another_method_are_refused(tiny_model_dir, shared_da
     rc = cli_main(["prune", "--model", str(tiny_model_dir), "--data-dir", str(shared_data_dir), "--output",
                    str(tmp_path / "r"), "--prune-method", "sparsegpt", "--sparsity-ratio", "0.5", "--refit"])
     assert rc == 2 and "apply only to --prune-method nonlinear" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --recipe
+
+
+def test_recipe_best_prunes_as_its_flags_do(tiny_model_dir, shared_data_dir, tmp_path):
+    """--recipe best is --straight-through --linear-method sparsegpt --refit: the same masks and
+    weights on every layer; a flag given with it wins over the preset."""
+    fast = ["--sparsity-ratio", "0.5", "--steps", "3", "--refit-steps", "2", "--refit-cg", "2"]
+    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "preset", *fast, "--recipe", "best") == 0
+    flags = ["--straight-through", "--linear-method", "sparsegpt", "--refit"]
+    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "flags", *fast, *flags) == 0
+    options = json.loads((tmp_path / "preset" / "results.json").read_text())["args"]["options"]
+    assert options["recipe"] == "best" and options["straight_through"] and options["refit"]
+    assert options["linear_method"] == "sparsegpt" and options["refit_steps"] == 2
+    a, _ = api.load_run(tmp_path / "preset")
+    b, _ = api.load_run(tmp_path / "flags")
+    for la, lb in zip(a.model.layers, b.model.layers):
+        for name, lin in la.linears().items():
+            assert bool(jnp.all(lin.mask == lb.linears()[name].mask)), name
+            np.testing.assert_array_equal(np.asarray(lin.weight), np.asarray(lb.linears()[name].weight), err_msg=name)
+    method = get_method("nonlinear")
+    assert method.resolve_options(recipe="best", linear_method="wanda")["linear_method"] == "wanda"
+    paper = method.resolve_options()
+    assert paper["recipe"] == "paper" and not paper["straight_through"] and not paper["refit"]
+    assert paper["mask_init"] == "ones" and paper["steps"] == 100 and paper["linear_method"] == "wanda"
+
+
+def test_unknown_recipe_is_refused(tiny_model_dir, shared_data_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="unknown --recipe 'fast'; use one of paper, best"):
+        get_method("nonlinear").resolve_options(recipe="fast")
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit):
+        prune_cli(tiny_model_dir, shared_data_dir, out, "--recipe", "fast")
+    assert "invalid choice: 'fast'" in capsys.readouterr().err and not out.exists()

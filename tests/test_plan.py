@@ -54,9 +54,23 @@ def test_plan_command(capsys, tmp_path):
     assert rec["devices"] == 4 and rec["settings"]["model"] == 2 and rec["peak_bytes"] > 0
 
 
+def test_plan_recipe_best_counts_the_fill_ins_hessians(capsys, tmp_path):
+    """--recipe best fills in with SparseGPT (and re-fits): the plan carries its Hessians."""
+    plans = {}
+    for recipe in ("paper", "best"):
+        out = tmp_path / f"{recipe}.json"
+        assert cli_main(["plan", "--model", "llama-3.2-1b", "--prune-method", "nonlinear", "--recipe", recipe,
+                         "--output", str(out)]) == 0
+        plans[recipe] = json.loads(out.read_text())
+    assert plans["best"]["settings"]["linear_method"] == "sparsegpt"
+    assert plans["paper"]["settings"]["linear_method"] == "wanda"
+    assert plans["best"]["peak_bytes"] > plans["paper"]["peak_bytes"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--prune-method", "wanda", "--recipe", "best"], "apply only to --prune-method nonlinear"),
         (["--mesh", "data=2,modle=2"], "unknown axis 'modle'"),
         (["--mesh", "data=2", "--devices", "2"], "give --mesh or --devices, not both"),
         (["--model", "gpt-17"], "unknown model 'gpt-17'"),

@@ -100,6 +100,16 @@ OBJECTIVES = nlo.OBJECTIVES
 # output error by < 0.2%, but the whole model's C4 perplexity by -0.5 (58.73 -> 58.21 at 50%,
 # benchmarks/nonlinear/table.md) for ~+25 s, so they are on.
 REFIT_DEFAULTS = {"refit_steps": 10, "refit_eta": 0.01, "refit_cg": 20}
+# Named presets (--recipe); flags the user gives override them. "paper" is METHOD.md's default.
+# "best" keeps every beyond-paper option that lowered SmolLM2-135M's whole-model C4 perplexity
+# (benchmarks/nonlinear/table.md, cpu protocol): straight-through q/k (71420 -> 63.3 at 50%),
+# refit with its q/k steps (63.6 -> 58.2; SparseGPT 64.2), at 2:4 107.4 vs SparseGPT's 125.3.
+# Left out: --objective output (with refit, no q/k steps: 59.11 vs 58.73 without it, at 2.1x
+# the prune time).
+RECIPES = {
+    "paper": {},
+    "best": {"straight_through": True, "linear_method": "sparsegpt", "refit": True},
+}
 # o_proj's least-squares target under --refit: "dense" = the dense attention output on the same
 # inputs (corrects the upstream q/k/v error), "input" = SparseGPT's (dense o on the pruned context)
 REFIT_O_TARGET = "dense"
@@ -707,6 +717,7 @@ class NonLinear(PruningMethod):
     name = "nonlinear"
     needs_hessian = False  # of the default fill-in; see needs_hessian_for
     default_options = {
+        "recipe": "paper",  # a preset of the options below (RECIPES); given options win
         "linear_method": "wanda",
         "lam": PAPER_LAMBDA,
         # None: PAPER_DEFAULTS, or STE_DEFAULTS with straight_through. An eta left None is the
@@ -742,7 +753,10 @@ class NonLinear(PruningMethod):
     # -- options ------------------------------------------------------------------------------
 
     def resolve_options(self, **options: Any) -> dict[str, Any]:
-        options = super().resolve_options(**options)
+        recipe = options.get("recipe", self.default_options["recipe"])
+        if recipe not in RECIPES:
+            raise ValueError(f"unknown --recipe {recipe!r}; use one of {', '.join(RECIPES)}")
+        options = super().resolve_options(**{**RECIPES[recipe], **options})
         for key, value in (STE_DEFAULTS if options["straight_through"] else PAPER_DEFAULTS).items():
             if options[key] is None:
                 options[key] = value

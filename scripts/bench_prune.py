@@ -6,11 +6,13 @@ Each row is one `nlprune prune ... --eval` process (so its peak memory is its ow
 the exact command printed in the table; each run's folder is OUT/runs/NAME (git-ignored: it
 holds the checkpoint) and its results.json is copied to OUT/results/NAME.json. Writes
 OUT/table.md, OUT/table.json and OUT/perplexity.png (--table NAME: NAME.md, NAME.json, NAME.png).
-Rows may carry their own flags: --rows 'nonlinear@2:4@--straight-through --refit'.
+Rows may carry their own flags: --rows 'nonlinear@2:4@--straight-through --refit'. Each row records
+the 1-minute load average before and after it: compare times only within one batch.
 """
 
 import argparse
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -22,8 +24,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 DEFAULT_ROWS = [
-    ("magnitude", "unstructured"), ("wanda", "unstructured"), ("sparsegpt", "unstructured"),
-    ("magnitude", "2:4"), ("wanda", "2:4"), ("sparsegpt", "2:4"),
+    (method, pattern, *flags)
+    for pattern in ("unstructured", "2:4")
+    for method, *flags in (("magnitude",), ("wanda",), ("sparsegpt",), ("nonlinear",), ("nonlinear", "--recipe best"))
 ]
 
 
@@ -38,8 +41,11 @@ def run_row(method: str, pattern: str, args, extra: list[str]) -> tuple[str, dic
     ]
     print("$", shlex.join(cmd), flush=True)
     exe = [str(Path(sys.executable).with_name("nlprune")), *cmd[1:]]
+    load_before = os.getloadavg()[0]
     subprocess.run(exe, check=True)
     record = json.loads((out / "results.json").read_text())
+    # timings are only comparable on an equally loaded machine: keep the 1-minute load average
+    record["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
     # The run folders hold checkpoints (hundreds of MB, git-ignored); keep each record beside the table.
     (Path(args.out) / "results").mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "results" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
@@ -75,16 +81,20 @@ def main():
 
     dense = results[0]["record"]["dense_perplexity"]
     lines = [
-        f"| method | flags | sparsity | C4 ppl | sparsity measured | attention error | prune s | peak RSS GiB | command |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| dense | | 0 | {dense:.2f} | 0 | 0 | - | - | (each run's `dense_perplexity`) |",
+        "| method | flags | sparsity | C4 ppl | sparsity measured | attention error | prune s | x SparseGPT time "
+        "| peak RSS GiB | load | command |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| dense | | 0 | {dense:.2f} | 0 | 0 | - | - | - | - | (each run's `dense_perplexity`) |",
     ]
+    sgpt = {r["pattern"]: r["record"]["prune_seconds"] for r in results if r["method"] == "sparsegpt" and not r["flags"]}
     for r in results:
         rec = r["record"]
+        ratio = f"{rec['prune_seconds'] / sgpt[r['pattern']]:.2f}" if r["pattern"] in sgpt else "-"
+        load = "-".join(f"{x:.1f}" for x in rec["load_average"])
         lines.append(
             f"| {r['method']} | {r['flags']} | {r['pattern']} | {rec['perplexity']:.2f} | {rec['sparsity']['overall']:.4f} | "
-            f"{rec['attention_error']['mean']:.2e} | {rec['prune_seconds']:.1f} | "
-            f"{rec['peak_rss_bytes'] / 2**30:.2f} | `{r['command']}` |"
+            f"{rec['attention_error']['mean']:.2e} | {rec['prune_seconds']:.1f} | {ratio} | "
+            f"{rec['peak_rss_bytes'] / 2**30:.2f} | {load} | `{r['command']}` |"
         )
     out = Path(args.out)
     (out / f"{args.table}.md").write_text("\n".join(lines) + "\n")
@@ -93,7 +103,7 @@ def main():
             "perplexity": r["record"]["perplexity"], "dense_perplexity": r["record"]["dense_perplexity"],
             "sparsity": r["record"]["sparsity"]["overall"], "prune_seconds": r["record"]["prune_seconds"],
             "attention_error": r["record"]["attention_error"]["mean"], "peak_rss_bytes": r["record"]["peak_rss_bytes"],
-            "machine": r["record"]["machine"]} for r in results], indent=2) + "\n")
+            "load_average": r["record"]["load_average"], "machine": r["record"]["machine"]} for r in results], indent=2) + "\n")
     print("\n".join(lines))
 
     fig, ax = plt.subplots(figsize=(8, 4))

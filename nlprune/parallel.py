@@ -226,31 +226,30 @@ def window_shards(n_windows: int, mesh: Mesh | None = None) -> int:
     return d if d > 1 and n_windows % d == 0 else 1
 
 
-def shard_windows(x: jax.Array, mesh: Mesh | None = None) -> jax.Array:
-    """Windows (axis 0) over 'data'; replicated (with a warning) when 'data' does not divide them."""
+def _shard_leading(x: jax.Array, axis: str, mesh: Mesh | None, why_not: str) -> jax.Array:
+    """Axis 0 of ``x`` over mesh ``axis``; replicated, with ``why_not`` as the warning, when the
+    axis does not divide it."""
     mesh = current_mesh() if mesh is None else effective(mesh)
     if mesh is None:
         return x
-    d = axis_sizes(mesh)[DATA]
-    if d > 1 and x.shape[0] % d:
-        _fallback(
-            f"{x.shape[0]} calibration windows do not divide over data={d}: the activations are "
-            f"replicated (choose --nsamples a multiple of {d} to shard them)"
-        )
+    n = axis_sizes(mesh)[axis]
+    if n > 1 and x.shape[0] % n:
+        _fallback(why_not.format(rows=x.shape[0], n=n))
         return replicate(x, mesh)
-    return place(x, P(DATA), mesh)
+    return place(x, P(axis), mesh)
+
+
+def shard_windows(x: jax.Array, mesh: Mesh | None = None) -> jax.Array:
+    """Windows (axis 0) over 'data'; replicated (with a warning) when 'data' does not divide them."""
+    return _shard_leading(
+        x, DATA, mesh, "{rows} calibration windows do not divide over data={n}: the activations are "
+        "replicated (choose --nsamples a multiple of {n} to shard them)",
+    )
 
 
 def shard_rows(w: jax.Array, mesh: Mesh | None = None) -> jax.Array:
     """A weight's rows (axis 0) over 'model'; replicated when 'model' does not divide them."""
-    mesh = current_mesh() if mesh is None else effective(mesh)
-    if mesh is None:
-        return w
-    m = axis_sizes(mesh)[MODEL]
-    if m > 1 and w.shape[0] % m:
-        _fallback(f"a weight with {w.shape[0]} rows does not divide over model={m}: replicated")
-        return replicate(w, mesh)
-    return place(w, P(MODEL), mesh)
+    return _shard_leading(w, MODEL, mesh, "a weight with {rows} rows does not divide over model={n}: replicated")
 
 
 def group_axes(n_groups: int, mesh: Mesh | None = None) -> tuple[str, ...]:

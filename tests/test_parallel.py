@@ -119,6 +119,20 @@ def test_wanda_sharded_equals_one_device_exactly(tiny_model_dir, tmp_path):
     assert summary["data=2,model=2@8"]["mesh"]["axes"] == {"data": 2, "model": 2}
 
 
+def assert_same_masks_close_weights(arrays, specs):
+    """Every mesh run against the one-device run: masks identical, weights to float tolerance
+    (sums across devices run in another order)."""
+    ref = of_run(arrays, "none@8")
+    for spec in specs:
+        got = of_run(arrays, f"{spec}@8")
+        assert got.keys() == ref.keys()
+        for k in ref:
+            if k.endswith(".mask"):
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{spec}: {k}")
+            else:
+                np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"{spec}: {k}")
+
+
 @pytest.mark.parametrize("sparsity_type", ["unstructured", "2:4"])
 def test_sparsegpt_sharded_matches_one_device(sparsity_type, tiny_model_dir, tmp_path):
     """SparseGPT on a mesh: the Hessians are all-reduced across devices (another summation
@@ -127,14 +141,7 @@ def test_sparsegpt_sharded_matches_one_device(sparsity_type, tiny_model_dir, tmp
     runs = [["none", 8]] + [[m, 8] for m in MESHES]
     arrays, summary = run_meshes(tmp_path, tiny_model_dir, "sparsegpt", runs, sparsity_type=sparsity_type)
     assert summary["model=4@8"]["q_proj_sharding"] == ("P('model',)" if sparsity_type == "2:4" else "P()")
-    ref = of_run(arrays, "none@8")
-    for spec, _ in runs[1:]:
-        got = of_run(arrays, f"{spec}@8")
-        for k in ref:
-            if k.endswith(".mask"):
-                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{spec}: {k}")
-            else:
-                np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"{spec}: {k}")
+    assert_same_masks_close_weights(arrays, [spec for spec, _ in runs[1:]])
 
 
 @pytest.mark.slow
@@ -144,14 +151,7 @@ def test_nonlinear_sharded_matches_one_device(tiny_model_dir, tmp_path):
     tolerance. 10 steps of the paper's recipe keep it fast."""
     runs = [["none", 8]] + [[m, 8] for m in MESHES]
     arrays, summary = run_meshes(tmp_path, tiny_model_dir, "nonlinear", runs, options={"steps": 10})
-    ref = of_run(arrays, "none@8")
-    for spec, _ in runs[1:]:
-        got = of_run(arrays, f"{spec}@8")
-        for k in ref:
-            if k.endswith(".mask"):
-                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{spec}: {k}")
-            else:
-                np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"{spec}: {k}")
+    assert_same_masks_close_weights(arrays, [spec for spec, _ in runs[1:]])
     notes = summary["model=4@8"]["mesh"]["notes"]
     assert any("2 KV groups do not divide" in n for n in notes), notes
     assert not any("KV groups" in n for n in summary["data=2,model=2@8"]["mesh"]["notes"])

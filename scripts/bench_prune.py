@@ -4,7 +4,8 @@
 
 Each row is one `nlprune prune ... --eval` process (so its peak memory is its own), run with
 the exact command printed in the table; each run's folder is OUT/runs/NAME (git-ignored: it
-holds the checkpoint) and its results.json is copied to OUT/results/NAME.json. Writes
+holds the checkpoint) and its results.json is copied to OUT/results/NAME.json (a --table TABLE
+batch: OUT/results/TABLE/NAME.json). Writes
 OUT/table.md, OUT/table.json and OUT/perplexity.png (--table NAME: NAME.md, NAME.json, NAME.png).
 Rows may carry their own flags: --rows 'nonlinear@2:4@--straight-through --refit'. Each row records
 the 1-minute load average before and after it: compare times only within one batch.
@@ -30,6 +31,10 @@ DEFAULT_ROWS = [
 ]
 
 
+def results_dir(args) -> Path:
+    return Path(args.out) / "results" / ("" if args.table == "table" else args.table)
+
+
 def run_row(method: str, pattern: str, args, extra: list[str]) -> tuple[str, dict]:
     name = f"{method}-{pattern.replace(':', 'of')}" + ("-" + "-".join(e.strip("-") for e in extra) if extra else "")
     out = Path(args.out) / "runs" / name
@@ -46,9 +51,11 @@ def run_row(method: str, pattern: str, args, extra: list[str]) -> tuple[str, dic
     record = json.loads((out / "results.json").read_text())
     # timings are only comparable on an equally loaded machine: keep the 1-minute load average
     record["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
-    # The run folders hold checkpoints (hundreds of MB, git-ignored); keep each record beside the table.
-    (Path(args.out) / "results").mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "results" / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    # The run folders hold checkpoints (hundreds of MB, git-ignored); keep each record beside the
+    # table, a --table batch's in its own folder so that batches rerunning a row do not clobber it.
+    results = results_dir(args)
+    results.mkdir(parents=True, exist_ok=True)
+    (results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return shlex.join(cmd), record
 
 

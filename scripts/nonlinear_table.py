@@ -8,7 +8,7 @@ measured in the same batch of runs (a batch = one table_NAME.json), and OUT/tabl
 repeated in a later batch replaces the earlier one.
 
     .venv/bin/python scripts/nonlinear_table.py --out benchmarks/nonlinear \
-        --batches table_unstructured table_2of4_paper table_2of4_part1 table_rest
+        --batches table_unstructured table_2of4_part1 table_2of4_paper table_rest
 """
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ import json
 from pathlib import Path
 
 
-def _options(out: Path, row: dict) -> dict:
-    """The run's resolved method options, from OUT/results/<its --output folder name>.json."""
+def _options(out: Path, row: dict, batch: str) -> dict:
+    """The run's resolved method options: the row's own, else its record's in
+    OUT/results/BATCH/NAME.json or (older batches) OUT/results/NAME.json."""
+    if "options" in row:
+        return row["options"]
     words = row["command"].split()
     name = Path(words[words.index("--output") + 1]).name
-    path = out / "results" / f"{name}.json"
-    return json.loads(path.read_text())["args"]["options"] if path.exists() else {}
+    for path in (out / "results" / batch / f"{name}.json", out / "results" / f"{name}.json"):
+        if path.exists():
+            return json.loads(path.read_text())["args"]["options"]
+    return {}
 
 
 def main() -> None:
@@ -47,7 +52,12 @@ def main() -> None:
         for r in batch:
             r["batch"] = path.stem
             r["x_sparsegpt_time"] = r["prune_seconds"] / sgpt[r["pattern"]] if r["pattern"] in sgpt else None
-            rows[r["command"]] = r  # a later batch's run of the same command replaces the earlier one
+            r["options"] = _options(out, r, path.stem)
+            # a later batch's run of the same command and resolved options replaces the earlier
+            # one (a default that changed between batches keeps both rows); every batch keeps its
+            # SparseGPT rows, the references of its time ratios
+            key = r["command"] + json.dumps(r["options"], sort_keys=True)
+            rows[key + (path.stem if r["method"] == "sparsegpt" else "")] = r
     rows_list = list(rows.values())
     order = {"unstructured": 0, "2:4": 1, "4:8": 2}
     rows_list.sort(key=lambda r: (order.get(r["pattern"], 9), r["method"] != "sparsegpt", r["perplexity"]))
@@ -62,10 +72,8 @@ def main() -> None:
     for r in rows_list:
         ratio = f"{r['x_sparsegpt_time']:.1f}" if r["x_sparsegpt_time"] is not None else "-"
         flags = r.get("flags") or "(defaults)"
-        options = _options(out, r)
-        if options.get("refit"):  # the resolved refit settings (their defaults changed between runs)
-            flags += f" [refit-steps {options['refit_steps']}, refit-cg {options['refit_cg']}]"
-        r["options"] = options
+        if r["options"].get("refit"):  # the resolved refit settings (their defaults changed between runs)
+            flags += f" [refit-steps {r['options']['refit_steps']}, refit-cg {r['options']['refit_cg']}]"
         lines.append(
             f"| {r['pattern']} | {r['method']} | {flags} | {r['perplexity']:.2f} | "
             f"{r['attention_error']:.2e} | {r['prune_seconds']:.1f} | {ratio} | {r['batch']} |"

@@ -71,9 +71,7 @@ def main() -> None:
     ]
     for r in rows_list:
         ratio = f"{r['x_sparsegpt_time']:.1f}" if r["x_sparsegpt_time"] is not None else "-"
-        flags = r.get("flags") or "(defaults)"
-        if r["options"].get("refit"):  # the resolved refit settings (their defaults changed between runs)
-            flags += f" [refit-steps {r['options']['refit_steps']}, refit-cg {r['options']['refit_cg']}]"
+        flags = r["label"] = _flags(r)
         lines.append(
             f"| {r['pattern']} | {r['method']} | {flags} | {r['perplexity']:.2f} | "
             f"{r['attention_error']:.2e} | {r['prune_seconds']:.1f} | {ratio} | {r['batch']} |"
@@ -85,6 +83,13 @@ def main() -> None:
     print(f"wrote {out}/table.md, table.json, table.png")
 
 
+def _flags(row: dict) -> str:
+    flags = row.get("flags") or "(defaults)"
+    if row["options"].get("refit"):  # the resolved refit settings (their defaults changed between runs)
+        flags += f" [refit-steps {row['options']['refit_steps']}, refit-cg {row['options']['refit_cg']}]"
+    return flags
+
+
 def plot(rows: list[dict], dense: float, path: Path) -> None:
     """One horizontal bar per run, a panel per pattern, log perplexity; SparseGPT's line dashed."""
     import matplotlib
@@ -93,11 +98,17 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     patterns = list(dict.fromkeys(r["pattern"] for r in rows))
-    fig, axes = plt.subplots(1, len(patterns), figsize=(7 * len(patterns), 0.45 * max(
-        sum(r["pattern"] == p for r in rows) for p in patterns) + 1.5), squeeze=False)
-    for ax, pattern in zip(axes[0], patterns):
-        sel = [r for r in rows if r["pattern"] == pattern][::-1]
-        labels = [(r["method"] + " " + (r.get("flags") or "(defaults)")).replace("--", "") for r in sel]
+    n_bars = sum(r["pattern"] == p for r in rows for p in patterns)
+    fig, axes = plt.subplots(len(patterns), 1, figsize=(11, 0.32 * n_bars + 1.5 * len(patterns)), squeeze=False)
+    for ax, pattern in zip(axes[:, 0], patterns):
+        # one bar per setting: repeated runs (the time references of each batch) agree in perplexity
+        seen: dict[tuple, dict] = {}
+        for r in rows:
+            if r["pattern"] == pattern:
+                label = (r["method"] + " " + _flags(r).replace(" --refit-steps 10 [", " [")).replace("--", "")
+                seen.setdefault((label, round(r["perplexity"], 2)), {**r, "plot_label": label})
+        sel = list(seen.values())[::-1]
+        labels = [r["plot_label"] for r in sel]
         colors = ["tab:gray" if r["method"] == "sparsegpt" else "tab:blue" for r in sel]
         bars = ax.barh(range(len(sel)), [r["perplexity"] for r in sel], color=colors)
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
@@ -107,11 +118,12 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
                 ax.axvline(r["perplexity"], color="tab:gray", ls="--", lw=1)
         ax.axvline(dense, color="k", ls=":", lw=1, label=f"dense {dense:.2f}")
         ax.set_xscale("log")
+        ax.set_xlim(min(dense, min(r["perplexity"] for r in sel)) / 1.3, max(r["perplexity"] for r in sel) * 4)
         ax.set_xlabel("C4 perplexity (128 x 512, lower is better)")
         ax.set_title(f"SmolLM2-135M, 50% {pattern}")
         ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -303,6 +303,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def add_plan_parser(sub) -> None:
     from nlprune.prune import available_methods
+    from nlprune.prune.nonlinear import LINEAR_METHODS, RECIPES
 
     p = sub.add_parser(
         "plan",
@@ -321,8 +322,8 @@ def add_plan_parser(sub) -> None:
     _add(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     _add(p, "--window-batch", type=int, default=1, help="nonlinear: windows per gradient step (default 1)")
     _add(p, "--window-chunk", type=int, default=None, help="nonlinear: windows per gradient chunk (default: all)")
-    _add(p, "--linear-method", default=None, choices=("wanda", "sparsegpt", "magnitude"), help="nonlinear: fill-in method")
-    _add(p, "--recipe", default=None, choices=("paper", "best"), help="nonlinear: preset (best fills in with sparsegpt)")
+    _add(p, "--linear-method", default=None, choices=LINEAR_METHODS, help="nonlinear: fill-in method")
+    _add(p, "--recipe", default=None, choices=tuple(RECIPES), help="nonlinear: preset (best fills in with sparsegpt)")
     p.add_argument("--output", default=None, help="also write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
 

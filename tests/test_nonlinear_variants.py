@@ -310,15 +310,19 @@ def test_recipe_best_prunes_as_its_flags_do(tiny_model_dir, shared_data_dir, tmp
             np.testing.assert_array_equal(np.asarray(lin.weight), np.asarray(lb.linears()[name].weight), err_msg=name)
     method = get_method("nonlinear")
     assert method.resolve_options(recipe="best", linear_method="wanda")["linear_method"] == "wanda"
+    fast = method.resolve_options(recipe="fast")
+    assert fast["straight_through"] and fast["refit"] and fast["linear_method"] == "sparsegpt"
+    assert (fast["steps"], fast["refit_steps"], fast["refit_cg"]) == (10, 0, 10)
+    assert method.resolve_options(recipe="fast", steps=3)["steps"] == 3
     paper = method.resolve_options()
     assert paper["recipe"] == "paper" and not paper["straight_through"] and not paper["refit"]
     assert paper["mask_init"] == "ones" and paper["steps"] == 100 and paper["linear_method"] == "wanda"
 
 
 def test_unknown_recipe_is_refused(tiny_model_dir, shared_data_dir, tmp_path, capsys):
-    with pytest.raises(ValueError, match="unknown --recipe 'fast'; use one of paper, best"):
-        get_method("nonlinear").resolve_options(recipe="fast")
+    with pytest.raises(ValueError, match="unknown --recipe 'quick'; use one of paper, best, fast"):
+        get_method("nonlinear").resolve_options(recipe="quick")
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
-        prune_cli(tiny_model_dir, shared_data_dir, out, "--recipe", "fast")
-    assert "invalid choice: 'fast'" in capsys.readouterr().err and not out.exists()
+        prune_cli(tiny_model_dir, shared_data_dir, out, "--recipe", "quick")
+    assert "invalid choice: 'quick'" in capsys.readouterr().err and not out.exists()

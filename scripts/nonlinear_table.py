@@ -71,9 +71,8 @@ def main() -> None:
     ]
     for r in rows_list:
         ratio = f"{r['x_sparsegpt_time']:.1f}" if r["x_sparsegpt_time"] is not None else "-"
-        flags = r["label"] = _flags(r)
         lines.append(
-            f"| {r['pattern']} | {r['method']} | {flags} | {r['perplexity']:.2f} | "
+            f"| {r['pattern']} | {r['method']} | {_flags(r)} | {r['perplexity']:.2f} | "
             f"{r['attention_error']:.2e} | {r['prune_seconds']:.1f} | {ratio} | {r['batch']} |"
         )
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -101,14 +100,14 @@ def plot(rows: list[dict], dense: float, path: Path) -> None:
     n_bars = sum(r["pattern"] == p for r in rows for p in patterns)
     fig, axes = plt.subplots(len(patterns), 1, figsize=(11, 0.32 * n_bars + 1.5 * len(patterns)), squeeze=False)
     for ax, pattern in zip(axes[:, 0], patterns):
-        # one bar per setting: repeated runs (the time references of each batch) agree in perplexity
-        seen: dict[tuple, dict] = {}
+        # one bar per resolved setting: its runs in several batches (and spelt with different
+        # flags) give the same perplexity, only their times differ
+        seen: dict[str, dict] = {}
         for r in rows:
             if r["pattern"] == pattern:
-                label = (r["method"] + " " + _flags(r).replace(" --refit-steps 10 [", " [")).replace("--", "")
-                seen.setdefault((label, round(r["perplexity"], 2)), {**r, "plot_label": label})
+                seen.setdefault(r["method"] + json.dumps(r["options"], sort_keys=True), r)
         sel = list(seen.values())[::-1]
-        labels = [r["plot_label"] for r in sel]
+        labels = [(r["method"] + " " + _flags(r)).replace("--", "") for r in sel]
         colors = ["tab:gray" if r["method"] == "sparsegpt" else "tab:blue" for r in sel]
         bars = ax.barh(range(len(sel)), [r["perplexity"] for r in sel], color=colors)
         ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)

@@ -295,10 +295,10 @@ def test_variant_flags_with_another_method_are_refused(tiny_model_dir, shared_da
 def test_recipe_best_prunes_as_its_flags_do(tiny_model_dir, shared_data_dir, tmp_path):
     """--recipe best is --straight-through --linear-method sparsegpt --refit: the same masks and
     weights on every layer; a flag given with it wins over the preset."""
-    fast = ["--sparsity-ratio", "0.5", "--steps", "3", "--refit-steps", "2", "--refit-cg", "2"]
-    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "preset", *fast, "--recipe", "best") == 0
+    short = ["--sparsity-ratio", "0.5", "--steps", "3", "--refit-steps", "2", "--refit-cg", "2"]
+    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "preset", *short, "--recipe", "best") == 0
     flags = ["--straight-through", "--linear-method", "sparsegpt", "--refit"]
-    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "flags", *fast, *flags) == 0
+    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "flags", *short, *flags) == 0
     options = json.loads((tmp_path / "preset" / "results.json").read_text())["args"]["options"]
     assert options["recipe"] == "best" and options["straight_through"] and options["refit"]
     assert options["linear_method"] == "sparsegpt" and options["refit_steps"] == 2

@@ -5,7 +5,9 @@ environment sets XLA_FLAGS=--xla_force_host_platform_device_count=N before JAX i
 
 CONFIG: {"model_dir", "method", "sparsity_type", "options", "nsamples", "seqlen", "out",
 "runs": [[mesh spec or "none", batch_size], ...]}. Writes OUT.npz with every run's masks and
-weights ("RUN/LAYER.NAME.mask|weight") and prints one JSON line: per run, the report's mesh
+weights ("RUN/LAYER.NAME.mask|weight"), the last layer's calibration outputs ("RUN/hidden_out")
+and, for the non-linear method, each layer's relaxed q/k masks before binarisation
+("RUN/LAYER.q_proj.relaxed", "RUN/LAYER.k_proj.relaxed"), and prints one JSON line: per run, the report's mesh
 record, the layer outputs' and the pruned weights' shardings, and the seconds it took.
 """
 
@@ -18,8 +20,21 @@ import numpy as np
 
 from nlprune import parallel
 from nlprune.convert.hf import load_hf_folder
+from nlprune.prune import nonlinear as nl
 from nlprune.prune import parse_pattern
 from nlprune.prune.pipeline import prune_model
+
+_solve_qk = nl.solve_qk
+relaxed: list = []  # the relaxed masks of every solve_qk call of the current run, in layer order
+
+
+def recording_solve_qk(*args, **kwargs):
+    sol = _solve_qk(*args, **kwargs)
+    relaxed.append((np.asarray(sol.mask_q), np.asarray(sol.mask_k)))
+    return sol
+
+
+nl.solve_qk = recording_solve_qk  # the method looks it up at call time
 
 
 def main(path: str) -> None:
@@ -32,10 +47,12 @@ def main(path: str) -> None:
     for spec, batch_size in cfg["runs"]:
         key = f"{spec}@{batch_size}"
         mesh = None if spec == "none" else parallel.parse_mesh(spec)
-        hidden_specs = []
+        hidden_specs, last = [], {}
+        relaxed.clear()
 
         def seen(i, current, hidden):
             hidden_specs.append(str(getattr(hidden.sharding, "spec", hidden.sharding)))
+            last["hidden"] = hidden
 
         t0 = time.perf_counter()
         pruned, report = prune_model(
@@ -47,6 +64,9 @@ def main(path: str) -> None:
             for name, lin in layer.linears().items():
                 arrays[f"{key}/{i}.{name}.mask"] = np.asarray(lin.mask).astype(bool)
                 arrays[f"{key}/{i}.{name}.weight"] = np.asarray(lin.weight)
+        arrays[f"{key}/hidden_out"] = np.asarray(last["hidden"])
+        for i, (mq, mk) in enumerate(relaxed):
+            arrays[f"{key}/{i}.q_proj.relaxed"], arrays[f"{key}/{i}.k_proj.relaxed"] = mq, mk
         q = pruned.model.layers[-1].self_attn.q_proj.weight
         summary[key] = {
             "mesh": report.mesh,

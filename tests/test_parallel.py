@@ -144,17 +144,68 @@ def test_sparsegpt_sharded_matches_one_device(sparsity_type, tiny_model_dir, tmp
     assert_same_masks_close_weights(arrays, [spec for spec, _ in runs[1:]])
 
 
+def flips_are_near_ties(ref_scores, got_scores, ref_mask, got_mask):
+    """Entries whose mask differs between two runs, and whether each could be flipped by the
+    runs' score noise: with delta = max |got - ref| over the row, an entry flips only if its
+    reference score lies within 2 delta of the row's threshold (the midpoint between the
+    lowest kept and the highest pruned score). Returns (number of flips, all near ties)."""
+    flipped = ref_mask != got_mask
+    if not flipped.any():
+        return 0, True
+    delta = np.abs(got_scores - ref_scores).max(-1, keepdims=True)
+    kept_min = np.where(ref_mask, ref_scores, np.inf).min(-1, keepdims=True)
+    pruned_max = np.where(ref_mask, -np.inf, ref_scores).max(-1, keepdims=True)
+    threshold = (kept_min + pruned_max) / 2
+    near = np.abs(ref_scores - threshold) <= 2 * delta + np.spacing(np.abs(threshold))
+    return int(flipped.sum()), bool(np.all(near[flipped]))
+
+
 @pytest.mark.slow
 def test_nonlinear_sharded_matches_one_device(tiny_model_dir, tmp_path):
     """The non-linear method with its KV groups sharded (2 groups: over 'model' on
-    data=2,model=2; replicated, with a note, on model=4): the same masks, weights to float
-    tolerance. 10 steps of the paper's recipe keep it fast."""
+    data=2,model=2; replicated, with a note, on model=4) against one device. Gradient descent
+    in float32 sums in another order on a mesh, so the relaxed masks agree to float tolerance
+    and a binary mask may differ only where the relaxed scores tie to within that noise (seen
+    on a fresh machine: 2 of 2048 k_proj entries of layer 4). Checked: up to the first layer
+    where a mask differs, the relaxed masks agree to 1e-5 and every flip is such a near tie;
+    over the whole model >= 99.5% of every mask agrees and the last layer's calibration
+    outputs agree to 1e-2 (relative). 10 steps of the paper's recipe keep it fast."""
     runs = [["none", 8]] + [[m, 8] for m in MESHES]
     arrays, summary = run_meshes(tmp_path, tiny_model_dir, "nonlinear", runs, options={"steps": 10})
-    assert_same_masks_close_weights(arrays, [spec for spec, _ in runs[1:]])
+    ref = of_run(arrays, "none@8")
+    n_layers = sum(k.endswith(".q_proj.mask") for k in ref)
+    for spec, _ in runs[1:]:
+        got = of_run(arrays, f"{spec}@8")
+        assert got.keys() == ref.keys()
+        for i in range(n_layers):
+            for name in ("q_proj", "k_proj"):
+                r, g = ref[f"{i}.{name}.relaxed"], got[f"{i}.{name}.relaxed"]
+                np.testing.assert_allclose(g, r, rtol=0, atol=1e-5, err_msg=f"{spec}: layer {i} {name} relaxed")
+                flips, near = flips_are_near_ties(r, g, ref[f"{i}.{name}.mask"], got[f"{i}.{name}.mask"])
+                assert near, f"{spec}: layer {i} {name}: {flips} mask entries differ away from a tie"
+            if any(not np.array_equal(got[k], ref[k]) for k in ref if k.startswith(f"{i}.") and k.endswith(".mask")):
+                break  # later layers see other inputs: compared below as a whole
+        for k in ref:
+            if k.endswith(".mask"):
+                agree = float(np.mean(got[k] == ref[k]))
+                assert agree >= 0.995, f"{spec}: {k} agrees on {agree:.4%} of entries"
+        h_ref, h_got = ref["hidden_out"], got["hidden_out"]
+        assert np.linalg.norm(h_got - h_ref) <= 1e-2 * np.linalg.norm(h_ref), spec
     notes = summary["model=4@8"]["mesh"]["notes"]
     assert any("2 KV groups do not divide" in n for n in notes), notes
     assert not any("KV groups" in n for n in summary["data=2,model=2@8"]["mesh"]["notes"])
+
+
+def test_near_tie_check_has_teeth():
+    ref = np.array([[1.0, 2.0, 3.0, 4.0]])
+    mask = ref > 2.5
+    noisy = ref + np.array([[0.0, 0.0, 1e-6, 0.0]])
+    assert flips_are_near_ties(ref, noisy, mask, mask) == (0, True)
+    flipped = mask.copy()
+    flipped[0, [1, 2]] = [True, False]  # 2.0 and 3.0 swap: 0.5 from the threshold, noise 1e-6
+    assert flips_are_near_ties(ref, noisy, mask, flipped) == (2, False)
+    close = np.array([[1.0, 2.5 - 1e-7, 2.5 + 1e-7, 4.0]])
+    assert flips_are_near_ties(close, close + noisy - ref, close > 2.5, flipped) == (2, True)
 
 
 @pytest.mark.slow

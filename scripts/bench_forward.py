@@ -18,7 +18,8 @@ import torch
 
 from _bench import hf_window_nll, load_hf_reference, machine_line, median, timed, write_json
 from nlprune import api
-from nlprune.eval.perplexity import batch_nll, hidden_states
+from nlprune.eval.perplexity import batch_nll
+from nlprune.modeling.forward import hidden_states
 
 
 def main():

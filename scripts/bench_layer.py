@@ -20,7 +20,8 @@ import torch
 
 from _bench import load_hf_reference, machine_line, median, timed, write_json
 from nlprune import api
-from nlprune.eval.perplexity import _embed, _rope, run_layer, window_nll
+from nlprune.eval.perplexity import window_nll
+from nlprune.modeling.forward import embed, rope_tables, run_layer
 
 
 @eqx.filter_jit
@@ -48,8 +49,8 @@ def main():
     model, hf = loaded.model, load_hf_reference(loaded)
     layer, hf_layer = model.model.layers[args.layer], hf.model.layers[args.layer]
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (args.batch, args.seqlen)).astype(np.int32)
-    cos, sin = _rope(model, args.seqlen)
-    h = _embed(model, jnp.asarray(ids))
+    cos, sin = rope_tables(model, args.seqlen)
+    h = embed(model, jnp.asarray(ids))
     th = torch.from_numpy(np.asarray(h))
     rope = hf.model.rotary_emb(th, torch.arange(args.seqlen)[None])
     targets = torch.from_numpy(ids[:, 1:]).long().reshape(-1)

@@ -41,11 +41,11 @@ import numpy as np
 from nlprune import api
 from nlprune.data import calibration_windows, eval_windows
 from nlprune.eval.attention_error import _layer_attention_error
-from nlprune.eval.perplexity import _embed, _rope, run_layer
+from nlprune.modeling.forward import attn_input, embed, rope_tables, run_layer
 from nlprune.nonlinear import binarize, certified_lipschitz_bound, dense_target, loss, top_hessian_eigenvalue
 from nlprune.prune import LayerStats, get_method, parse_pattern
 from nlprune.prune import nonlinear as nl
-from nlprune.prune.pipeline import _attn_input, set_linears
+from nlprune.prune.pipeline import set_linears
 
 # name -> solve_qk options, plus "init" (ones | wanda) and "binarize" (row | magnitude).
 # mb1 = one calibration window per step (cycling through the 8), 1/8 of a full-batch step.
@@ -84,8 +84,8 @@ DEFAULT_CONFIGS = ["paper_mb1", "backtrack_mb1", "lam10_backtrack_mb1", "paper_m
 
 def layer_inputs(model, windows: np.ndarray, layers: list[int]) -> dict[int, jax.Array]:
     """The dense model's hidden states entering each requested layer (windows, seq, hidden)."""
-    cos, sin = _rope(model, windows.shape[1])
-    h = _embed(model, jnp.asarray(windows, jnp.int32))
+    cos, sin = rope_tables(model, windows.shape[1])
+    h = embed(model, jnp.asarray(windows, jnp.int32))
     out = {}
     for i, layer in enumerate(model.model.layers[: max(layers) + 1]):
         if i in layers:
@@ -171,14 +171,14 @@ def main() -> None:
     max_seq = model.config.max_position_embeddings
     cal, cal_prov = calibration_windows(loaded.tokenizer, args.nsamples, args.seqlen, 0, data_dir=args.data_dir, max_seqlen=max_seq)
     held, _ = eval_windows(loaded.tokenizer, "c4", args.eval_windows, args.seqlen, data_dir=args.data_dir, max_seqlen=max_seq, progress=False)
-    cos, sin = _rope(model, args.seqlen)
+    cos, sin = rope_tables(model, args.seqlen)
     h_cal = layer_inputs(model, cal, args.layers)
     h_eval = layer_inputs(model, held, args.layers)
 
     rows: list[dict[str, Any]] = []
     for li in args.layers:
         layer = model.model.layers[li]
-        X = _attn_input(layer, h_cal[li])
+        X = attn_input(layer, h_cal[li])
         wq, wk = layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight
         row: dict[str, Any] = {"layer": li, "error": {}, "seconds": {}, "loss": {}}
         for name in ("magnitude", "wanda", "sparsegpt"):

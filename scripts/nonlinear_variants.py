@@ -35,7 +35,7 @@ import numpy as np
 
 from nlprune import api
 from nlprune.data import calibration_windows, eval_windows
-from nlprune.eval.perplexity import _rope
+from nlprune.modeling.forward import rope_tables
 from nlprune.prune import get_method, parse_pattern
 from nlprune.prune import nonlinear as nl
 from nlprune.prune.pipeline import prune_layer_true_sequential
@@ -112,7 +112,7 @@ def main() -> None:
                                         max_seqlen=max_seq)
     held, _ = eval_windows(loaded.tokenizer, "c4", args.eval_windows, args.seqlen, data_dir=args.data_dir,
                            max_seqlen=max_seq, progress=False)
-    cos, sin = _rope(model, args.seqlen)
+    cos, sin = rope_tables(model, args.seqlen)
     h_cal = dense_inputs(model, cal, args.layers)
     h_eval = dense_inputs(model, held, args.layers)
 

@@ -15,7 +15,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from nlprune.cli import main as cli_main
-from nlprune.eval.perplexity import _rope
+from nlprune.modeling.forward import rope_tables
 from nlprune.modeling.llama import LlamaConfig, init_llama
 from nlprune.nonlinear import binarize
 from nlprune.prune import LayerStats, get_method, parse_pattern
@@ -41,7 +41,7 @@ def tiny_layer(
     )
     model = init_llama(cfg, jax.random.PRNGKey(seed), std=std)
     X = jax.random.normal(jax.random.PRNGKey(seed + 1), (n_win, seq, hidden))
-    cos, sin = _rope(model, seq)
+    cos, sin = rope_tables(model, seq)
     return model.model.layers[0], X, cos, sin
 
 
@@ -231,8 +231,7 @@ def test_prune_cli_nonlinear_writes_a_complete_run(tiny_model_dir, shared_data_d
     hook, v and the rest by Wanda, exact sparsity, results.json with attention_error."""
     from nlprune import api
     from nlprune.data import calibration_windows
-    from nlprune.eval.perplexity import _embed
-    from nlprune.prune.pipeline import _attn_input
+    from nlprune.modeling.forward import attn_input, embed
 
     out = tmp_path / "run"
     assert prune_cli(tiny_model_dir, shared_data_dir, out, "--sparsity-ratio", "0.5", "--steps", "5") == 0
@@ -249,7 +248,7 @@ def test_prune_cli_nonlinear_writes_a_complete_run(tiny_model_dir, shared_data_d
     loaded = api.load(str(tiny_model_dir))
     ids, _ = calibration_windows(loaded.tokenizer, 4, 32, 0, data_dir=shared_data_dir)
     dense0 = loaded.model.model.layers[0]
-    stats = LayerStats.from_inputs(_attn_input(dense0, _embed(loaded.model, jnp.asarray(ids))), with_hessian=False)
+    stats = LayerStats.from_inputs(attn_input(dense0, embed(loaded.model, jnp.asarray(ids))), with_hessian=False)
     wq, wv = get_method("wanda").prune_many([dense0.self_attn.q_proj.weight, dense0.self_attn.v_proj.weight], stats, PATTERN)
     pruned0 = api.load_run(out)[0].model.layers[0].self_attn
     assert bool(jnp.all(pruned0.v_proj.mask == wv.mask))

@@ -192,7 +192,8 @@ def test_refit_towards_the_dense_sublayer_beats_sparsegpts_target(stage, monkeyp
     output on the same inputs is closer to it, on the calibration windows, than o (down)
     re-fitted towards the dense weight on its own pruned input (SparseGPT's target)."""
     from nlprune.prune import nonlinear as nl
-    from nlprune.prune.pipeline import _after_attention, _attn_context, _mlp_hidden, prune_layer_true_sequential
+    from nlprune.modeling.forward import after_attention, attn_context, mlp_hidden
+    from nlprune.prune.pipeline import prune_layer_true_sequential
 
     layer, X, cos, sin = tiny_layer()
     method = get_method("nonlinear")
@@ -202,12 +203,12 @@ def test_refit_towards_the_dense_sublayer_beats_sparsegpts_target(stage, monkeyp
         monkeypatch.setattr(nl, "REFIT_O_TARGET" if stage == "o" else "REFIT_DOWN_TARGET", target)
         pruned, _ = prune_layer_true_sequential(layer, X, cos, sin, method, PATTERN, options, 2)
         if stage == "o":
-            mine = pruned.self_attn.o_proj(_attn_context(pruned, X, cos, sin))
-            dense = layer.self_attn.o_proj(_attn_context(layer, X, cos, sin))
+            mine = pruned.self_attn.o_proj(attn_context(pruned, X, cos, sin))
+            dense = layer.self_attn.o_proj(attn_context(layer, X, cos, sin))
         else:
-            mid = _after_attention(pruned, X, _attn_context(pruned, X, cos, sin))
-            mine = pruned.mlp.down_proj(_mlp_hidden(pruned, mid))
-            dense = layer.mlp.down_proj(_mlp_hidden(layer, mid))
+            mid = after_attention(pruned, X, attn_context(pruned, X, cos, sin))
+            mine = pruned.mlp.down_proj(mlp_hidden(pruned, mid))
+            dense = layer.mlp.down_proj(mlp_hidden(layer, mid))
         errors[target] = float(jnp.sum((mine - dense) ** 2))
     assert errors["dense"] < 0.98 * errors["input"], errors
 

@@ -13,7 +13,8 @@ from nlprune import api
 from nlprune.cli import main as cli_main
 from nlprune.convert.hf import from_transformers
 from nlprune.data import DataError, eval_windows
-from nlprune.eval.perplexity import hidden_states, perplexity, window_nll
+from nlprune.eval.perplexity import perplexity, window_nll
+from nlprune.modeling.forward import hidden_states
 
 from test_llama_parity import random_hf_model, tiny_hf_config
 

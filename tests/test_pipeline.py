@@ -9,9 +9,9 @@ import pytest
 
 from nlprune import api
 from nlprune.cli import main as cli_main
-from nlprune.eval.perplexity import _embed
+from nlprune.modeling.forward import embed, layer_inputs
 from nlprune.prune import LayerStats, get_method, parse_pattern
-from nlprune.prune.pipeline import layer_inputs, prune_model
+from nlprune.prune.pipeline import prune_model
 
 
 def prune_cli(tiny_model_dir, shared_data_dir, out, *extra):
@@ -110,7 +110,7 @@ def test_reconstruction_error_order_on_real_smollm2_inputs(smollm2, shared_data_
     cal, _ = calibration_windows(smollm2.tokenizer, 4, 512, 0, data_dir=shared_data_dir)
     model = smollm2.model
     cos, sin = model.rope(jnp.arange(512))
-    h = _embed(model, jnp.asarray(cal))
+    h = embed(model, jnp.asarray(cal))
     for layer_index in (0, 1):
         layer = model.model.layers[layer_index]
         inputs = layer_inputs(layer, h, cos, sin)

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlprune.eval.perplexity import _embed, _rope, run_layer
+from nlprune.modeling.forward import embed, rope_tables, run_layer
 from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
 
 
@@ -35,10 +35,10 @@ def attention_error(
 ) -> list[float]:
     """Per-layer attention error (mean over windows) of ``pruned`` against ``dense``."""
     windows = jnp.asarray(windows, jnp.int32)
-    cos, sin = _rope(dense, windows.shape[1])
+    cos, sin = rope_tables(dense, windows.shape[1])
     errors = np.zeros(len(dense.model.layers))
     for start in range(0, windows.shape[0], batch_size):
-        h = _embed(dense, windows[start : start + batch_size])
+        h = embed(dense, windows[start : start + batch_size])
         for i, (d, p) in enumerate(zip(dense.model.layers, pruned.model.layers, strict=True)):
             errors[i] += float(_layer_attention_error(d, p, h, cos, sin))
             h = run_layer(d, h, cos, sin)

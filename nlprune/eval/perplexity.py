@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+from nlprune.modeling.forward import hidden_states
+from nlprune.modeling.llama import LlamaForCausalLM
 
 
 @dataclasses.dataclass
@@ -30,22 +31,6 @@ class PerplexityResult:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-@eqx.filter_jit
-def _embed(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
-    return model.embed(ids)
-
-
-@eqx.filter_jit
-def run_layer(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """One decoder layer on a batch h (batch, seq, hidden)."""
-    return jax.vmap(layer, in_axes=(0, None, None))(h, cos, sin)
-
-
-@eqx.filter_jit
-def _rope(model: LlamaForCausalLM, seq_len: int):
-    return model.rope(jnp.arange(seq_len))
 
 
 @eqx.filter_jit
@@ -74,15 +59,6 @@ def window_nll(model: LlamaForCausalLM, h: jax.Array, ids: jax.Array, chunk: int
         return jnp.sum((logz - picked) * vc[None, :])
 
     return jnp.sum(jax.lax.map(chunk_nll, (h, targets, valid)))
-
-
-def hidden_states(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
-    """Last decoder layer's output for a batch of windows, computed layer by layer."""
-    cos, sin = _rope(model, ids.shape[1])
-    h = _embed(model, ids)
-    for layer in model.model.layers:
-        h = run_layer(layer, h, cos, sin)
-    return h
 
 
 def batch_nll(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:

@@ -373,7 +373,7 @@ def o_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, mask: 
     also absorbs what pruning q, k and v changed."""
     from nlprune.prune import refit as rf
     from nlprune.prune.base import PruneResult
-    from nlprune.prune.pipeline import _attn_context
+    from nlprune.modeling.forward import attn_context
 
     w0 = dense_layer.self_attn.o_proj.effective_weight
     mask = jnp.asarray(mask).astype(bool)
@@ -385,8 +385,8 @@ def o_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, mask: 
         cross = None
         for start in range(0, hidden.shape[0], batch_size):
             h = hidden[start : start + batch_size]
-            cp = _attn_context(layer, h, cos, sin).reshape(-1, w0.shape[1])
-            cd = _attn_context(dense_layer, h, cos, sin).reshape(-1, w0.shape[1])
+            cp = attn_context(layer, h, cos, sin).reshape(-1, w0.shape[1])
+            cd = attn_context(dense_layer, h, cos, sin).reshape(-1, w0.shape[1])
             part = jnp.matmul(cp.T, cd, precision=jax.lax.Precision.HIGHEST)
             cross = part if cross is None else cross + part
         target = rf.corrected_target(w0, u, cross, stats.hessian)
@@ -403,7 +403,7 @@ def down_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, wei
     weight :func:`nlprune.prune.refit.corrected_target`, so down also absorbs what pruning gate
     and up changed. ``hidden``: the layer's calibration inputs (None: SparseGPT's target)."""
     from nlprune.prune import refit as rf
-    from nlprune.prune.pipeline import _after_attention, _attn_context, _mlp_hidden
+    from nlprune.modeling.forward import after_attention, attn_context, mlp_hidden
 
     (w0,) = weights
     target = w0
@@ -412,9 +412,9 @@ def down_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, wei
         cross = None
         for start in range(0, hidden.shape[0], batch_size):
             h = hidden[start : start + batch_size]
-            mid = _after_attention(layer, h, _attn_context(layer, h, cos, sin))
-            ap = _mlp_hidden(layer, mid).reshape(-1, w0.shape[1])
-            ad = _mlp_hidden(dense_layer, mid).reshape(-1, w0.shape[1])
+            mid = after_attention(layer, h, attn_context(layer, h, cos, sin))
+            ap = mlp_hidden(layer, mid).reshape(-1, w0.shape[1])
+            ad = mlp_hidden(dense_layer, mid).reshape(-1, w0.shape[1])
             part = jnp.matmul(ap.T, ad, precision=jax.lax.Precision.HIGHEST)
             cross = part if cross is None else cross + part
         target = rf.corrected_target(w0, u, cross, stats.hessian)

@@ -30,7 +30,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from nlprune import parallel
-from nlprune.eval.perplexity import _embed, _rope, run_layer
+from nlprune.modeling.forward import (
+    after_attention,
+    after_mlp,
+    attn_context,
+    attn_input,
+    embed,
+    layer_inputs,
+    mlp_hidden,
+    mlp_input,
+    rope_tables,
+    run_layer,
+)
 from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
 from nlprune.prune.base import LayerStats, PruningMethod, get_method
 from nlprune.prune.patterns import SparsityPattern
@@ -43,12 +54,6 @@ INPUT_GROUPS: dict[str, tuple[str, ...]] = {
     "down": ("down_proj",),
 }
 _SUBMODULE = {n: ("self_attn" if g in ("qkv", "o") else "mlp") for g, ns in INPUT_GROUPS.items() for n in ns}
-
-
-@eqx.filter_jit
-def layer_inputs(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array) -> dict[str, jax.Array]:
-    """Inputs of every linear group of ``layer`` for a batch h (batch, seq, hidden)."""
-    return jax.vmap(layer.linear_inputs, in_axes=(0, None, None))(h, cos, sin)
 
 
 def _chunks(arrays: tuple[jax.Array, ...], batch_size: int):
@@ -208,36 +213,6 @@ def _group_stats(xs: jax.Array, batch_size: int, with_hessian: bool) -> LayerSta
     return LayerStats.from_chunks((x for (x,) in _chunks((xs,), batch_size)), with_hessian=with_hessian)
 
 
-@eqx.filter_jit
-def _attn_input(layer: DecoderLayer, h):
-    return jax.vmap(layer.input_layernorm)(h)
-
-
-@eqx.filter_jit
-def _attn_context(layer: DecoderLayer, h, cos, sin):
-    return jax.vmap(lambda x: layer.self_attn.context(layer.input_layernorm(x), cos, sin))(h)
-
-
-@eqx.filter_jit
-def _after_attention(layer: DecoderLayer, h, context):
-    return h + layer.self_attn.o_proj(context)
-
-
-@eqx.filter_jit
-def _mlp_input(layer: DecoderLayer, h):
-    return jax.vmap(layer.post_attention_layernorm)(h)
-
-
-@eqx.filter_jit
-def _mlp_hidden(layer: DecoderLayer, h):
-    return layer.mlp.hidden(jax.vmap(layer.post_attention_layernorm)(h))
-
-
-@eqx.filter_jit
-def _after_mlp(layer: DecoderLayer, h, act):
-    return h + layer.mlp.down_proj(act)
-
-
 def prune_layer_true_sequential(
     layer: DecoderLayer,
     hidden: jax.Array,
@@ -264,17 +239,17 @@ def prune_layer_true_sequential(
             results = _prune_many(method, [lins[n].weight for n in names], stats, pattern, options)
         return set_linears(layer, {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
 
-    attn_in = _batched(lambda h: _attn_input(layer, h), batch_size, hidden)
+    attn_in = _batched(lambda h: attn_input(layer, h), batch_size, hidden)
     layer = prune_qkv(layer, _group_stats(attn_in, batch_size, hess), method, pattern, options, attn_in, cos, sin)
     del attn_in
-    context = _batched(lambda h: _attn_context(layer, h, cos, sin), batch_size, hidden)
+    context = _batched(lambda h: attn_context(layer, h, cos, sin), batch_size, hidden)
     layer = prune_group(layer, "o", _group_stats(context, batch_size, hess))
-    hidden = _batched(lambda h, c: _after_attention(layer, h, c), batch_size, hidden, context)
+    hidden = _batched(lambda h, c: after_attention(layer, h, c), batch_size, hidden, context)
     del context
-    layer = prune_group(layer, "gate_up", _group_stats(_batched(lambda h: _mlp_input(layer, h), batch_size, hidden), batch_size, hess))
-    act = _batched(lambda h: _mlp_hidden(layer, h), batch_size, hidden)
+    layer = prune_group(layer, "gate_up", _group_stats(_batched(lambda h: mlp_input(layer, h), batch_size, hidden), batch_size, hess))
+    act = _batched(lambda h: mlp_hidden(layer, h), batch_size, hidden)
     layer = prune_group(layer, "down", _group_stats(act, batch_size, hess))
-    return layer, _batched(lambda h, a: _after_mlp(layer, h, a), batch_size, hidden, act)
+    return layer, _batched(lambda h, a: after_mlp(layer, h, a), batch_size, hidden, act)
 
 
 @dataclasses.dataclass
@@ -345,10 +320,10 @@ def _prune_model(
     method = get_method(method) if isinstance(method, str) else method
     options = method.resolve_options(**(options or {}))
     calibration = jnp.asarray(calibration, jnp.int32)
-    cos, sin = parallel.replicate(_rope(model, calibration.shape[1]))
+    cos, sin = parallel.replicate(rope_tables(model, calibration.shape[1]))
     start = time.perf_counter()
     if hidden is None:
-        hidden = _embed(model, calibration)
+        hidden = embed(model, calibration)
     hidden = parallel.shard_windows(hidden)
     layers = list(model.model.layers)
     seconds, checkpoint_seconds = [], 0.0
@@ -367,7 +342,7 @@ def _prune_model(
             bar.set_postfix_str(f"layer {i}: pruning")
             attn_in = None
             if hasattr(method, "prune_qk"):  # q/k see the raw inputs (the dense layer's: q/k/v come first)
-                attn_in = _batched(lambda h: _attn_input(layers[i], h), batch_size, hidden)
+                attn_in = _batched(lambda h: attn_input(layers[i], h), batch_size, hidden)
             layers[i] = prune_layer(layers[i], stats, method, pattern, options, attn_in, cos, sin)
             del attn_in
             bar.set_postfix_str(f"layer {i}: outputs")

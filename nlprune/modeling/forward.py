@@ -1,0 +1,89 @@
+"""Batched, jitted pieces of the Llama forward pass, for layer-by-layer work.
+
+Pruning and evaluation run the model one decoder layer at a time over batches of windows
+(batch, seq, hidden): every layer has the same shapes, so each piece compiles once. The
+pieces split a layer where pruning needs to look inside it:
+
+    h ─ attn_input ─> x_attn ─ (q/k/v) ─ attn_context ─> context ─ after_attention ─> h'
+    h' ─ mlp_input ─> x_mlp ─ (gate/up) ─ mlp_hidden ─> act ─ after_mlp ─> layer output
+
+``run_layer`` is the whole layer; ``layer_inputs`` gives the input of every group of linears
+that share one (the calibration statistics of a dense layer).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+
+
+@eqx.filter_jit
+def embed(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
+    """Token embeddings of a batch of windows (batch, seq) -> (batch, seq, hidden)."""
+    return model.embed(ids)
+
+
+@eqx.filter_jit
+def rope_tables(model: LlamaForCausalLM, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables of positions 0..seq_len-1, shared by every layer."""
+    return model.rope(jnp.arange(seq_len))
+
+
+@eqx.filter_jit
+def run_layer(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """One decoder layer on a batch h (batch, seq, hidden)."""
+    return jax.vmap(layer, in_axes=(0, None, None))(h, cos, sin)
+
+
+def hidden_states(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
+    """The last decoder layer's output for a batch of windows, computed layer by layer."""
+    cos, sin = rope_tables(model, ids.shape[1])
+    h = embed(model, ids)
+    for layer in model.model.layers:
+        h = run_layer(layer, h, cos, sin)
+    return h
+
+
+@eqx.filter_jit
+def layer_inputs(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array) -> dict[str, jax.Array]:
+    """Inputs of every linear group of ``layer`` for a batch h (batch, seq, hidden)."""
+    return jax.vmap(layer.linear_inputs, in_axes=(0, None, None))(h, cos, sin)
+
+
+@eqx.filter_jit
+def attn_input(layer: DecoderLayer, h: jax.Array) -> jax.Array:
+    """input_layernorm(h): the input of q/k/v."""
+    return jax.vmap(layer.input_layernorm)(h)
+
+
+@eqx.filter_jit
+def attn_context(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """The attention heads' outputs (batch, seq, heads * hd): the input of o_proj."""
+    return jax.vmap(lambda x: layer.self_attn.context(layer.input_layernorm(x), cos, sin))(h)
+
+
+@eqx.filter_jit
+def after_attention(layer: DecoderLayer, h: jax.Array, context: jax.Array) -> jax.Array:
+    """The residual stream after the attention block."""
+    return h + layer.self_attn.o_proj(context)
+
+
+@eqx.filter_jit
+def mlp_input(layer: DecoderLayer, h: jax.Array) -> jax.Array:
+    """post_attention_layernorm(h): the input of gate/up."""
+    return jax.vmap(layer.post_attention_layernorm)(h)
+
+
+@eqx.filter_jit
+def mlp_hidden(layer: DecoderLayer, h: jax.Array) -> jax.Array:
+    """SwiGLU activations (batch, seq, intermediate): the input of down_proj."""
+    return layer.mlp.hidden(jax.vmap(layer.post_attention_layernorm)(h))
+
+
+@eqx.filter_jit
+def after_mlp(layer: DecoderLayer, h: jax.Array, act: jax.Array) -> jax.Array:
+    """The layer's output: the residual stream after the MLP block."""
+    return h + layer.mlp.down_proj(act)

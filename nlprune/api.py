@@ -177,14 +177,42 @@ def prune(
 ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Prune a model layer by layer; returns the pruned model and the results record.
 
-    With ``output`` the run is written there (results.json, Orbax model, packed masks) and
-    saved after every layer, so rerunning the same call resumes an interrupted run.
-    ``mesh``: a device mesh or a --mesh spec (``"data=2,model=2"``; ``""`` = every device on
-    'data'); None = one device. A run may be resumed on another mesh."""
+    Args:
+        model: a card name (``nlprune models``), a Hugging Face folder, a ``.gguf`` file, or an
+            already loaded model (:func:`load`).
+        prune_method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``nonlinear``
+            (``nlprune.methods.available_methods()``).
+        sparsity_ratio: fraction of each linear's weights removed, in [0, 1); may be None for
+            N:M (implied by the pattern).
+        sparsity_type: ``unstructured`` or ``N:M`` (keep N of every M consecutive weights of
+            a row, e.g. ``2:4``).
+        nsamples, seqlen, seed: the calibration windows: ``nsamples`` windows of ``seqlen``
+            tokens drawn (seeded) from C4 train documents longer than ``seqlen``.
+        data_dir: a local folder with the C4 shards (else ``$NLPRUNE_DATA_DIR``, else the hub).
+        output: a run directory to write (results.json, the Orbax model, the packed masks),
+            saved after every layer so that the same call resumes an interrupted run; None
+            writes nothing.
+        overwrite: replace a finished run already in ``output``.
+        do_eval, eval_nsamples, eval_seqlen: also measure the pruned and the dense model's C4
+            perplexity on ``eval_nsamples`` windows of ``eval_seqlen`` tokens of C4 validation.
+        attention_windows: held-out C4 validation windows (of ``seqlen`` tokens) on which
+            the per-layer attention error is measured (0: skip it).
+        batch_size: windows per forward pass.
+        options: the method's options as the command line's flags name them (e.g.
+            ``{"blocksize": 64}`` for sparsegpt, ``{"recipe": "best"}`` for nonlinear); they
+            are resolved and validated once, before the model is loaded, and recorded.
+        true_sequential: calibrate each sublayer on the already-pruned sublayers before it
+            (default); False: every sublayer's statistics from the dense layer first, as
+            Wanda's reference code does.
+        progress: show progress bars.
+        mesh: a device mesh or a --mesh spec (``"data=2,model=2"``; ``""`` = every device on
+            'data'); None = one device. A run may be resumed on another mesh.
+    """
     from nlprune.data import calibration_windows
     from nlprune.eval.attention_error import attention_error
-    from nlprune.prune import get_method, parse_pattern
+    from nlprune.methods import get_method
     from nlprune.prune.pipeline import prune_model
+    from nlprune.sparsity import parse_pattern
 
     from nlprune import parallel
 
@@ -193,8 +221,7 @@ def prune(
         mesh = parallel.parse_mesh(mesh)
     mesh = parallel.effective(mesh)
     pattern = parse_pattern(sparsity_type, sparsity_ratio)
-    method = get_method(prune_method)
-    options = method.resolve_options(**(options or {}))
+    method = get_method(prune_method, **(options or {}))  # options resolved and validated once
     if output is not None and RunDir(output).is_finished() and not overwrite:
         RunDir(output).prepare({}, overwrite=False)  # raises: refuse before loading anything
     loaded = model if isinstance(model, Loaded) else load(model)
@@ -210,13 +237,13 @@ def prune(
     args = {
         "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
         "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-        "options": options, "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
+        "options": method.options.as_dict(), "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
         "mesh": parallel.mesh_spec(mesh),
     }
     model_desc = loaded.describe()
     fingerprint = {
         **{k: args[k] for k in ("prune_method", "sparsity_ratio", "sparsity_type", "nsamples", "seqlen", "seed", "true_sequential")},
-        "options": json.loads(json.dumps(options, default=str)),
+        "options": json.loads(json.dumps(method.options.as_dict(), default=str)),
         "weights_sha256": model_desc["weights_sha256"],
         "calibration_sha256": [f["sha256"] for f in calib_prov["files"]],
     }
@@ -233,7 +260,7 @@ def prune(
         run.save_layer(i, current.model.layers[i], outputs, fingerprint)
 
     pruned, report = prune_model(
-        base, calibration, method, pattern, options, batch_size=batch_size, progress=progress,
+        base, calibration, method, pattern, batch_size=batch_size, progress=progress,
         start_layer=start_layer, hidden=hidden, on_layer_done=checkpoint_layer if run else None,
         true_sequential=true_sequential, mesh=mesh,
     )
@@ -248,7 +275,7 @@ def prune(
         "resumed_from_layer": start_layer,
         "mesh": report.mesh or parallel.describe(None),
         "peak_rss_bytes": _peak_rss_bytes(),
-        **({"method_reports": method.reports} if hasattr(method, "reports") else {}),  # nonlinear: per-layer GD
+        **({"method_reports": method.reports} if method.reports else {}),  # e.g. nonlinear: per-layer GD
         "machine": machine(),
     }
     eval_kwargs = dict(data_dir=data_dir, max_seqlen=config.max_position_embeddings, progress=progress)

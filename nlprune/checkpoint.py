@@ -33,7 +33,8 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama, linear_paths, with_masks
+from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama
+from nlprune.modeling.masks import linear_paths, with_masks
 
 log = logging.getLogger(__name__)
 

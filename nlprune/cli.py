@@ -7,6 +7,7 @@ sparsity type, nsamples, seqlen, seed); underscore spellings (``--sparsity_ratio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -65,13 +66,6 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", choices=("c4", "wikitext2"), default="c4")
-    _add(p, "--eval-nsamples", type=int, default=128, help="evaluation windows (default 128)")
-    _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
-    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass")
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from nlprune.api import evaluate
 
@@ -97,40 +91,86 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- prune
 
 
-# --prune-method nonlinear's flags: option name -> flag
-NONLINEAR_FLAGS = {
-    "recipe": "--recipe", "linear_method": "--linear-method", "lam": "--lambda", "eta": "--eta",
-    "step_rule": "--step-rule", "steps": "--steps", "mask_init": "--mask-init", "binarize": "--binarize",
-    "project": "--project",
-    "window_batch": "--window-batch", "window_chunk": "--window-chunk", "eta_relative": "--eta-relative",
-    "straight_through": "--straight-through", "objective": "--objective", "refit": "--refit",
-    "refit_steps": "--refit-steps", "refit_eta": "--refit-eta", "refit_cg": "--refit-cg",
-}
+def method_fields() -> dict[str, tuple[dataclasses.Field, list[str]]]:
+    """Every option field of every method: name -> (field, the methods that take it)."""
+    from nlprune.methods import available_methods
+    from nlprune.prune.base import method_class
+
+    fields: dict[str, tuple[dataclasses.Field, list[str]]] = {}
+    for name in available_methods():
+        for f in dataclasses.fields(method_class(name).Options):
+            fields.setdefault(f.name, (f, []))[1].append(name)
+    return fields
 
 
-def _method_options(args: argparse.Namespace) -> dict:
-    """Method-specific flags the user actually gave (the method validates the names)."""
-    flags = {"blocksize": args.blocksize, "percdamp": args.percdamp, "group": args.group}
-    flags.update({k: getattr(args, k) for k in NONLINEAR_FLAGS})
-    options = {k: v for k, v in flags.items() if v is not None}
-    stray = [NONLINEAR_FLAGS[k] for k in NONLINEAR_FLAGS if k in options]
-    if stray and args.prune_method != "nonlinear":
-        raise ValueError(f"{', '.join(stray)} apply only to --prune-method nonlinear, not {args.prune_method}.")
-    return options
+def _field(method: str, name: str) -> dataclasses.Field:
+    from nlprune.prune.base import method_class
+
+    return {f.name: f for f in dataclasses.fields(method_class(method).Options)}[name]
+
+
+def add_method_args(p: argparse.ArgumentParser) -> None:
+    """One flag per option field of the methods (``--prune-method``'s options), generated from
+    their dataclasses; a flag left out keeps the method's default (or its recipe's)."""
+    from nlprune.prune.base import option_flag, option_type
+
+    g = p.add_argument_group(
+        "method options", "each applies to the methods named in its help; defaults are the method's own "
+        "(nonlinear: its --recipe's)",
+    )
+    for name, (f, methods) in method_fields().items():
+        kind = option_type(f)
+        # one flag; each method that takes it says what it does there
+        helps = dict.fromkeys(_field(m, name).metadata["help"] for m in methods)
+        help_ = "; ".join(helps)
+        kwargs: dict = {"dest": name, "default": None, "help": help_.replace("%", "%%")}
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = kind
+            if f.metadata.get("choices"):
+                kwargs["choices"] = tuple(f.metadata["choices"])
+        _add(g, option_flag(f), **kwargs)
+
+
+def method_options(args: argparse.Namespace) -> dict:
+    """The method options the user gave (the method validates the values)."""
+    given = {name: getattr(args, name) for name in method_fields() if getattr(args, name, None) is not None}
+    fields = method_fields()
+    stray = sorted(n for n in given if args.prune_method not in fields[n][1])
+    if stray:
+        from nlprune.prune.base import option_flag
+
+        flags = ", ".join(f"{option_flag(fields[n][0])} ({'/'.join(fields[n][1])})" for n in stray)
+        raise ValueError(f"{flags} do{'es' if len(stray) == 1 else ''} not apply to --prune-method {args.prune_method}.")
+    return given
+
+
+def add_run_args(p: argparse.ArgumentParser, *, required_method: bool) -> None:
+    """What prune and plan share: the model, the method and its options, the pattern, the
+    calibration size, the forward batch and the mesh."""
+    from nlprune.methods import available_methods
+
+    p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
+    _add(p, "--prune-method", required=required_method, default=None if required_method else "wanda",
+         choices=available_methods(), help="pruning method" + ("" if required_method else " (wanda)"))
+    _add(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
+    _add(p, "--sparsity-type", default="unstructured",
+         help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
+         "sparse, 1:4 75%%)")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_mesh_args(p)
+    add_method_args(p)
 
 
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("devices")
-    g.add_argument(
+    p.add_argument(
         "--mesh", default=None, metavar="SPEC",
         help="device mesh, e.g. data=2,model=2: 'data' shards the calibration windows, 'model' the "
         "weights' rows and the non-linear method's KV groups; sizes multiply to the device count "
         "(default: every device on 'data'; one device = the one-device path)",
-    )
-    g.add_argument(
-        "--distributed", action="store_true",
-        help="call jax.distributed.initialize first (one process per host, same command on each); "
-        "implied when JAX_COORDINATOR_ADDRESS is set",
     )
 
 
@@ -155,7 +195,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         eval_nsamples=args.eval_nsamples,
         eval_seqlen=args.eval_seqlen,
         batch_size=args.batch_size,
-        options=_method_options(args),
+        options=method_options(args),
         true_sequential=args.true_sequential,
         mesh=parallel.parse_mesh(args.mesh),
     )
@@ -179,8 +219,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def add_prune_parser(sub) -> None:
-    from nlprune.prune import available_methods
-
     p = sub.add_parser(
         "prune",
         help="prune a model layer by layer and write a run directory",
@@ -188,12 +226,12 @@ def add_prune_parser(sub) -> None:
         "the already-pruned layers before it. Rerunning the same command on the same --output "
         "resumes an interrupted run.",
     )
-    p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
-    _add(p, "--prune-method", required=True, choices=available_methods(), help="pruning method")
-    _add(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
-    _add(p, "--sparsity-type", default="unstructured", help="unstructured, or N:M such as 2:4, 4:8")
-    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
+    add_run_args(p, required_method=True)
+    p.add_argument(
+        "--distributed", action="store_true",
+        help="call jax.distributed.initialize first (one process per host, same command on each); "
+        "implied when JAX_COORDINATOR_ADDRESS is set",
+    )
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     add_data_args(p)
     p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
@@ -201,7 +239,6 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
     _add(p, "--eval-nsamples", type=int, default=128, help="evaluation windows (default 128)")
     _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
-    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass")
     _add(
         p,
         "--true-sequential",
@@ -209,59 +246,9 @@ def add_prune_parser(sub) -> None:
         default=True,
         help="calibrate each sublayer (q/k/v, o, gate/up, down) on the already-pruned ones "
         "before it, one forward per layer (default); --no-true-sequential collects all "
-        "statistics from the dense layer first, as Wanda's reference code does",
+        "statistics from the dense layer first, as Wanda's reference code does (a refit then "
+        "fits each sublayer towards its dense output on those dense inputs)",
     )
-    add_mesh_args(p)
-    g = p.add_argument_group("method options")
-    g.add_argument("--blocksize", type=int, default=None, help="sparsegpt: columns per block (128)")
-    g.add_argument("--percdamp", type=float, default=None, help="sparsegpt: Hessian damping (0.01)")
-    g.add_argument("--group", choices=("row", "matrix"), default=None, help="magnitude: comparison group")
-    from nlprune.prune.nonlinear import BINARIZE_CHOICES, LINEAR_METHODS, MASK_INITS, OBJECTIVES, RECIPES, STEP_RULES
-
-    n = p.add_argument_group(
-        "nonlinear options",
-        "--prune-method nonlinear: q/k masks by gradient descent on the attention error "
-        "(Liang et al., ICLR 2025), v/o/MLP by --linear-method. Defaults are the paper's recipe; "
-        "--straight-through switches the left-out ones to the variant that beats Wanda on SmolLM2 "
-        "(--mask-init wanda --step-rule backtracking --eta 0.1 --eta-relative --steps 20)",
-    )
-    _add(n, "--recipe", choices=tuple(RECIPES), default=None,
-         help="preset: paper (default; Algorithm 1 as published), best (--straight-through --linear-method "
-         "sparsegpt --refit: the lowest C4 perplexity measured, BENCHMARKS.md) or fast (best with --steps 10 "
-         "--refit-steps 0 --refit-cg 10: as good in ~60%% of the time); flags given override it")
-    _add(n, "--linear-method", choices=LINEAR_METHODS, default=None, help="fills in v, o, gate, up, down (wanda)")
-    n.add_argument("--lambda", dest="lam", type=float, default=None, help="mask regulariser lambda >= 0 (0.05, the paper's)")
-    n.add_argument("--eta", type=float, default=None,
-                   help="step size > 0 (fixed rule: 0.005, the paper's; certified: 1/L; certified_local: first try 0.005; "
-                   "backtracking: first try 1/|lambda_max|)")
-    _add(n, "--step-rule", choices=STEP_RULES, default=None,
-         help="fixed (paper's eta, default), certified (1/L on the box [0,1], projected), certified_local "
-         "(per-step certificate), backtracking (Armijo)")
-    n.add_argument("--steps", type=int, default=None, help="gradient steps T (100, the paper's)")
-    _add(n, "--mask-init", choices=MASK_INITS, default=None, help="M_0: ones (dense, the paper's) or wanda's mask")
-    n.add_argument("--binarize", choices=BINARIZE_CHOICES, default=None,
-                   help="keep the top (1 - ratio) of M_T per row (default), per matrix, or of |M_T o W| per row")
-    n.add_argument("--project", action="store_true", default=None, help="clip the masks to [0, 1] after every step")
-    _add(n, "--window-batch", type=int, default=None, help="calibration windows per step, cycling (default 1; --nsamples for full-batch GD)")
-    _add(n, "--window-chunk", type=int, default=None,
-         help="windows per gradient chunk, to bound memory at long seqlen (default: all at once)")
-    _add(n, "--eta-relative", action="store_true", default=None,
-         help="eta in units of 1/RMS of each KV group's initial gradient (fixed or backtracking; needs --mask-init wanda)")
-    _add(n, "--straight-through", action="store_true", default=None,
-         help="each step's attention sees the binarised masks (top-k of scores started from Wanda's), gradients "
-         "pass straight through to the scores; needs --binarize row")
-    _add(n, "--objective", choices=OBJECTIVES, default=None,
-         help="probs (default): q/k match the attention matrix softmax(QK^T); output: q, k, v and o masks match "
-         "the attention output softmax(QK^T) V W_O per KV group (needs --straight-through)")
-    _add(n, "--refit", action="store_true", default=None,
-         help="re-fit the kept weights once the masks are fixed: v/o/MLP by least squares (SparseGPT's update on "
-         "the mask, then --refit-cg CG steps; o and down towards the dense sublayer's output), q/k (and v under "
-         "--objective output) by --refit-steps backtracking gradient steps on the objective")
-    _add(n, "--refit-steps", type=int, default=None, help="--refit: gradient steps on the kept q/k weights (10; 0: none)")
-    _add(n, "--refit-eta", type=float, default=None,
-         help="--refit: first try of each gradient step, as a fraction of RMS(W) (0.01)")
-    _add(n, "--refit-cg", type=int, default=None,
-         help="--refit: conjugate-gradient steps polishing v/o/MLP towards the exact row-wise least squares (20)")
     p.set_defaults(func=cmd_prune)
 
 
@@ -270,30 +257,26 @@ def add_prune_parser(sub) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from nlprune import parallel
+    from nlprune.methods import get_method
     from nlprune.plan import config_of, plan_memory
-    from nlprune.prune import parse_pattern
+    from nlprune.sparsity import parse_pattern
 
     if args.mesh and args.devices:
         raise ValueError("give --mesh or --devices, not both (--devices N is --mesh data=N).")
     if args.devices is not None and args.devices < 1:
         raise ValueError(f"--devices must be >= 1, got {args.devices}.")
     sizes = parallel.parse_mesh_spec(args.mesh) if args.mesh else {"data": args.devices or 1, "model": 1}
-    parse_pattern(args.sparsity_type, 0.5 if args.sparsity_type == "unstructured" else None)  # validate it
+    default_ratio = 0.5 if args.sparsity_type == "unstructured" else None
+    parse_pattern(args.sparsity_type, args.sparsity_ratio if args.sparsity_ratio is not None else default_ratio)
+    method = get_method(args.prune_method, **method_options(args))  # the options prune would resolve
     config, name = config_of(args.model)
     settings = dict(
         method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
-        data=sizes["data"],
-        model=sizes["model"], batch_size=args.batch_size,
+        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size,
     )
     if args.prune_method == "nonlinear":
-        from nlprune.prune.nonlinear import RECIPES
-
-        fill = args.linear_method or RECIPES[args.recipe or "paper"].get("linear_method", "wanda")
-        settings.update(window_batch=args.window_batch, window_chunk=args.window_chunk, linear_method=fill)
-    elif args.window_batch != 1 or args.window_chunk is not None or args.linear_method or args.recipe:
-        raise ValueError(
-            "--window-batch, --window-chunk, --linear-method and --recipe apply only to --prune-method nonlinear."
-        )
+        o = method.options
+        settings.update(window_batch=o.window_batch, window_chunk=o.window_chunk, linear_method=o.linear_method)
     plan = plan_memory(config, name, **settings)
     print(plan.table())
     if args.output:
@@ -303,28 +286,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def add_plan_parser(sub) -> None:
-    from nlprune.prune import available_methods
-    from nlprune.prune.nonlinear import LINEAR_METHODS, RECIPES
-
     p = sub.add_parser(
         "plan",
         help="peak memory per device of a prune, from the model's config alone",
         description="Plan the peak memory per device of `nlprune prune` (float32): weights, "
         "calibration hidden states, one layer's activations, Hessians and the non-linear step's "
-        "n x n attention, for a mesh, and which options lower it. Needs no weights.",
+        "n x n attention, for a mesh, and which options lower it. Needs no weights; takes the "
+        "same options as prune.",
     )
-    p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder (config.json) or .gguf file")
-    _add(p, "--prune-method", default="wanda", choices=available_methods(), help="pruning method (wanda)")
-    _add(p, "--sparsity-type", default="unstructured", help="unstructured, 2:4, 4:8 (does not change memory)")
-    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    p.add_argument("--mesh", default=None, metavar="SPEC", help="mesh to plan for, e.g. data=2,model=2 (default: one device)")
+    add_run_args(p, required_method=False)
     p.add_argument("--devices", type=int, default=None, help="plan for N devices on 'data' (= --mesh data=N)")
-    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    _add(p, "--window-batch", type=int, default=1, help="nonlinear: windows per gradient step (default 1)")
-    _add(p, "--window-chunk", type=int, default=None, help="nonlinear: windows per gradient chunk (default: all)")
-    _add(p, "--linear-method", default=None, choices=LINEAR_METHODS, help="nonlinear: fill-in method")
-    _add(p, "--recipe", default=None, choices=tuple(RECIPES), help="nonlinear: preset (best and fast fill in with sparsegpt)")
     p.add_argument("--output", default=None, help="also write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
 
@@ -361,7 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_prune_parser(sub)
     add_plan_parser(sub)
 
-    from nlprune.experiments.synthetic import add_parser as add_synthetic_parser
+    from nlprune.experiments.synthetic_report import add_parser as add_synthetic_parser
 
     add_synthetic_parser(sub)
 

@@ -166,7 +166,7 @@ def _validate(s: PlanSettings) -> None:
         v = getattr(s, k)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"plan: {k} must be an integer >= 1, got {v!r}")
-    from nlprune.prune import available_methods
+    from nlprune.methods import available_methods
 
     if s.method not in available_methods():
         raise ValueError(f"plan: unknown method {s.method!r}; known methods: {', '.join(available_methods())}")
@@ -354,8 +354,8 @@ def config_of(model: str) -> tuple[LlamaConfig, str]:
             raise cards.ModelNotFound(f"{path} is a folder without config.json: not a Hugging Face model.")
         return LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text())), path.name
     if path.suffix == ".gguf":
-        from nlprune.convert.gguf import _import_gguf, config_from_gguf
+        from nlprune.convert.gguf import import_gguf, config_from_gguf
 
-        reader = _import_gguf().GGUFReader(str(path))  # metadata only: tensors are memory-mapped
+        reader = import_gguf().GGUFReader(str(path))  # metadata only: tensors are memory-mapped
         return LlamaConfig.from_hf_dict(config_from_gguf(reader)), path.stem
     return cards.card_config(cards.get_card(model)), model

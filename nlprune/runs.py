@@ -26,7 +26,7 @@ import numpy as np
 
 from nlprune import checkpoint
 from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
-from nlprune.prune.pipeline import set_linears
+from nlprune.modeling.masks import set_linears
 
 RESULTS = "results.json"
 MODEL = "model"

@@ -20,11 +20,12 @@ import numpy as np
 
 from nlprune import parallel
 from nlprune.convert.hf import load_hf_folder
-from nlprune.prune import nonlinear as nl
-from nlprune.prune import parse_pattern
+from nlprune.methods import get_method
+from nlprune.nonlinear import method as nonlinear_method
 from nlprune.prune.pipeline import prune_model
+from nlprune.sparsity import parse_pattern
 
-_solve_qk = nl.solve_qk
+_solve_qk = nonlinear_method.solve_qk
 relaxed: list = []  # the relaxed masks of every solve_qk call of the current run, in layer order
 
 
@@ -34,7 +35,7 @@ def recording_solve_qk(*args, **kwargs):
     return sol
 
 
-nl.solve_qk = recording_solve_qk  # the method looks it up at call time
+nonlinear_method.solve_qk = recording_solve_qk  # the method looks it up at call time
 
 
 def main(path: str) -> None:
@@ -56,7 +57,7 @@ def main(path: str) -> None:
 
         t0 = time.perf_counter()
         pruned, report = prune_model(
-            model, calibration, cfg["method"], pattern, cfg.get("options", {}), batch_size=batch_size,
+            model, calibration, get_method(cfg["method"], **cfg.get("options", {})), pattern, batch_size=batch_size,
             progress=False, mesh=mesh, on_layer_done=seen,
         )
         seconds = time.perf_counter() - t0

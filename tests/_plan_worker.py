@@ -28,8 +28,9 @@ def status(key: str) -> int:
 
 def main(path: str) -> None:
     from nlprune.modeling.llama import LlamaConfig, init_llama
-    from nlprune.prune import parse_pattern
+    from nlprune.methods import get_method
     from nlprune.prune.pipeline import prune_model
+    from nlprune.sparsity import parse_pattern
 
     cfg = json.loads(open(path).read())
     config = LlamaConfig.from_hf_dict(cfg["config"])
@@ -38,8 +39,8 @@ def main(path: str) -> None:
     pattern = parse_pattern("unstructured", 0.5)
 
     def prune():
-        pruned = prune_model(model, tokens, cfg["method"], pattern, cfg.get("options", {}),
-                             batch_size=cfg.get("batch_size", 8), progress=False)[0]
+        method = get_method(cfg["method"], **cfg.get("options", {}))
+        pruned = prune_model(model, tokens, method, pattern, batch_size=cfg.get("batch_size", 8), progress=False)[0]
         return jax.block_until_ready(pruned)
 
     warm = prune()  # compiles every jitted step

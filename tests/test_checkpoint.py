@@ -28,12 +28,8 @@ from nlprune.checkpoint import (
     set_masks,
 )
 from nlprune.convert.hf import expected_shapes, from_state_dict
-from nlprune.modeling.llama import (
-    LlamaConfig,
-    linear_paths,
-    mask_filter_spec,
-    with_masks,
-)
+from nlprune.modeling.llama import LlamaConfig
+from nlprune.modeling.masks import linear_paths, mask_filter_spec, with_masks
 
 REPO = Path(__file__).resolve().parents[1]
 

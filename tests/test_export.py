@@ -15,7 +15,7 @@ import transformers
 
 from nlprune.convert.export import export_hf
 from nlprune.convert.hf import WeightsError, from_transformers, load_hf_folder, to_state_dict
-from nlprune.modeling.llama import linear_paths, mask_filter_spec, with_masks
+from nlprune.modeling.masks import linear_paths, mask_filter_spec, with_masks
 
 
 def tiny_hf_config(**overrides) -> dict:

@@ -9,7 +9,8 @@ import torch
 import transformers
 
 from nlprune.convert.hf import from_transformers
-from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, apply_masks, mask_filter_spec, with_masks
+from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM
+from nlprune.modeling.masks import apply_masks, mask_filter_spec, with_masks
 
 LLAMA32_ROPE = {
     "rope_type": "llama3",

@@ -24,7 +24,7 @@ from nlprune.nonlinear import (
     value_and_grad_closed_form,
 )
 from nlprune.nonlinear.lipschitz import ROW_CONSTANT
-from nlprune.prune.patterns import PatternError, parse_pattern
+from nlprune.sparsity import PatternError, parse_pattern
 
 
 _grad_auto = jax.jit(jax.grad(loss))

@@ -10,8 +10,11 @@ import pytest
 from nlprune import api
 from nlprune.cli import main as cli_main
 from nlprune.modeling.forward import embed, layer_inputs
-from nlprune.prune import LayerStats, get_method, parse_pattern
+from nlprune.methods import get_method
+from nlprune.prune import GroupContext, LayerStats, PruningMethod
 from nlprune.prune.pipeline import prune_model
+from nlprune.prune.wanda import wanda_prune
+from nlprune.sparsity import parse_pattern
 
 
 def prune_cli(tiny_model_dir, shared_data_dir, out, *extra):
@@ -90,7 +93,7 @@ def test_pipeline_modes_prune_every_linear(true_sequential, tiny_model_dir, shar
     from nlprune.data import calibration_windows
 
     cal, _ = calibration_windows(loaded.tokenizer, 4, 64, 0, data_dir=shared_data_dir)
-    pruned, report = prune_model(loaded.model, cal, "wanda", parse_pattern("unstructured", 0.5),
+    pruned, report = prune_model(loaded.model, cal, get_method("wanda"), parse_pattern("unstructured", 0.5),
                                  progress=False, true_sequential=true_sequential)
     assert report.overall_sparsity == pytest.approx(0.5)
     # dense weights unchanged where kept, zero where pruned
@@ -100,6 +103,55 @@ def test_pipeline_modes_prune_every_linear(true_sequential, tiny_model_dir, shar
             keep = np.asarray(lin.mask).astype(bool)
             np.testing.assert_array_equal(pw[keep], dw[keep])
             assert np.all(pw[~keep] == 0)
+
+
+class Recorder(PruningMethod):
+    """Wanda, recording what the pipeline hands each group (not registered)."""
+
+    name = "recorder"
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[GroupContext] = []
+
+    def needs_inputs(self, group: str) -> bool:
+        return True
+
+    def _prune(self, weight, stats, pattern):
+        return wanda_prune(weight, stats.sq_norms, pattern)
+
+    def prune_group(self, ctx: GroupContext):
+        self.seen.append(ctx)
+        return super().prune_group(ctx)
+
+
+@pytest.mark.parametrize("true_sequential", [True, False])
+def test_one_dispatch_path_hands_every_group_its_context(true_sequential, tiny_model_dir):
+    """Both orders call the method's one hook per group, in order, with the layer's
+    calibration inputs, the group's own inputs and statistics over every token; only the
+    sequential flag (and where the statistics come from) differs."""
+    loaded = api.load(str(tiny_model_dir))
+    cfg = loaded.model.config
+    cal = np.random.default_rng(0).integers(0, cfg.vocab_size, (3, 32))
+    method = Recorder()
+    prune_model(loaded.model, cal, method, parse_pattern("unstructured", 0.5), progress=False,
+                true_sequential=true_sequential, batch_size=2)
+    widths = {"qkv": cfg.hidden_size, "o": cfg.num_attention_heads * cfg.head_dim, "gate_up": cfg.hidden_size,
+              "down": cfg.intermediate_size}
+    assert [c.group for c in method.seen] == ["qkv", "o", "gate_up", "down"] * cfg.num_hidden_layers
+    for c in method.seen:
+        assert c.sequential is true_sequential
+        assert c.hidden.shape == (3, 32, cfg.hidden_size)
+        assert c.inputs.shape == (3, 32, widths[c.group]) and c.stats.n_tokens == 3 * 32
+        assert len(c.weights) == len(c.names)
+        np.testing.assert_allclose(c.stats.sq_norms, np.sum(np.square(np.asarray(c.inputs).reshape(-1, widths[c.group])), 0),
+                                   rtol=1e-4)
+    # true-sequential: o's inputs come from the pruned q/k/v; otherwise from the dense layer
+    o = method.seen[1]
+    dense_context = np.asarray(jax.vmap(lambda x: o.dense_layer.self_attn.context(
+        o.dense_layer.input_layernorm(x), *loaded.model.rope(jnp.arange(32))))(o.hidden))
+    differs = not np.allclose(np.asarray(o.inputs), dense_context, atol=1e-6)
+    assert differs is true_sequential
 
 
 @pytest.mark.slow

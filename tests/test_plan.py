@@ -70,11 +70,12 @@ def test_plan_recipe_best_counts_the_fill_ins_hessians(capsys, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--prune-method", "wanda", "--recipe", "best"], "apply only to --prune-method nonlinear"),
+        (["--prune-method", "wanda", "--recipe", "best"], "--recipe (nonlinear) does not apply to --prune-method wanda"),
         (["--mesh", "data=2,modle=2"], "unknown axis 'modle'"),
         (["--mesh", "data=2", "--devices", "2"], "give --mesh or --devices, not both"),
         (["--model", "gpt-17"], "unknown model 'gpt-17'"),
-        (["--prune-method", "wanda", "--window-chunk", "2"], "apply only to --prune-method nonlinear"),
+        (["--prune-method", "wanda", "--window-chunk", "2"], "--window-chunk (nonlinear) does not apply"),
+        (["--prune-method", "nonlinear", "--window-batch", "0"], "--window-batch must be an integer >= 1"),
         (["--nsamples", "0"], "nsamples must be an integer >= 1"),
     ],
 )

@@ -8,17 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nlprune.prune import (
-    LayerStats,
-    PatternError,
-    assert_mask,
-    available_methods,
-    check_result,
-    get_method,
-    mask_from_scores,
-    parse_pattern,
-)
-from nlprune.prune.sparsegpt import HessianFactorError, inverse_hessian_factor
+from nlprune.methods import available_methods, get_method
+from nlprune.prune import LayerStats, check_result
+from nlprune.prune.obs import HessianFactorError, inverse_hessian_factor
+from nlprune.sparsity import PatternError, assert_mask, mask_from_scores, parse_pattern
 
 PATTERNS = {
     "unstructured-0.5": ("unstructured", 0.5),
@@ -94,9 +87,7 @@ def test_sparsegpt_matches_numpy_obs(shape, sparsity, blocksize):
     w = rng.standard_normal(shape).astype(np.float32)
     pattern = parse_pattern(*PATTERNS[sparsity])
 
-    result = get_method("sparsegpt").prune(
-        w, LayerStats.from_inputs(x), pattern, blocksize=blocksize
-    )
+    result = get_method("sparsegpt", blocksize=blocksize).prune(w, LayerStats.from_inputs(x), pattern)
     want_mask, want_w = sparsegpt_numpy(w, x, pattern, blocksize)
 
     got_mask, got_w = np.asarray(result.mask), np.asarray(result.weight)
@@ -111,7 +102,8 @@ def test_sparsegpt_matches_numpy_obs(shape, sparsity, blocksize):
 def test_inverse_hessian_factor_is_upper_cholesky_of_inverse():
     x = correlated_inputs(600, 300, seed=3).astype(np.float64)
     h = x.T @ x
-    u, dead, damping, ok = inverse_hessian_factor(jnp.asarray(h, jnp.float32), 0.01)
+    u, dead, damping, ok, retries = inverse_hessian_factor(jnp.asarray(h, jnp.float32), 0.01)
+    assert int(retries) == 0
     want = np.linalg.cholesky(np.linalg.inv(h + float(damping) * np.eye(300))).T
     assert bool(ok) and not np.asarray(dead).any()
     assert np.isclose(float(damping), 0.01 * np.mean(np.diag(h)), rtol=1e-5)
@@ -123,9 +115,15 @@ def test_damping_retry_then_clear_error():
     n = 64
     h = np.eye(n, dtype=np.float32)
     h[3, 3] = -0.05  # mean diag ~0.98: 1% damping is not enough, 10% is
-    _, _, damping, ok = inverse_hessian_factor(jnp.asarray(h), 0.01)
-    assert bool(ok)
+    _, _, damping, ok, retries = inverse_hessian_factor(jnp.asarray(h), 0.01)
+    assert bool(ok) and int(retries) == 1
     assert np.isclose(float(damping), 0.1 * np.mean(np.diag(h)), rtol=1e-5)
+    method = get_method("sparsegpt")  # the raised damping is recorded in the method's reports
+    rng = np.random.default_rng(0)
+    method.prune(rng.standard_normal((4, n)).astype(np.float32), LayerStats(jnp.ones(n), 10, jnp.asarray(h)),
+                 parse_pattern("2:4"))
+    assert len(method.reports) == 1 and method.reports[0]["retries"] == 1
+    assert method.reports[0]["raised_damping"] == pytest.approx(float(damping), rel=1e-6)
 
     h[3, 3] = -1e6  # hopeless: every retry fails
     stats = LayerStats(jnp.ones(n), 10, jnp.asarray(h))
@@ -182,7 +180,7 @@ def test_magnitude_keeps_largest_and_matrix_group():
     per_row = np.asarray(method.prune(w, stats, parse_pattern("unstructured", 0.5)).mask)
     np.testing.assert_array_equal(per_row, [[0, 1, 0, 1], [0, 0, 1, 1]])
     per_matrix = np.asarray(
-        method.prune(w, stats, parse_pattern("unstructured", 0.5), group="matrix").mask
+        get_method("magnitude", group="matrix").prune(w, stats, parse_pattern("unstructured", 0.5)).mask
     )
     np.testing.assert_array_equal(per_matrix, [[0, 0, 0, 0], [1, 1, 1, 1]])
 
@@ -259,11 +257,10 @@ def test_bad_ratio_and_pattern_messages():
     with pytest.raises(PatternError, match="unknown sparsity type"):
         parse_pattern("3-4")
     with pytest.raises(PatternError, match="blocksize to be a multiple of 8"):
-        get_method("sparsegpt").prune(
+        get_method("sparsegpt", blocksize=12).prune(
             np.ones((2, 16), np.float32),
             LayerStats.from_inputs(np.eye(16, dtype=np.float32)),
             parse_pattern("4:8"),
-            blocksize=12,
         )
 
 
@@ -283,7 +280,9 @@ def test_input_mismatches_are_clear():
     with pytest.raises(ValueError, match="has 6 input columns but its statistics have 8"):
         method.prune(np.ones((2, 6), np.float32), no_hessian, parse_pattern("2:4"))
     with pytest.raises(TypeError, match="unknown option.*'blocksiz'.*blocksize, percdamp"):
-        method.prune(np.ones((2, 8), np.float32), no_hessian, parse_pattern("2:4"), blocksiz=8)
+        get_method("sparsegpt", blocksiz=8)
+    with pytest.raises(ValueError, match="percdamp must be > 0"):
+        get_method("sparsegpt", percdamp=0.0)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from nlprune.experiments import synthetic as syn
+from nlprune.experiments import synthetic_report as report
 from nlprune.nonlinear import objective as obj
 
 QUICK = syn.Settings.quick()
@@ -19,7 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="nlprune")
-    syn.add_parser(parser.add_subparsers(dest="command", required=True))
+    report.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser.parse_args(argv)
 
 
@@ -29,7 +30,7 @@ def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
     args = _parse(["synthetic", "--quick", "--output", str(out), "--no-progress"])
     rc = args.func(args)
-    return rc, out, syn.read_csv(out / syn.CSV_NAME)
+    return rc, out, report.read_csv(out / syn.CSV_NAME)
 
 
 def _one(rows, **where):
@@ -130,17 +131,17 @@ def test_draw_is_seeded_and_logits_have_the_documented_spread():
 def test_refuses_a_non_empty_output_folder_and_writes_nothing(tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--overwrite"):
-        syn.run_synthetic(tmp_path, quick=True, progress=False)
+        report.run_synthetic(tmp_path, quick=True, progress=False)
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
-    syn._prepare_output(tmp_path, overwrite=True)  # allowed with --overwrite
+    report.prepare_output(tmp_path, overwrite=True)  # allowed with --overwrite
     with pytest.raises(FileExistsError, match="not a folder"):
-        syn._prepare_output(tmp_path / "keep.txt", overwrite=True)
+        report.prepare_output(tmp_path / "keep.txt", overwrite=True)
 
 
 def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
     out = tmp_path / "new"
     with pytest.raises(ValueError, match="steps"):
-        syn.run_synthetic(out, quick=True, steps=0, progress=False)
+        report.run_synthetic(out, quick=True, steps=0, progress=False)
     assert not out.exists()
     with pytest.raises(ValueError, match="lam_default"):
         syn.Settings(lambdas=(0.01,))
@@ -148,7 +149,7 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path):
 
 def test_module_entry_point_reports_the_refusal_as_exit_code_2(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("mine")
-    assert syn.main(["--output", str(tmp_path), "--quick"]) == 2
+    assert report.main(["--output", str(tmp_path), "--quick"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 

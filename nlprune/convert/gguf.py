@@ -35,7 +35,7 @@ _BLOCK_NAMES = {
 }
 
 
-def _import_gguf():
+def import_gguf():
     try:
         import gguf
     except ImportError:
@@ -116,7 +116,7 @@ def config_from_gguf(reader) -> dict[str, Any]:
 
 def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
     """Config and float32 HF-named state dict of a GGUF file (dequantized)."""
-    gguf = _import_gguf()
+    gguf = import_gguf()
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"GGUF file {path} does not exist.")

@@ -18,7 +18,7 @@ from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
 
 
 @eqx.filter_jit
-def _layer_attention_error(dense: DecoderLayer, pruned: DecoderLayer, h, cos, sin) -> jax.Array:
+def layer_attention_error(dense: DecoderLayer, pruned: DecoderLayer, h, cos, sin) -> jax.Array:
     """Summed over windows: mean over heads of ||P_pruned - P_dense||_F^2 / n."""
 
     def one(x):
@@ -40,6 +40,6 @@ def attention_error(
     for start in range(0, windows.shape[0], batch_size):
         h = embed(dense, windows[start : start + batch_size])
         for i, (d, p) in enumerate(zip(dense.model.layers, pruned.model.layers, strict=True)):
-            errors[i] += float(_layer_attention_error(d, p, h, cos, sin))
+            errors[i] += float(layer_attention_error(d, p, h, cos, sin))
             h = run_layer(d, h, cos, sin)
     return (errors / windows.shape[0]).tolist()

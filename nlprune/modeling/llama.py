@@ -275,8 +275,8 @@ class RMSNorm(eqx.Module):
         return self.weight * (xf * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
 
 
-# Query rows per attention block in the forward pass (Attention.context): measured fastest of
-# 64/128/256 on SmolLM2 at seq 512 on CPU (scripts/bench_forward.py).
+# Query rows per attention block in the forward pass (Attention.context); chosen by
+# benchmarks/bench_forward.py (BENCHMARKS.md).
 QUERY_BLOCK = 128
 
 
@@ -458,50 +458,3 @@ def init_llama(config: LlamaConfig, key: jax.Array, std: float = 0.02) -> LlamaF
     embed = Embedding(std * jax.random.normal(next(keys), (c.vocab_size, c.hidden_size), jnp.float32))
     lm_head = None if c.tie_word_embeddings else linear(c.vocab_size, c.hidden_size, False)
     return LlamaForCausalLM(LlamaModel(embed, layers, norm(c.hidden_size)), lm_head, c)
-
-
-# --------------------------------------------------------------------------- masks
-
-
-def linear_paths(config: LlamaConfig) -> list[str]:
-    """HF-style names of every prunable linear, e.g. ``model.layers.0.self_attn.q_proj``."""
-    out = []
-    for i in range(config.num_hidden_layers):
-        for name in PRUNABLE_LINEARS:
-            sub = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
-            out.append(f"model.layers.{i}.{sub}.{name}")
-    return out
-
-
-def _prunable(model: LlamaForCausalLM) -> list[Linear]:
-    return [lin for layer in model.model.layers for lin in layer.linears().values()]
-
-
-def with_masks(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """Give every prunable linear an all-ones float mask (dense model, masks now leaves)."""
-    return eqx.tree_at(
-        lambda m: [lin.mask for lin in _prunable(m)],
-        model,
-        [jnp.ones_like(lin.weight) for lin in _prunable(model)],
-        is_leaf=lambda x: x is None,
-    )
-
-
-def mask_filter_spec(model: LlamaForCausalLM) -> Any:
-    """Filter spec for ``eqx.partition``: True exactly at the mask leaves."""
-    spec = jax.tree.map(lambda _: False, model)
-    return eqx.tree_at(
-        lambda m: [lin.mask for lin in _prunable(m)],
-        spec,
-        [lin.mask is not None for lin in _prunable(model)],
-        is_leaf=lambda x: x is None,
-    )
-
-
-def apply_masks(model: LlamaForCausalLM) -> LlamaForCausalLM:
-    """Fold masks into weights (weight * mask) and drop them: the pruned model proper."""
-    def nodes(m):
-        return [node for lin in _prunable(m) for node in (lin.weight, lin.mask)]
-
-    values = [v for lin in _prunable(model) for v in (lin.effective_weight, None)]
-    return eqx.tree_at(nodes, model, values, is_leaf=lambda x: x is None)

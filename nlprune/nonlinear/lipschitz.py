@@ -1,4 +1,9 @@
-r"""Certified Lipschitz constants of grad L for the merged-W objective, and Hessian probes.
+r"""Certified Lipschitz constants of grad L: the merged-W objective, and real Llama layers.
+
+Real layers (the end of this module): the factorised q/k form has no global Lipschitz
+constant, so :func:`certified_qk_bound` certifies one on the box M in [0, 1] for one KV
+group, and :func:`make_segment_bound` certifies each step on the segment it travels; both
+rest on the row lemma below. What follows first is the merged-W setting.
 
 Setting (see :mod:`nlprune.nonlinear.objective`): row r of sequence i has the m = r + 1
 causal logits s_ir(M)_j = x_ir^T (M o W) x_ij (j <= r), p = softmax(s_ir), b its target row,
@@ -7,7 +12,7 @@ s_ir is *linear* in M, so for a direction V (d x d), with t_ir = s_ir(V):
 
     D^2 L(M)[V, V] = lam ||V||_F^2 + sum_ir D^2 g_ir(s_ir(M))[t_ir, t_ir].          (0)
 
-Lemma 1 (row curvature; sharp up to < 1.3x for beta = 0, measured). For t in R^m with
+Lemma 1 (row curvature; nearly sharp for beta = 0, tests/test_nonlinear_merged.py). For t in R^m with
 range rho(t) = max t - min t, beta = max_j b_j - min_j b_j (over the row's causal entries):
 
     -(16/27 + beta) rho^2/4  <=  D^2 g[t, t]  <=  (5/8 + beta) rho^2/4.
@@ -25,7 +30,7 @@ D^2 g[t, t] = ||Sig t||^2 + sum_k c_k D^2 p_k[t, t]
  (iii) p.b - b_k is in [-beta, beta] (p.b is a convex combination of the b_j).
 Upper: D^2 g <= (5/8 + beta) Var. Lower: D^2 g >= -(||p||^2 + beta) Var, and
 ||p||^2 Var <= q min(1/4, q (1 - q)) rho^2 <= (4/27) rho^2.  []
-(METHOD.md's row constant 11/4 on ||t||^2 is valid but loose: (ii) and Var <= lmax(Sig)||t||^2
+(docs/METHOD.md's row constant 11/4 on ||t||^2 is valid but loose: (ii) and Var <= lmax(Sig)||t||^2
 give |D^2 g[t, t]| <= (5/16 + beta/2) ||t||^2.)
 
 Lemma 2 (logit spread). t_ir,j = <y_ir, x_ij> with y_ir = (V o W)^T x_ir, so
@@ -41,7 +46,7 @@ Proof. By (0) and the lemmas, |D^2 L(M)[V, V] - lam ||V||^2| <= sum_ir kappa_ir 
 sum_ir kappa_ir delta_ir^2/4 ||y_ir||^2 = sum_b (V[:,b] o W[:,b])^T Q (V[:,b] o W[:,b])
 <= K ||V||_F^2. So the spectrum of D^2 L(M) lies in [lam - K, lam + K].  []
 
-Why it is tighter than METHOD.md's lam + 11/4 max|W|^2 sum_i ||X_i||_2^4: softmax only sees
+Why it is tighter than docs/METHOD.md's lam + 11/4 max|W|^2 sum_i ||X_i||_2^4: softmax only sees
 the *spread* of a row's logits, so a row costs delta^2 ||y||^2 / 4 instead of ||t||^2, a sum
 over its r entries (sum_r r ~ n^2/2 becomes ~ n); the Schur product with W is taken exactly per column
 instead of through max|W|; the causal mask enters through prefix diameters (row 0, a single
@@ -79,15 +84,16 @@ segment certificate runs in the loss dtype inside jit and keeps a 1e-3 relative 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any, Callable
+import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from nlprune.nonlinear import objective as obj
+from nlprune.modeling.llama import Attention
+from nlprune.nonlinear import objective
+from nlprune.nonlinear.groups import group_probs, ones_like_masks, sq_norm, window_chunks
 
 _SAFETY = 1e-9  # relative margin for float64 rounding in the host computation
 ROW_CONSTANT = 5.0 / 8.0  # Lemma 1, beta-free part
@@ -163,7 +169,7 @@ def _resolve_target(X: np.ndarray, W: np.ndarray, target) -> np.ndarray:
 
 
 def method_md_bound(X, W, lam: float) -> float:
-    """METHOD.md's bound lam + 11/4 max|W_ij|^2 sum_i ||X_i||_2^4 (valid, very loose)."""
+    """docs/METHOD.md's bound lam + 11/4 max|W_ij|^2 sum_i ||X_i||_2^4 (valid, very loose)."""
     lam = _check_lam(lam)
     X = _as_batched_f64(X)
     W = np.asarray(W, dtype=np.float64)
@@ -175,7 +181,7 @@ def method_md_bound(X, W, lam: float) -> float:
 class LipschitzReport:
     """All certified bounds on sup_M ||D^2 L(M)||_2 (each valid on its own)."""
 
-    method_md: float  # METHOD.md: lam + 11/4 max|W|^2 sum ||X_i||^4
+    method_md: float  # docs/METHOD.md: lam + 11/4 max|W|^2 sum ||X_i||^4
     l2_route: float  # lam + (5/16 + max beta/2) max|W|^2 sum ||X_i||^4
     spread_route: float  # lam + max_b lmax(D_b Q D_b) (the theorem above)
 
@@ -222,10 +228,10 @@ def segment_curvature_bound(M, D, X, W, target, lam) -> jax.Array:
     Pure JAX, jit/vmap-friendly, in the dtype of the inputs; ``target`` must be >= 0 (an
     attention matrix).
     """
-    X = obj._batched(X)
-    p = obj.attention(X, W, M)  # (k, n, n), exactly 0 above the diagonal
-    C = obj.causal_mask(p.shape[-1])
-    t = jnp.where(C, obj.logits(X, W, D), 0.0)
+    X = objective.as_batched(X)
+    p = objective.attention(X, W, M)  # (k, n, n), exactly 0 above the diagonal
+    C = objective.causal_mask(p.shape[-1])
+    t = jnp.where(C, objective.logits(X, W, D), 0.0)
     count = jnp.arange(1, p.shape[-1] + 1, dtype=p.dtype)[:, None]  # causal entries per row
 
     R = jnp.max(jnp.where(C, t, -jnp.inf), -1) - jnp.min(jnp.where(C, t, jnp.inf), -1)
@@ -258,79 +264,141 @@ def segment_curvature_bound(M, D, X, W, target, lam) -> jax.Array:
     return (lam * jnp.sum(D * D) + jnp.sum(rows)) * (1 + SEGMENT_MARGIN)
 
 
-@dataclasses.dataclass(frozen=True)
-class HessianEigs:
-    """Power-iteration estimates of the Hessian spectrum at one point.
-
-    Each is a Rayleigh quotient, so it lies inside the spectrum: |estimate| never exceeds
-    the true extreme eigenvalue it estimates.
-    """
-
-    dominant: float  # largest in magnitude (signed)
-    largest: float  # largest algebraic
-    smallest: float  # smallest algebraic
-
-    @property
-    def magnitude(self) -> float:
-        return max(abs(self.dominant), abs(self.largest), abs(self.smallest))
+# --------------------------------------------------------------------------------------------
+# Real Llama layers: the factorised q/k form (masks on W_Q and W_K, RoPE, GQA; docs/METHOD.md §3)
+# --------------------------------------------------------------------------------------------
 
 
-def hvp_fn(loss_fn: Callable[..., jax.Array], params: Any, *args) -> tuple[Callable, jax.Array]:
-    """(v -> H v on flat vectors, flat params) for a loss of a parameter pytree."""
-    flat, unravel = ravel_pytree(params)
-
-    def grad_flat(f):
-        return ravel_pytree(jax.grad(loss_fn)(unravel(f), *args))[0]
-
-    def hvp(v):
-        return jax.jvp(grad_flat, (flat,), (v,))[1]
-
-    return hvp, flat
+_BOX_SAFETY = 1e-9  # relative margin of the float64 host bound
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _power_spectrum(loss_fn, iters: int, seed: int, params, args, shift):
-    hvp, flat = hvp_fn(loss_fn, params, *args)
-    v0 = jax.random.normal(jax.random.PRNGKey(seed), flat.shape, flat.dtype)
-    v0 = v0 / jnp.linalg.norm(v0)
-
-    def power(op):
-        def body(_, v):
-            w = op(v)
-            return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny)
-
-        v = jax.lax.fori_loop(0, iters, body, v0)
-        return jnp.vdot(v, hvp(v))  # Rayleigh quotient of H itself
-
-    dom = power(hvp)
-    c = jnp.where(jnp.isnan(shift), 1.01 * jnp.abs(dom), shift)
-    largest = power(lambda v: hvp(v) + c * v)
-    smallest = power(lambda v: c * v - hvp(v))
-    return dom, largest, smallest
+def _causal_range(t: jax.Array, C: jax.Array) -> jax.Array:
+    return jnp.max(jnp.where(C, t, -jnp.inf), -1) - jnp.min(jnp.where(C, t, jnp.inf), -1)
 
 
-def top_hessian_eigenvalue(
-    loss_fn: Callable[..., jax.Array],
-    params: Any,
-    *args,
-    iters: int = 100,
-    seed: int = 0,
-    shift: float | None = None,
-) -> HessianEigs:
-    """Top Hessian eigenvalues of ``loss_fn(params, *args)`` by power iteration on HVPs.
+def _causal_centred_norm(t: jax.Array, C: jax.Array) -> jax.Array:
+    count = jnp.arange(1, t.shape[-1] + 1, dtype=t.dtype)[:, None]
+    mean = jnp.sum(jnp.where(C, t, 0.0), -1, keepdims=True) / count
+    return jnp.sqrt(jnp.sum(jnp.where(C, (t - mean) ** 2, 0.0), -1))
 
-    The loss is non-convex, so besides the dominant eigenvalue (power iteration on H) this
-    returns the largest and smallest algebraic ones (power iteration on H + cI and cI - H,
-    positive semi-definite when c >= ||H||). ``shift`` is c, by default 1.01 x the dominant
-    estimate: a larger c is safer but slows convergence (the ratio of the top two
-    eigenvalues of the shifted operator tends to 1). Every estimate is a Rayleigh quotient
-    of H, so it lies inside H's spectrum whatever c is.
-    """
-    if iters < 1:
-        raise ValueError(f"iters must be >= 1, got {iters}")
-    flat, _ = ravel_pytree(params)
-    shift_arr = jnp.asarray(np.nan if shift is None else shift, dtype=flat.dtype)
-    dom, largest, smallest = _power_spectrum(
-        loss_fn, int(iters), int(seed), params, args, shift_arr
+
+def _segment_rows(masks, direction, rest, X, cos, sin, target) -> jax.Array:
+    """Sum over rows of sup_tau |d^2/dtau^2 g_row(s(M + tau D))| for tau in [0, 1].
+
+    The logits are bilinear in (M_Q, M_K), so along the segment s(tau) = s0 + tau s1 +
+    tau^2 s2 exactly, with s1 = (u k^T + q v^T)/sqrt(hd), s2 = u v^T/sqrt(hd) (q, k at M;
+    u, v the direction's RoPE'd projections without bias). Then
+    d^2 g/dtau^2 = D^2 g[s1 + 2 tau s2, .] + 2 grad g . s2, and for every s, row-wise,
+    |D^2 g[t, t]| <= min((5/8 + beta) rho(t)^2/4, (5/16 + beta/2) ||t - mean t||^2)
+    (lipschitz.py, Lemma 1) and |grad g . t| = |(p - b)^T J t| <= rho(t)/2, with
+    rho(s1 + 2 tau s2) <= rho(s1) + 2 rho(s2) (same for the centred norm)."""
+    at = eqx.combine(masks, rest)
+    no_bias = eqx.tree_at(
+        lambda a: (a.q_proj.bias, a.k_proj.bias), rest, (None, None), is_leaf=lambda x: x is None
     )
-    return HessianEigs(float(dom), float(largest), float(smallest))
+    dr = eqx.combine(direction, no_bias)
+    if target is None:
+        dense = eqx.combine(ones_like_masks(masks), rest)
+        target = group_probs(dense, X, cos, sin)
+    hd = at.head_dim
+    n = X.shape[1]
+    C = jnp.tril(jnp.ones((n, n), bool))
+    scale = 1.0 / jnp.sqrt(jnp.float32(hd))
+
+    def one(x, b):
+        q, k = at.project_qk(x, cos, sin)  # (rep, n, hd), (1, n, hd)
+        u, v = dr.project_qk(x, cos, sin)
+        s1 = (jnp.einsum("rqd,kd->rqk", u, k[0]) + jnp.einsum("rqd,kd->rqk", q, v[0])) * scale
+        s2 = jnp.einsum("rqd,kd->rqk", u, v[0]) * scale
+        r1, r2 = _causal_range(s1, C), _causal_range(s2, C)
+        c1, c2 = _causal_centred_norm(s1, C), _causal_centred_norm(s2, C)
+        beta = _causal_range(b, C)
+        curv = jnp.minimum(
+            (ROW_CONSTANT + beta) * (r1 + 2 * r2) ** 2 / 4,
+            (L2_ROW_CONSTANT + beta / 2) * (c1 + 2 * c2) ** 2,
+        )
+        return jnp.sum(curv + r2)
+
+    return jnp.sum(jax.vmap(one)(X, target))
+
+
+def make_segment_bound(chunk: int | None, scale: float):
+    """(masks, D, rest, X, cos, sin, target, lam) -> C_D >= sup_tau D^2 L(M + tau D)[D, D]."""
+
+    def bound(masks, direction, rest, X, cos, sin, target, lam):
+        if chunk is None or chunk >= X.shape[0]:
+            rows = _segment_rows(masks, direction, rest, X, cos, sin, target)
+        else:
+            Xc, Tc = window_chunks(X, target, chunk)
+            rows = jax.lax.map(
+                lambda xs: _segment_rows(masks, direction, rest, xs[0], cos, sin, xs[1]), (Xc, Tc)
+            ).sum()
+        return (lam * sq_norm(direction) + scale * rows) * (1 + SEGMENT_MARGIN)
+
+    return bound
+
+
+@eqx.filter_jit
+def _row_ranges(group: Attention, x, cos, sin) -> jax.Array:
+    n = x.shape[1]
+    return _causal_range(group_probs(group, x, cos, sin), jnp.tril(jnp.ones((n, n), bool)))
+
+
+def _row_target_ranges(group: Attention, X, cos, sin, chunk: int) -> np.ndarray:
+    """beta (windows, n_rep, seq): range of each dense attention row over its causal entries."""
+    return np.concatenate(
+        [np.asarray(_row_ranges(group, X[i : i + chunk], cos, sin)) for i in range(0, X.shape[0], chunk)]
+    )
+
+
+def certified_qk_bound(
+    group: Attention, X, cos, sin, lam: float, window_batch: int | None = None, chunk: int = 8
+) -> float:
+    """A certified Lipschitz constant of grad L for one KV group on the box M in [0, 1].
+
+    Along a direction V = (V_Q^h per head h, V_K), with A_h = ||V_Q^h||_F, B = ||V_K||_F, q_a,
+    k_b the RoPE'd projections at M and u_a, v_b those of V (RoPE is orthogonal):
+      D^2 L[V, V] = lam ||V||^2 + sum_rows D^2 g[s1, s1] + 2 grad g . s2,
+      s1_ab = (u_a.k_b + q_a.v_b)/sqrt(hd), s2_ab = u_a.v_b/sqrt(hd).
+    On the box, ||q_a|| <= Qbar_a = || |W_Q^h| |x_a| + |b| ||, ||k_b|| <= Kbar_b (same for K),
+    and by Cauchy-Schwarz per row ||u_a||^2 <= A_h^2 alpha_a, alpha_a = max_r sum_j W_rj^2
+    x_aj^2 (gamma_b likewise for K). With |D^2 g[t, t]| <= (5/16 + beta/2) ||t||^2 and
+    |grad g . t| <= rho(t)/2 <= max |t| (lipschitz.py), summing over rows b <= a:
+      |D^2 L - lam ||V||^2| <= sum_h A_h^2 cA_h + B^2 cB <= max(max_h cA_h, cB) ||V||^2,
+      cA_h = sum_{i,a} (5/16 + beta/2)(2/hd) alpha_a sum_{b<=a} Kbar_b^2 + sqrt(alpha_a) G_a/sqrt(hd),
+      cB   = sum_h sum_{i,a} (5/16 + beta/2)(2/hd) Qbar_a^2 sum_{b<=a} gamma_b
+             + sqrt(alpha_a) G_a/sqrt(hd),      G_a = max_{b<=a} sqrt(gamma_b)
+    (2 A B <= A^2 + B^2 splits the s2 term). With mini-batches of ``window_batch`` windows,
+    each step's loss is (n / b) x the batch's attention term: the bound is the max over
+    batches. Computed in float64 on the host; ``group`` is one (unstacked) group.
+    """
+    X64 = np.asarray(X, np.float64)
+    n_win, n, _ = X64.shape
+    hd, rep = group.head_dim, group.num_heads
+    beta = _row_target_ranges(group, X, cos, sin, chunk).astype(np.float64)  # (k, rep, n)
+    kappa = L2_ROW_CONSTANT + beta / 2
+
+    Wq = np.asarray(group.q_proj.weight, np.float64).reshape(rep, hd, -1)
+    Wk = np.asarray(group.k_proj.weight, np.float64)
+    bq = np.zeros((rep, hd)) if group.q_proj.bias is None else np.abs(np.asarray(group.q_proj.bias, np.float64)).reshape(rep, hd)
+    bk = np.zeros(hd) if group.k_proj.bias is None else np.abs(np.asarray(group.k_proj.bias, np.float64))
+    absX, X2 = np.abs(X64), X64**2
+    Qbar2 = ((np.einsum("kaj,hrj->khar", absX, np.abs(Wq)) + bq[None, :, None, :]) ** 2).sum(-1)
+    alpha = np.einsum("kaj,hrj->khar", X2, Wq**2).max(-1)  # (k, rep, n)
+    Kbar2 = ((absX @ np.abs(Wk).T + bk) ** 2).sum(-1)  # (k, n)
+    gamma = (X2 @ (Wk**2).T).max(-1)  # (k, n)
+    sum_K = np.cumsum(Kbar2, -1)[:, None, :]
+    sum_g = np.cumsum(gamma, -1)[:, None, :]
+    G = np.maximum.accumulate(np.sqrt(gamma), -1)[:, None, :]
+    cross = np.sqrt(alpha) * G / math.sqrt(hd)
+    per_win_A = (kappa * (2 / hd) * alpha * sum_K + cross).sum(-1)  # (k, rep)
+    per_win_B = (kappa * (2 / hd) * Qbar2 * sum_g + cross).sum((-1, -2))  # (k,)
+
+    b = n_win if window_batch is None else window_batch
+    worst = 0.0
+    for start in range(0, n_win, b):
+        s = n_win / b
+        cA = s * per_win_A[start : start + b].sum(0).max()
+        cB = s * per_win_B[start : start + b].sum()
+        worst = max(worst, float(cA), float(cB))
+    return float(lam) + worst * (1 + _BOX_SAFETY)

@@ -1,4 +1,4 @@
-"""The merged-W attention-pruning objective (METHOD.md section 2).
+"""The merged-W attention-pruning objective (docs/METHOD.md section 2).
 
 For k calibration sequences X_i (n x d), the merged query-key matrix W (d x d, the
 1/sqrt(d_head) scale folded in), a real-valued mask M (d x d) and the causal mask C:
@@ -25,7 +25,7 @@ def lam_from_paper(lam_tilde: float, n: int) -> float:
     return float(lam_tilde) / int(n)
 
 
-def _batched(X: Array) -> Array:
+def as_batched(X: Array) -> Array:
     X = jnp.asarray(X)
     if X.ndim == 2:
         return X[None]
@@ -42,7 +42,7 @@ def causal_mask(n: int) -> Array:
 @jax.jit
 def logits(X: Array, W: Array, M: Array) -> Array:
     """S_i = X_i (M o W) X_i^T for every sequence, shape (k, n, n)."""
-    X = _batched(X)
+    X = as_batched(X)
     return jnp.einsum("krb,kjb->krj", X @ (M * W), X)
 
 
@@ -80,12 +80,12 @@ def loss(M: Array, X: Array, W: Array, target: Array, lam: float) -> Array:
 def value_and_grad_closed_form(
     M: Array, X: Array, W: Array, target: Array, lam: float
 ) -> tuple[Array, Array]:
-    """(L(M), grad L(M)) from one forward pass, with METHOD.md's closed-form gradient.
+    """(L(M), grad L(M)) from one forward pass, with docs/METHOD.md's closed-form gradient.
 
     c = f - b,  p = f o c - diag((f o c) 1) f  (= the softmax Jacobian applied to c, row-wise),
     grad = W o (sum_i X_i^T p_i X_i) + lam M.
     """
-    X = _batched(X)
+    X = as_batched(X)
     f = attention(X, W, M)
     c = f - target
     fc = f * c

@@ -1,39 +1,28 @@
-"""Pruning methods: one interface (base.py), one file per method, masks in patterns.py."""
-
-from nlprune.prune.base import (
-    LayerStats,
-    PruneResult,
-    PruningMethod,
-    available_methods,
-    check_result,
-    get_method,
-    register_method,
-)
-from nlprune.prune.patterns import (
-    PatternError,
-    SparsityPattern,
-    assert_mask,
-    mask_from_scores,
-    parse_pattern,
-)
+"""Pruning methods on linear layers: the contract (base.py), calibration statistics
+(stats.py), one file per method, Optimal Brain Surgeon (obs.py), the least-squares refit
+(refit.py) and the layer-by-layer pipeline (pipeline.py). The non-linear method lives in
+``nlprune.nonlinear``; ``nlprune.methods`` is the registry of all of them."""
 
 # Importing a method module registers it (one line per method).
-from nlprune.prune import magnitude  # noqa: E402,F401
-from nlprune.prune import wanda  # noqa: E402,F401
-from nlprune.prune import sparsegpt  # noqa: E402,F401
-from nlprune.prune import nonlinear  # noqa: E402,F401
+from nlprune.prune import magnitude  # noqa: F401
+from nlprune.prune import sparsegpt  # noqa: F401
+from nlprune.prune import wanda  # noqa: F401
+from nlprune.prune.base import (
+    GroupContext,
+    MethodOptions,
+    PruneResult,
+    PruningMethod,
+    check_result,
+    register_method,
+)
+from nlprune.prune.stats import LayerStats
 
 __all__ = [
+    "GroupContext",
     "LayerStats",
-    "PatternError",
+    "MethodOptions",
     "PruneResult",
     "PruningMethod",
-    "SparsityPattern",
-    "assert_mask",
-    "available_methods",
     "check_result",
-    "get_method",
-    "mask_from_scores",
-    "parse_pattern",
     "register_method",
 ]

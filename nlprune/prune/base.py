@@ -1,153 +1,61 @@
-"""The one interface every pruning method implements, its calibration statistics, a registry.
+"""The contract between pruning methods and the pipeline.
 
-A method prunes one ``nn.Linear``-shaped weight (out, in) at a time from statistics of that
-linear's input activations X (tokens, in), where y = X @ W.T. Adding a method is one file:
+The pipeline (:mod:`nlprune.prune.pipeline`) prunes one decoder layer at a time, group by
+group, where a group is the linears that read the same input (``INPUT_GROUPS``: q/k/v, o,
+gate/up, down). For each group it builds one :class:`GroupContext` and calls
+``method.prune_group(ctx)``. The default implementation prunes each weight of the group
+from the statistics of its input (``prune_many``), which is all magnitude, Wanda and
+SparseGPT need; a method that needs more (the non-linear method's q/k solve, its refits)
+overrides ``prune_group`` and reads what it needs from the context. Every hook the pipeline
+calls is declared here, with its default.
+
+A method's options are a frozen dataclass (:class:`MethodOptions`), built and validated once
+where a run starts (``nlprune.methods.get_method(name, **options)``); the command line's
+method flags are generated from its fields. Adding a method is one file:
+
+    @dataclasses.dataclass(frozen=True)
+    class MineOptions(MethodOptions):
+        alpha: float = option(1.0, "how much alpha")
 
     @register_method
-    class MyMethod(PruningMethod):
+    class Mine(PruningMethod):
         name = "mine"
-        needs_hessian = False                 # True builds X^T X in the statistics
-        default_options = {"alpha": 1.0}      # the keyword options ``prune`` accepts
+        Options = MineOptions
 
-        def _prune(self, weight, stats, pattern, *, alpha):
-            ...
-            return PruneResult(mask, weight * mask)
+        def _prune(self, weight, stats, pattern):
+            ...  # self.options.alpha
+            return PruneResult(mask, jnp.where(mask, weight, 0))
 
-plus one import line in ``nlprune/prune/__init__.py``. Callers use ``prune`` /
-``prune_many``, which validate the inputs and check the mask invariants (binary, exact count
-per comparison group, pruned weights exactly 0) on every result.
+plus its import in ``nlprune/methods.py``. ``prune`` / ``prune_many`` validate the inputs and
+check the mask invariants (binary, exact count per comparison group, pruned weights exactly 0)
+on every result.
 """
 
 from __future__ import annotations
 
 import abc
-import functools
-from collections.abc import Iterable, Sequence
+import dataclasses
+from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import chex
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from nlprune import parallel
-from nlprune.prune.patterns import DEFAULT_BLOCKSIZE, SparsityPattern, assert_mask
+from nlprune.modeling.llama import DecoderLayer
+from nlprune.prune.stats import LayerStats
+from nlprune.sparsity import DEFAULT_BLOCKSIZE, SparsityPattern, assert_mask
 
-# --------------------------------------------------------------------------------------------
-# Calibration statistics
-# --------------------------------------------------------------------------------------------
-
-
-@jax.jit
-def _sq_norms(x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
-    return jnp.sum(x * x, axis=0)
-
-
-def _gram(x: jax.Array) -> jax.Array:
-    """X^T X. Wide inputs compute 3 of the 4 half-blocks (the result is symmetric): ~20%
-    faster on CPU. HIGHEST: accelerators would otherwise multiply float32 in bf16 passes."""
-    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
-    n = x.shape[1]
-    if n < 512:
-        return dot(x.T, x)
-    a, b = x[:, : n // 2], x[:, n // 2 :]
-    upper_right = dot(a.T, b)
-    return jnp.block([[dot(a.T, a), upper_right], [upper_right.T, dot(b.T, b)]])
-
-
-@jax.jit
-def _hessian_and_sq_norms(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    x = x.astype(jnp.float32)
-    return _gram(x), jnp.sum(x * x, axis=0)
-
-
-class LayerStats(eqx.Module):
-    """Statistics of one linear's input X (tokens, in), summed over calibration tokens.
-
-    ``sq_norms[j]`` = sum_t x_tj^2 (Wanda's ||x_j||^2, the diagonal of X^T X);
-    ``hessian`` = X^T X in float32 (SparseGPT), or None when the method does not need it;
-    ``n_tokens`` = how many token rows were summed. Sums, not means: every method here is
-    invariant to the scale (SparseGPT's damping is relative to the mean diagonal).
-    Build with ``from_inputs`` / ``from_chunks``, or ``empty`` then ``accumulate`` per batch
-    of windows, so only one batch of activations is ever held.
-    """
-
-    sq_norms: jax.Array
-    n_tokens: int
-    hessian: jax.Array | None = None
-
-    @property
-    def in_features(self) -> int:
-        return int(self.sq_norms.shape[0])
-
-    @property
-    def has_hessian(self) -> bool:
-        return self.hessian is not None
-
-    @property
-    def norms(self) -> jax.Array:
-        """Per input feature ||x_j||_2 over all calibration tokens."""
-        return jnp.sqrt(self.sq_norms)
-
-    @classmethod
-    def empty(cls, in_features: int, *, with_hessian: bool = True) -> LayerStats:
-        hessian = jnp.zeros((in_features, in_features), jnp.float32) if with_hessian else None
-        return cls(jnp.zeros((in_features,), jnp.float32), 0, hessian)
-
-    @classmethod
-    def from_inputs(cls, x: jax.Array, *, with_hessian: bool = True) -> LayerStats:
-        """Statistics of activations ``x`` (..., in): leading axes are flattened to tokens."""
-        x = _as_tokens(x)
-        if with_hessian:
-            hessian, sq_norms = _hessian_and_sq_norms(x)
-            return cls(sq_norms, int(x.shape[0]), hessian)
-        return cls(_sq_norms(x), int(x.shape[0]), None)
-
-    @classmethod
-    def from_chunks(
-        cls, chunks: Iterable[jax.Array], *, with_hessian: bool = True
-    ) -> LayerStats:
-        """Sum the statistics of an iterable of activation batches (e.g. windows at a time)."""
-        stats: LayerStats | None = None
-        for chunk in chunks:
-            part = cls.from_inputs(chunk, with_hessian=with_hessian)
-            stats = part if stats is None else stats.merge(part)
-        if stats is None:
-            raise ValueError("LayerStats.from_chunks got no activation chunks.")
-        return stats
-
-    def accumulate(self, x: jax.Array) -> LayerStats:
-        """These statistics plus those of one more batch of activations ``x`` (..., in)."""
-        return self.merge(LayerStats.from_inputs(x, with_hessian=self.has_hessian))
-
-    def merge(self, other: LayerStats) -> LayerStats:
-        """Statistics of the union of both token sets."""
-        if other.in_features != self.in_features:
-            raise ValueError(
-                f"cannot merge statistics of {self.in_features} and {other.in_features} input "
-                "features: they come from different linears."
-            )
-        if self.has_hessian != other.has_hessian:
-            raise ValueError(
-                "cannot merge statistics with and without a Hessian; build both with the same "
-                "with_hessian flag."
-            )
-        hessian = None if self.hessian is None else self.hessian + other.hessian
-        return LayerStats(self.sq_norms + other.sq_norms, self.n_tokens + other.n_tokens, hessian)
-
-
-def _as_tokens(x: jax.Array) -> jax.Array:
-    x = jnp.asarray(x)
-    if x.ndim < 1:
-        raise ValueError("activations need at least a feature axis, got a scalar.")
-    return x.reshape(-1, x.shape[-1])
-
-
-# --------------------------------------------------------------------------------------------
-# Results, the method interface, the invariant checks
-# --------------------------------------------------------------------------------------------
+# Linears that read the same input, pruned together (the keys of DecoderLayer.linear_inputs),
+# in the order the pipeline prunes them.
+INPUT_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
 
 
 class PruneResult(NamedTuple):
@@ -157,84 +65,165 @@ class PruneResult(NamedTuple):
     weight: jax.Array
 
 
+# --------------------------------------------------------------------------------------------
+# Options: one frozen dataclass per method
+# --------------------------------------------------------------------------------------------
+
+
+def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, flag: str | None = None,
+           type: type | None = None) -> Any:
+    """A field of a method's options: its default and what the command line needs (help text,
+    choices, the flag's name when it is not ``--field-name``, the value type when the default is
+    None)."""
+    return dataclasses.field(
+        default=default, metadata={"help": help, "choices": choices, "flag": flag, "type": type}
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodOptions:
+    """Base of every method's options (a method without options uses it as is)."""
+
+    @classmethod
+    def build(cls, method: str, **given: Any) -> MethodOptions:
+        """Options from the values a user gave (the rest keep their defaults), validated."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise TypeError(
+                f"pruning method {method!r} got unknown option(s) {unknown}; it accepts: "
+                f"{', '.join(sorted(known)) or 'none'}."
+            )
+        options = cls(**given)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
+        """Raise ValueError naming the flag and the fix when a value cannot be used."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def option_type(field: dataclasses.Field) -> type:
+    """The value type of an option field (bool, int, float or str)."""
+    explicit = field.metadata.get("type")
+    if explicit is not None:
+        return explicit
+    if field.default is None:
+        raise TypeError(f"option {field.name} defaults to None: give its type with option(..., type=...)")
+    return type(field.default)
+
+
+def option_flag(field: dataclasses.Field) -> str:
+    return field.metadata.get("flag") or "--" + field.name.replace("_", "-")
+
+
+# --------------------------------------------------------------------------------------------
+# What the pipeline hands a method for one group of one layer
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupContext:
+    """Everything about one group of one layer that a method may use to prune it.
+
+    ``layer`` is the layer as pruned so far (the groups before this one are done) and
+    ``dense_layer`` the layer before any pruning; ``weights`` the group's current weights,
+    placed on the mesh for pruning (in the order of ``names``); ``stats`` the statistics of the
+    group's input over the calibration windows; ``hidden`` the layer's calibration inputs
+    (windows, seq, hidden) with the RoPE tables ``cos``/``sin``; ``batch_size`` the windows per
+    forward pass. ``sequential``: the statistics (and ``inputs``) come from the already-pruned
+    groups before this one (true-sequential); False: from the dense layer. ``inputs``: the
+    group's inputs themselves (windows, seq, features), present when the method asked for
+    them (:meth:`PruningMethod.needs_inputs`).
+    """
+
+    group: str
+    layer: DecoderLayer
+    dense_layer: DecoderLayer
+    weights: tuple[jax.Array, ...]
+    stats: LayerStats
+    pattern: SparsityPattern
+    hidden: jax.Array
+    cos: jax.Array
+    sin: jax.Array
+    batch_size: int
+    sequential: bool = True
+    inputs: jax.Array | None = None
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return INPUT_GROUPS[self.group]
+
+
+# --------------------------------------------------------------------------------------------
+# The method interface
+# --------------------------------------------------------------------------------------------
+
+
 class PruningMethod(abc.ABC):
-    """Base of every method. Subclasses set ``name``, ``needs_hessian``, ``default_options``
-    and implement ``_prune`` (one weight); they may override ``_prune_many`` to share work
-    between weights that read the same input (q/k/v; gate/up)."""
+    """Base of every method: ``name``, ``Options`` and ``_prune`` (one weight); they may
+    override ``_prune_many`` (share work between weights that read the same input, such as
+    SparseGPT's inverse Hessian) and the pipeline hooks below."""
 
     name: ClassVar[str]
-    needs_hessian: ClassVar[bool] = False
-    default_options: ClassVar[dict[str, Any]] = {}
+    Options: ClassVar[type[MethodOptions]] = MethodOptions
+    needs_hessian: ClassVar[bool] = False  # whether the statistics must carry X^T X
 
-    # -- hooks for subclasses --------------------------------------------------------------
+    def __init__(self, options: MethodOptions | None = None) -> None:
+        self.options = self.Options() if options is None else options
+        if not isinstance(self.options, self.Options):
+            raise TypeError(f"{self.name} takes {self.Options.__name__}, not {type(self.options).__name__}")
+        self.reports: list[dict[str, Any]] = []  # per-layer diagnostics, recorded in results.json
 
-    @abc.abstractmethod
-    def _prune(
-        self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern, **options: Any
-    ) -> PruneResult:
-        """Prune one weight; inputs are already validated, options already resolved."""
+    @classmethod
+    def from_options(cls, **given: Any) -> PruningMethod:
+        """The method configured with the options a user gave, validated once."""
+        return cls(cls.Options.build(cls.name, **given))
 
-    def _prune_many(
-        self,
-        weights: Sequence[jax.Array],
-        stats: LayerStats,
-        pattern: SparsityPattern,
-        **options: Any,
-    ) -> list[PruneResult]:
-        return [self._prune(w, stats, pattern, **options) for w in weights]
+    # -- hooks the pipeline calls -------------------------------------------------------------
 
-    def comparison_group(self, pattern: SparsityPattern, **options: Any) -> tuple[str, int]:
-        """(group, blocksize) in which unstructured masks have an exact count (patterns.py)."""
+    def needs_inputs(self, group: str) -> bool:
+        """Whether ``prune_group`` needs the group's inputs themselves in ``ctx.inputs``."""
+        return False
+
+    def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
+        """(group, blocksize) in which unstructured masks have an exact count (sparsity.py)."""
         return "row", DEFAULT_BLOCKSIZE
 
-    # -- public API -------------------------------------------------------------------------
+    def prune_group(self, ctx: GroupContext) -> dict[str, PruneResult]:
+        """Prune the linears of one group: name -> result."""
+        return dict(zip(ctx.names, self.prune_many(ctx.weights, ctx.stats, ctx.pattern), strict=True))
 
-    def prune(
-        self,
-        weight: jax.Array,
-        stats: LayerStats,
-        pattern: SparsityPattern,
-        *,
-        check: bool = True,
-        **options: Any,
-    ) -> PruneResult:
-        """Prune ``weight`` (out, in) given its input's ``stats``; see the method's options."""
-        return self.prune_many([weight], stats, pattern, check=check, **options)[0]
+    # -- one weight at a time -----------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _prune(self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern) -> PruneResult:
+        """Prune one weight; inputs are already validated."""
+
+    def _prune_many(self, weights: Sequence[jax.Array], stats: LayerStats, pattern: SparsityPattern) -> list[PruneResult]:
+        return [self._prune(w, stats, pattern) for w in weights]
+
+    def prune(self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern, *, check: bool = True) -> PruneResult:
+        """Prune ``weight`` (out, in) given its input's ``stats``."""
+        return self.prune_many([weight], stats, pattern, check=check)[0]
 
     def prune_many(
-        self,
-        weights: Sequence[jax.Array],
-        stats: LayerStats,
-        pattern: SparsityPattern,
-        *,
-        check: bool = True,
-        **options: Any,
+        self, weights: Sequence[jax.Array], stats: LayerStats, pattern: SparsityPattern, *, check: bool = True
     ) -> list[PruneResult]:
         """Prune several weights that read the same input (hence share ``stats``)."""
-        options = self.resolve_options(**options)
         weights = [jnp.asarray(w) for w in weights]
         for i, weight in enumerate(weights):
             self._validate(weight, stats, pattern, f"weight {i} {tuple(weight.shape)}")
-        results = self._prune_many(weights, stats, pattern, **options)
+        results = self._prune_many(weights, stats, pattern)
         if check:
-            group, blocksize = self.comparison_group(pattern, **options)
+            group, blocksize = self.comparison_group(pattern)
             for weight, result in zip(weights, results, strict=True):
                 check_result(result, weight, pattern, group, blocksize)
         return results
 
-    def resolve_options(self, **options: Any) -> dict[str, Any]:
-        unknown = sorted(set(options) - set(self.default_options))
-        if unknown:
-            known = ", ".join(sorted(self.default_options)) or "none"
-            raise TypeError(
-                f"pruning method {self.name!r} got unknown option(s) {unknown}; it accepts: "
-                f"{known}."
-            )
-        return {**self.default_options, **options}
-
-    def _validate(
-        self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern, what: str
-    ) -> None:
+    def _validate(self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern, what: str) -> None:
         if weight.ndim != 2:
             raise ValueError(f"{what}: expected an (out, in) matrix, not rank {weight.ndim}.")
         if weight.shape[1] != stats.in_features:
@@ -250,7 +239,7 @@ class PruningMethod(abc.ABC):
             )
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(name={self.name!r})"
+        return f"{type(self).__name__}({self.options!r})"
 
 
 def check_result(
@@ -275,7 +264,7 @@ def check_result(
 
 
 # --------------------------------------------------------------------------------------------
-# Registry
+# Registry (nlprune.methods imports every method module and is the public entry)
 # --------------------------------------------------------------------------------------------
 
 _REGISTRY: dict[str, type[PruningMethod]] = {}
@@ -292,15 +281,14 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
     return cls
 
 
-def available_methods() -> tuple[str, ...]:
-    return tuple(sorted(_REGISTRY))
+def registered_methods() -> dict[str, type[PruningMethod]]:
+    """The method classes registered so far, by name."""
+    return dict(sorted(_REGISTRY.items()))
 
 
-def get_method(name: str) -> PruningMethod:
-    """The method registered as ``name`` (e.g. "magnitude", "wanda", "sparsegpt")."""
+def method_class(name: str) -> type[PruningMethod]:
+    """The class registered as ``name``, or a ValueError listing the known ones."""
     key = name.strip().lower()
     if key not in _REGISTRY:
-        raise ValueError(
-            f"unknown pruning method {name!r}; known methods: {', '.join(available_methods())}."
-        )
-    return _REGISTRY[key]()
+        raise ValueError(f"unknown pruning method {name!r}; known methods: {', '.join(sorted(_REGISTRY))}.")
+    return _REGISTRY[key]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from nlprune.prune.base import LayerStats, PruneResult, PruningMethod, register_method
-from nlprune.prune.patterns import DEFAULT_BLOCKSIZE, SparsityPattern, mask_from_scores
+from nlprune.prune.base import MethodOptions, PruneResult, PruningMethod, option, register_method
+from nlprune.prune.stats import LayerStats
+from nlprune.sparsity import DEFAULT_BLOCKSIZE, SparsityPattern, mask_from_scores
+
+GROUPS = ("row", "matrix")
 
 
 @functools.partial(jax.jit, static_argnames=("pattern", "group"))
@@ -19,18 +22,25 @@ def magnitude_prune(weight: jax.Array, pattern: SparsityPattern, group: str = "r
     return PruneResult(mask, jnp.where(mask, weight, 0).astype(weight.dtype))
 
 
+@dataclasses.dataclass(frozen=True)
+class MagnitudeOptions(MethodOptions):
+    group: str = option(
+        "row", "magnitude: comparison group: each output row (default), or the whole matrix (what Wanda's "
+        "reference code does)", choices=GROUPS,
+    )
+
+    def validate(self) -> None:
+        if self.group not in GROUPS:
+            raise ValueError(f"magnitude compares per 'row' or 'matrix', not {self.group!r} (--group).")
+
+
 @register_method
 class Magnitude(PruningMethod):
     name = "magnitude"
-    needs_hessian = False
-    default_options = {"group": "row"}  # "row" or "matrix"
+    Options = MagnitudeOptions
 
-    def comparison_group(self, pattern: SparsityPattern, **options: Any) -> tuple[str, int]:
-        return options["group"], DEFAULT_BLOCKSIZE
+    def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
+        return self.options.group, DEFAULT_BLOCKSIZE
 
-    def _prune(
-        self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern, *, group: str
-    ) -> PruneResult:
-        if group not in ("row", "matrix"):
-            raise ValueError(f"magnitude compares per 'row' or 'matrix', not {group!r}.")
-        return magnitude_prune(weight, pattern, group)
+    def _prune(self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern) -> PruneResult:
+        return magnitude_prune(weight, pattern, self.options.group)

@@ -43,17 +43,12 @@ from nlprune.modeling.forward import (
     run_layer,
 )
 from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
-from nlprune.prune.base import LayerStats, PruningMethod, get_method
-from nlprune.prune.patterns import SparsityPattern
+from nlprune.modeling.masks import set_linears
+from nlprune.prune.base import INPUT_GROUPS, GroupContext, PruneResult, PruningMethod
+from nlprune.prune.stats import LayerStats
+from nlprune.sparsity import SparsityPattern
 
-# Linears that read the same input, pruned together (the keys of DecoderLayer.linear_inputs).
-INPUT_GROUPS: dict[str, tuple[str, ...]] = {
-    "qkv": ("q_proj", "k_proj", "v_proj"),
-    "o": ("o_proj",),
-    "gate_up": ("gate_proj", "up_proj"),
-    "down": ("down_proj",),
-}
-_SUBMODULE = {n: ("self_attn" if g in ("qkv", "o") else "mlp") for g, ns in INPUT_GROUPS.items() for n in ns}
+SUBMODULE = {n: ("self_attn" if g in ("qkv", "o") else "mlp") for g, ns in INPUT_GROUPS.items() for n in ns}
 
 
 def _chunks(arrays: tuple[jax.Array, ...], batch_size: int):
@@ -106,104 +101,6 @@ def propagate(layer: DecoderLayer, hidden: jax.Array, cos, sin, batch_size: int)
     return _batched(lambda h: run_layer(layer, h, cos, sin), batch_size, hidden)
 
 
-def set_linears(layer: DecoderLayer, updates: dict[str, tuple[jax.Array, jax.Array]]) -> DecoderLayer:
-    """Replace (weight, mask) of the named linears; masks are stored as float leaves."""
-    names = list(updates)
-
-    def nodes(l):
-        lins = l.linears()
-        return [node for n in names for node in (lins[n].weight, lins[n].mask)]
-
-    values = [v for n in names for v in (updates[n][0], updates[n][1].astype(updates[n][0].dtype))]
-    return eqx.tree_at(nodes, layer, values, is_leaf=lambda x: x is None)
-
-
-def _prune_many(method: PruningMethod, weights, stats: LayerStats, pattern: SparsityPattern, options):
-    """``method.prune_many`` with the weights' rows over the mesh's 'model' axis (if any) when
-    each row's mask is chosen on its own (per-row ranking, N:M). A ranking over whole blocks
-    of rows (SparseGPT unstructured) would gather every block's scores across devices inside
-    its column loop (measured 250x slower on a 4-device CPU mesh): those weights are replicated."""
-    if pattern.is_nm or method.comparison_group(pattern, **options)[0] == "row":
-        return method.prune_many([parallel.shard_rows(w) for w in weights], stats, pattern, **options)
-    if parallel.axis_sizes(parallel.current_mesh())[parallel.MODEL] > 1:
-        parallel.note(f"{method.name} {pattern.name} ranks whole blocks of rows together: its weights are "
-                      "pruned replicated, not over 'model'")
-    return method.prune_many([parallel.replicate(w) for w in weights], stats, pattern, **options)
-
-
-def needs_hessian(method: PruningMethod, options: dict[str, Any]) -> bool:
-    """Whether the statistics need X^T X; a method whose answer depends on its options (the
-    non-linear method's linear fill-in) says so with ``needs_hessian_for(options)``."""
-    hook = getattr(method, "needs_hessian_for", None)
-    return bool(hook(options)) if hook is not None else method.needs_hessian
-
-
-def prune_qkv(
-    layer: DecoderLayer,
-    stats: LayerStats,
-    method: PruningMethod,
-    pattern: SparsityPattern,
-    options: dict[str, Any],
-    attn_inputs: jax.Array | None = None,
-    cos: jax.Array | None = None,
-    sin: jax.Array | None = None,
-) -> DecoderLayer:
-    """Prune q/k/v. A method with a ``prune_qk(layer, inputs, cos, sin, pattern, **options)``
-    hook (the non-linear method) gets the raw attention inputs of all calibration windows
-    (windows, seq, hidden) for q/k, and prunes v from the statistics as usual."""
-    names = INPUT_GROUPS["qkv"]
-    lins = layer.linears()
-    hook = getattr(method, "prune_qk", None)
-    if hook is None:
-        results = _prune_many(method, [lins[n].weight for n in names], stats, pattern, options)
-        updates = {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)}
-    else:
-        if attn_inputs is None:
-            raise ValueError(f"method {method.name!r} prunes q/k from the layer inputs: pass attn_inputs, cos, sin")
-        updates = {n: (r.weight, r.mask) for n, r in hook(layer, attn_inputs, cos, sin, pattern, **options).items()}
-        if "v_proj" not in updates:  # the hook may prune v (and o) too: nonlinear --objective output
-            (v,) = _prune_many(method, [lins["v_proj"].weight], stats, pattern, options)
-            updates["v_proj"] = (v.weight, v.mask)
-    return set_linears(layer, updates)
-
-
-def _group_hook(method, group, layer, dense_layer, stats, pattern, options, hidden=None, cos=None, sin=None,
-                batch_size=8):
-    """A method's own pruning of one later group (``prune_group``: the non-linear method's o_proj,
-    whose mask its q/k hook may have chosen), or None: prune the group with ``prune_many``.
-    ``dense_layer`` is the layer before any pruning; ``hidden`` its calibration inputs."""
-    hook = getattr(method, "prune_group", None)
-    if hook is None:
-        return None
-    return hook(group, layer, dense_layer, stats, pattern, hidden, cos, sin, batch_size, **options)
-
-
-def prune_layer(
-    layer: DecoderLayer,
-    stats: dict[str, LayerStats],
-    method: PruningMethod,
-    pattern: SparsityPattern,
-    options: dict[str, Any],
-    attn_inputs: jax.Array | None = None,
-    cos: jax.Array | None = None,
-    sin: jax.Array | None = None,
-) -> DecoderLayer:
-    """Prune all linears of one layer from its statistics (``attn_inputs``, ``cos``, ``sin``:
-    see :func:`prune_qkv`)."""
-    dense = layer
-    layer = prune_qkv(layer, stats["qkv"], method, pattern, options, attn_inputs, cos, sin)
-    lins = layer.linears()
-    updates = {}
-    for group, names in INPUT_GROUPS.items():
-        if group == "qkv":
-            continue
-        results = _group_hook(method, group, layer, dense, stats[group], pattern, options)
-        if results is None:
-            results = _prune_many(method, [lins[n].weight for n in names], stats[group], pattern, options)
-        updates.update({n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
-    return set_linears(layer, updates)
-
-
 def _batched(fn, batch_size: int, *arrays):
     """Apply a jitted batch function over the leading axis in chunks; concatenate results."""
     return _unchunk([fn(*chunk) for chunk in _chunks(arrays, batch_size)], arrays[0].shape[0])
@@ -213,14 +110,70 @@ def _group_stats(xs: jax.Array, batch_size: int, with_hessian: bool) -> LayerSta
     return LayerStats.from_chunks((x for (x,) in _chunks((xs,), batch_size)), with_hessian=with_hessian)
 
 
+def group_inputs(layer: DecoderLayer, hidden: jax.Array, cos, sin, group: str, batch_size: int) -> jax.Array:
+    """The inputs of one group of ``layer``'s linears for all calibration windows."""
+    if group == "qkv":
+        return _batched(lambda h: attn_input(layer, h), batch_size, hidden)
+    if group == "o":
+        return _batched(lambda h: attn_context(layer, h, cos, sin), batch_size, hidden)
+    mid = _batched(lambda h: after_attention(layer, h, attn_context(layer, h, cos, sin)), batch_size, hidden)
+    if group == "gate_up":
+        return _batched(lambda h: mlp_input(layer, h), batch_size, mid)
+    return _batched(lambda h: mlp_hidden(layer, h), batch_size, mid)
+
+
+def placed_weights(method: PruningMethod, pattern: SparsityPattern, weights) -> tuple[jax.Array, ...]:
+    """The weights of a group placed for pruning: rows over the mesh's 'model' axis (if any)
+    when each row's mask is chosen on its own (per-row ranking, N:M). A ranking over whole
+    blocks of rows (SparseGPT unstructured) would gather every block's scores across devices
+    inside its column loop: those weights are replicated (BENCHMARKS.md has the cost)."""
+    if pattern.is_nm or method.comparison_group(pattern)[0] == "row":
+        return tuple(parallel.shard_rows(w) for w in weights)
+    if parallel.axis_sizes(parallel.current_mesh())[parallel.MODEL] > 1:
+        parallel.note(f"{method.name} {pattern.name} ranks whole blocks of rows together: its weights are "
+                      "pruned replicated, not over 'model'")
+    return tuple(parallel.replicate(w) for w in weights)
+
+
+def prune_group(
+    method: PruningMethod, group: str, layer: DecoderLayer, dense: DecoderLayer, stats: LayerStats,
+    pattern: SparsityPattern, hidden: jax.Array, cos, sin, batch_size: int, sequential: bool,
+    inputs: jax.Array | None,
+) -> DecoderLayer:
+    """The one dispatch path: build the group's context, let the method prune it, put the
+    results into the layer. ``hidden`` is the layer's calibration inputs."""
+    lins = layer.linears()
+    ctx = GroupContext(
+        group=group, layer=layer, dense_layer=dense,
+        weights=placed_weights(method, pattern, [lins[n].weight for n in INPUT_GROUPS[group]]),
+        stats=stats, pattern=pattern, hidden=hidden, cos=cos, sin=sin, batch_size=batch_size,
+        sequential=sequential, inputs=inputs,
+    )
+    results: dict[str, PruneResult] = method.prune_group(ctx)
+    missing = [n for n in INPUT_GROUPS[group] if n not in results]
+    if missing:
+        raise RuntimeError(f"method {method.name!r} returned no result for {missing} of group {group!r}")
+    return set_linears(layer, {n: (r.weight, r.mask) for n, r in results.items()})
+
+
+def prune_layer(
+    layer: DecoderLayer, hidden: jax.Array, cos, sin, method: PruningMethod, pattern: SparsityPattern,
+    batch_size: int,
+) -> tuple[DecoderLayer, jax.Array]:
+    """Wanda's reference order: every group's statistics from the dense layer first, then
+    prune the groups, then the pruned layer's outputs (two forward passes per layer)."""
+    stats = collect_stats(layer, hidden, cos, sin, batch_size, method.needs_hessian)
+    dense = layer
+    for group in INPUT_GROUPS:
+        inputs = group_inputs(dense, hidden, cos, sin, group, batch_size) if method.needs_inputs(group) else None
+        layer = prune_group(method, group, layer, dense, stats[group], pattern, hidden, cos, sin, batch_size,
+                            False, inputs)
+        del inputs
+    return layer, propagate(layer, hidden, cos, sin, batch_size)
+
+
 def prune_layer_true_sequential(
-    layer: DecoderLayer,
-    hidden: jax.Array,
-    cos,
-    sin,
-    method: PruningMethod,
-    pattern: SparsityPattern,
-    options: dict[str, Any],
+    layer: DecoderLayer, hidden: jax.Array, cos, sin, method: PruningMethod, pattern: SparsityPattern,
     batch_size: int,
 ) -> tuple[DecoderLayer, jax.Array]:
     """Prune q/k/v, then o, then gate/up, then down, each calibrated on the outputs of the
@@ -228,27 +181,23 @@ def prune_layer_true_sequential(
 
     One forward pass per layer (the layer-at-once order needs two: a dense one for the
     statistics and a pruned one for the outputs)."""
-    hess = needs_hessian(method, options)
+    hess = method.needs_hessian
     dense, layer_in = layer, hidden
 
-    def prune_group(layer, group, stats):
-        names = INPUT_GROUPS[group]
-        lins = layer.linears()
-        results = _group_hook(method, group, layer, dense, stats, pattern, options, layer_in, cos, sin, batch_size)
-        if results is None:
-            results = _prune_many(method, [lins[n].weight for n in names], stats, pattern, options)
-        return set_linears(layer, {n: (r.weight, r.mask) for n, r in zip(names, results, strict=True)})
+    def prune(layer, group, inputs):
+        stats = _group_stats(inputs, batch_size, hess)
+        return prune_group(method, group, layer, dense, stats, pattern, layer_in, cos, sin, batch_size, True, inputs)
 
     attn_in = _batched(lambda h: attn_input(layer, h), batch_size, hidden)
-    layer = prune_qkv(layer, _group_stats(attn_in, batch_size, hess), method, pattern, options, attn_in, cos, sin)
+    layer = prune(layer, "qkv", attn_in)
     del attn_in
     context = _batched(lambda h: attn_context(layer, h, cos, sin), batch_size, hidden)
-    layer = prune_group(layer, "o", _group_stats(context, batch_size, hess))
+    layer = prune(layer, "o", context)
     hidden = _batched(lambda h, c: after_attention(layer, h, c), batch_size, hidden, context)
     del context
-    layer = prune_group(layer, "gate_up", _group_stats(_batched(lambda h: mlp_input(layer, h), batch_size, hidden), batch_size, hess))
+    layer = prune(layer, "gate_up", _batched(lambda h: mlp_input(layer, h), batch_size, hidden))
     act = _batched(lambda h: mlp_hidden(layer, h), batch_size, hidden)
-    layer = prune_group(layer, "down", _group_stats(act, batch_size, hess))
+    layer = prune(layer, "down", act)
     return layer, _batched(lambda h, a: after_mlp(layer, h, a), batch_size, hidden, act)
 
 
@@ -276,7 +225,7 @@ def measured_sparsity(model: LlamaForCausalLM) -> tuple[dict[str, float], float]
         for name, lin in layer.linears().items():
             w = parallel.to_host(lin.effective_weight)
             z = int(w.size - np.count_nonzero(w))
-            per[f"model.layers.{i}.{_SUBMODULE[name]}.{name}"] = z / w.size
+            per[f"model.layers.{i}.{SUBMODULE[name]}.{name}"] = z / w.size
             zeros, total = zeros + z, total + w.size
     return per, zeros / total
 
@@ -284,9 +233,8 @@ def measured_sparsity(model: LlamaForCausalLM) -> tuple[dict[str, float], float]
 def prune_model(
     model: LlamaForCausalLM,
     calibration: np.ndarray,
-    method: str | PruningMethod,
+    method: PruningMethod,
     pattern: SparsityPattern,
-    options: dict[str, Any] | None = None,
     batch_size: int = 8,
     progress: bool = True,
     start_layer: int = 0,
@@ -297,6 +245,7 @@ def prune_model(
 ) -> tuple[LlamaForCausalLM, PruneReport]:
     """Prune every decoder layer of ``model`` in order on calibration windows (n, seqlen).
 
+    ``method`` is a configured method (``nlprune.methods.get_method(name, **options)``).
     ``start_layer`` with ``hidden`` (the inputs of that layer) resumes a run;
     ``on_layer_done(i, model, outputs_of_layer_i)`` is called after each layer (checkpoints);
     its time is not counted in ``prune_seconds``.
@@ -306,19 +255,18 @@ def prune_model(
     ``mesh``: run on a device mesh (``nlprune.parallel.parse_mesh``); None or one device is
     the one-device path.
     """
+    if not isinstance(method, PruningMethod):
+        raise TypeError(f"prune_model takes a configured method (nlprune.methods.get_method), not {method!r}")
     with parallel.use_mesh(mesh):
         return _prune_model(
-            model, calibration, method, pattern, options, batch_size, progress, start_layer, hidden,
-            on_layer_done, true_sequential,
+            model, calibration, method, pattern, batch_size, progress, start_layer, hidden, on_layer_done,
+            true_sequential,
         )
 
 
 def _prune_model(
-    model, calibration, method, pattern, options, batch_size, progress, start_layer, hidden, on_layer_done,
-    true_sequential,
+    model, calibration, method, pattern, batch_size, progress, start_layer, hidden, on_layer_done, true_sequential,
 ) -> tuple[LlamaForCausalLM, PruneReport]:
-    method = get_method(method) if isinstance(method, str) else method
-    options = method.resolve_options(**(options or {}))
     calibration = jnp.asarray(calibration, jnp.int32)
     cos, sin = parallel.replicate(rope_tables(model, calibration.shape[1]))
     start = time.perf_counter()
@@ -327,26 +275,12 @@ def _prune_model(
     hidden = parallel.shard_windows(hidden)
     layers = list(model.model.layers)
     seconds, checkpoint_seconds = [], 0.0
+    prune_one = prune_layer_true_sequential if true_sequential else prune_layer
     bar = tqdm(range(start_layer, len(layers)), desc=f"{method.name} {pattern.name}", unit="layer", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
-        layers[i] = parallel.place_layer(layers[i])
-        if true_sequential:
-            bar.set_postfix_str(f"layer {i}: sublayers in order")
-            layers[i], hidden = prune_layer_true_sequential(
-                layers[i], hidden, cos, sin, method, pattern, options, batch_size
-            )
-        else:
-            bar.set_postfix_str(f"layer {i}: statistics")
-            stats = collect_stats(layers[i], hidden, cos, sin, batch_size, needs_hessian(method, options))
-            bar.set_postfix_str(f"layer {i}: pruning")
-            attn_in = None
-            if hasattr(method, "prune_qk"):  # q/k see the raw inputs (the dense layer's: q/k/v come first)
-                attn_in = _batched(lambda h: attn_input(layers[i], h), batch_size, hidden)
-            layers[i] = prune_layer(layers[i], stats, method, pattern, options, attn_in, cos, sin)
-            del attn_in
-            bar.set_postfix_str(f"layer {i}: outputs")
-            hidden = propagate(layers[i], hidden, cos, sin, batch_size)
+        bar.set_postfix_str(f"layer {i}: " + ("sublayers in order" if true_sequential else "dense statistics first"))
+        layers[i], hidden = prune_one(parallel.place_layer(layers[i]), hidden, cos, sin, method, pattern, batch_size)
         hidden.block_until_ready()
         seconds.append(time.perf_counter() - t0)
         if on_layer_done is not None:

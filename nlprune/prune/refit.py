@@ -27,60 +27,24 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from nlprune.prune.base import LayerStats, PruneResult
-from nlprune.prune.patterns import DEFAULT_BLOCKSIZE
-from nlprune.prune.sparsegpt import (
-    _HIGHEST,
-    SparseGPT,
-    _obs_with_mask,
-    _push_errors,
-    _push_errors_to_later_blocks,
-)
+from nlprune.modeling.forward import after_attention, attn_context, mlp_hidden
+from nlprune.prune import obs
+from nlprune.prune.base import PruneResult
+from nlprune.prune.sparsegpt import stacked_by_shape
+from nlprune.prune.stats import LayerStats
+from nlprune.sparsity import DEFAULT_BLOCKSIZE
 
-_SUB = 16  # inputs visited one at a time before one matmul updates the rest of the block
-
-
-def _refit_block(wt: jax.Array, u: jax.Array, keep: jax.Array, sub: int) -> tuple[jax.Array, jax.Array]:
-    """OBS over one block (wt: (blocksize, out)) with a given keep mask: (wt, errors)."""
-
-    def visit_slab(s, carry):
-        wt, err = carry
-        start = s * sub
-        slab = lax.dynamic_slice_in_dim(wt, start, sub, axis=0)
-        u_slab = lax.dynamic_slice(u, (start, start), (sub, sub))
-        keep_slab = lax.dynamic_slice_in_dim(keep, start, sub, axis=0)
-        slab, slab_err = _obs_with_mask(slab, u_slab, keep_slab)
-        wt = _push_errors(wt, slab_err, u, start, start + sub)
-        wt = lax.dynamic_update_slice_in_dim(wt, slab, start, axis=0)
-        err = lax.dynamic_update_slice_in_dim(err, slab_err, start, axis=0)
-        return wt, err
-
-    return lax.fori_loop(0, wt.shape[0] // sub, visit_slab, (wt, jnp.zeros_like(wt)))
+HIGHEST = obs.HIGHEST
 
 
 def _refit_one(weight, keep, u, dead, blocksize: int) -> jax.Array:
     """Re-fitted weight (float32, exactly 0 off the mask) of one (out, in) weight."""
-    rows, n = weight.shape
-    wt = jnp.where(dead[:, None], 0.0, weight.astype(jnp.float32).T)
-    kt = keep.T
-    n_blocks = -(-n // blocksize)
-    pad = n_blocks * blocksize - n
-    wt = jnp.pad(wt, ((0, pad), (0, 0)))
-    kt = jnp.pad(kt, ((0, pad), (0, 0)), constant_values=True)  # padding: zero weight, kept, no error
-    u = jnp.pad(u, ((0, pad), (0, pad))) + jnp.diag(jnp.arange(n + pad) >= n).astype(u.dtype)
-    sub = max(s for s in range(1, min(_SUB, blocksize) + 1) if blocksize % s == 0)
+    sub = obs.sub_block_width(blocksize)
 
-    def visit_block(b, wt):
-        start = b * blocksize
-        block = lax.dynamic_slice_in_dim(wt, start, blocksize, axis=0)
-        u_block = lax.dynamic_slice(u, (start, start), (blocksize, blocksize))
-        k_block = lax.dynamic_slice_in_dim(kt, start, blocksize, axis=0)
-        block, err = _refit_block(block, u_block, k_block, sub)
-        wt = _push_errors_to_later_blocks(wt, err, u, b, n_blocks, blocksize)
-        return lax.dynamic_update_slice_in_dim(wt, block, start, axis=0)
+    def step(b, wt, u_block, k_block, n_real):
+        return obs.obs_block(wt, u_block, k_block, sub, n_real)
 
-    wt = lax.fori_loop(0, n_blocks, visit_block, wt)
-    return jnp.where(keep, wt[:n].T, 0.0)
+    return obs.obs_sweep(weight, u, dead, blocksize, step, keep=keep)[1]
 
 
 @functools.partial(jax.jit, static_argnames=("blocksize",))
@@ -105,13 +69,10 @@ def obs_refit(
     """
     if not stats.has_hessian:
         raise ValueError("the least-squares refit needs the Hessian X^T X: build the statistics with_hessian=True")
-    u, dead = SparseGPT.factor(stats, percdamp)
+    u, dead, _, _ = obs.factor(stats, percdamp)
     src = list(targets) if targets is not None else list(weights)
     results: list[PruneResult | None] = [None] * len(weights)
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, w in enumerate(weights):
-        by_shape.setdefault(tuple(w.shape), []).append(i)
-    for idx in by_shape.values():
+    for idx in stacked_by_shape(weights):
         w = jnp.stack([jnp.asarray(src[i], jnp.float32) for i in idx])
         k = jnp.stack([jnp.asarray(masks[i]).astype(bool) for i in idx])
         out = _refit_stacked(w, k, u, dead, blocksize)
@@ -123,12 +84,12 @@ def obs_refit(
 @jax.jit
 def corrected_target(weight: jax.Array, u: jax.Array, cross: jax.Array, hessian: jax.Array) -> jax.Array:
     """w* (out, in): w*^T = w0^T + (H + damping)^{-1} (X_p^T X_d - H) w0^T with H = X_p^T X_p
-    (``hessian``), (H + damping)^{-1} = U^T U (:meth:`SparseGPT.factor`), cross = X_p^T X_d.
+    (``hessian``), (H + damping)^{-1} = U^T U (:func:`nlprune.prune.obs.factor`), cross = X_p^T X_d.
 
     Undamped this is H^{-1} X_p^T X_d w0^T, the least-squares fit of the dense output; written
     as a correction of w0, the damping shrinks the *correction* (towards w0, not towards 0), and
     when X_p = X_d, w* = w0 exactly (SparseGPT's own target)."""
-    dot = functools.partial(jnp.matmul, precision=_HIGHEST)
+    dot = functools.partial(jnp.matmul, precision=HIGHEST)
     w0t = weight.astype(jnp.float32).T
     delta = dot(cross - hessian.astype(jnp.float32), w0t)
     return (w0t + dot(u.T, dot(u, delta))).T
@@ -137,7 +98,7 @@ def corrected_target(weight: jax.Array, u: jax.Array, cross: jax.Array, hessian:
 def linear_error(weight: jax.Array, dense: jax.Array, hessian: jax.Array) -> float:
     """sum_i (w_i - w0_i)^T H (w_i - w0_i) = ||X W^T - X W0^T||_F^2 (float)."""
     d = (weight - dense).astype(jnp.float32)
-    return float(jnp.sum(jnp.matmul(d, hessian, precision=_HIGHEST) * d))
+    return float(jnp.sum(jnp.matmul(d, hessian, precision=HIGHEST) * d))
 
 
 @functools.partial(jax.jit, static_argnames=("iters",))
@@ -146,7 +107,7 @@ def _cg_polish(w, target, keep, h, iters: int):
     row's kept support (rows in parallel; gradients projected on the mask, so the iterate
     stays exactly 0 off it). CG on the support is exact after |support| steps; fewer steps
     polish the OBS solution towards the row-wise least squares."""
-    dot = functools.partial(jnp.matmul, precision=_HIGHEST)
+    dot = functools.partial(jnp.matmul, precision=HIGHEST)
     keep = keep.astype(w.dtype)
     w = w * keep
     r = -keep * dot(w - target, h)
@@ -188,3 +149,64 @@ def cg_polish(results: Sequence[PruneResult], targets: Sequence[jax.Array], stat
         w = _cg_polish(r.weight.astype(jnp.float32), jnp.asarray(t, jnp.float32), r.mask, h, int(iters))
         out.append(PruneResult(r.mask, w.astype(r.weight.dtype)))
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Refit stages of a layer's o_proj and down_proj towards the dense sublayer's output
+# --------------------------------------------------------------------------------------------
+
+
+def _cross(hidden: jax.Array, batch_size: int, inputs_pair) -> jax.Array:
+    """X_p^T X_d summed over the calibration windows, batch by batch (``inputs_pair(h)`` gives
+    the pruned and the dense input of the linear for one batch, each (tokens, in))."""
+    cross = None
+    for start in range(0, hidden.shape[0], batch_size):
+        xp, xd = inputs_pair(hidden[start : start + batch_size])
+        part = jnp.matmul(xp.T, xd, precision=HIGHEST)
+        cross = part if cross is None else cross + part
+    return cross
+
+
+def o_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, mask: jax.Array, *,
+            refit: bool, corrected: bool, percdamp: float, blocksize: int, cg_iters: int) -> PruneResult:
+    """o_proj on a fixed ``mask``: the dense weight masked, or (``refit``) re-fitted by least
+    squares on its pruned input (``stats``: the context of the already-pruned q/k/v). With
+    ``corrected`` (and ``hidden``, the layer's calibration inputs) the target is the *dense*
+    attention output on the same inputs (:func:`corrected_target`), so o also absorbs what
+    pruning q, k and v changed."""
+    w0 = dense_layer.self_attn.o_proj.effective_weight
+    mask = jnp.asarray(mask).astype(bool)
+    if not refit:
+        return PruneResult(mask, jnp.where(mask, w0, 0).astype(w0.dtype))
+    target = w0
+    if corrected and hidden is not None:
+        u = obs.factor(stats, percdamp).u
+        cross = _cross(hidden, batch_size, lambda h: (
+            attn_context(layer, h, cos, sin).reshape(-1, w0.shape[1]),
+            attn_context(dense_layer, h, cos, sin).reshape(-1, w0.shape[1]),
+        ))
+        target = corrected_target(w0, u, cross, stats.hessian)
+    (res,) = obs_refit([w0], [mask], stats, percdamp=percdamp, blocksize=blocksize, targets=[target])
+    (res,) = cg_polish([res], [target], stats, cg_iters, percdamp)
+    return res
+
+
+def down_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, weights, masks, *,
+               percdamp: float, blocksize: int, cg_iters: int) -> list[PruneResult]:
+    """down_proj re-fitted on its fixed ``masks`` towards the *dense* MLP's output on the
+    same residual stream (the already-pruned attention's): its input X_p = act(gate_p, up_p),
+    the dense one X_d = act(gate_0, up_0) on the same normalised stream, and the target
+    weight :func:`corrected_target`, so down also absorbs what pruning gate and up changed.
+    ``hidden``: the layer's calibration inputs (None: SparseGPT's target)."""
+    (w0,) = weights
+    target = w0
+    if hidden is not None:
+        u = obs.factor(stats, percdamp).u
+
+        def pair(h):
+            mid = after_attention(layer, h, attn_context(layer, h, cos, sin))
+            return (mlp_hidden(layer, mid).reshape(-1, w0.shape[1]), mlp_hidden(dense_layer, mid).reshape(-1, w0.shape[1]))
+
+        target = corrected_target(w0, u, _cross(hidden, batch_size, pair), stats.hessian)
+    results = obs_refit([w0], masks, stats, percdamp=percdamp, blocksize=blocksize, targets=[target])
+    return cg_polish(results, [target], stats, cg_iters, percdamp)

@@ -2,7 +2,7 @@
 cold and then a warm XLA compilation cache, as the issue's reference figures are measured:
 pruning only (results.json's ``prune_seconds``: no model load, evaluation or checkpoint writes).
 
-    .venv/bin/python scripts/bench_prune_time.py --data-dir ../shared/data --repeats 2 \
+    .venv/bin/python benchmarks/bench_prune_time.py --data-dir ../shared/data --repeats 2 \
         --output benchmarks/prune_time.json
 
 Each run is its own `nlprune prune` process. "cold" points NLPRUNE_CACHE_DIR at an empty
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _bench import machine_line, write_json
+from common import machine_line, write_json
 
 REFERENCE_SECONDS = {"wanda": 22.0, "sparsegpt": 48.0}  # the original PyTorch code, this machine kind
 

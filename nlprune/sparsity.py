@@ -1,4 +1,4 @@
-"""Sparsity patterns: which entries of a score matrix survive.
+"""Sparsity patterns: which entries of a score matrix survive (the ground floor of pruning).
 
 Every pruning method reduces to "score each weight, keep the best". This module owns the
 second half: turning scores into an exact binary mask for a pattern, and checking masks.
@@ -97,7 +97,7 @@ def parse_pattern(sparsity_type: str, ratio: float | None = None) -> SparsityPat
     return SparsityPattern(implied if ratio is None else float(ratio), n, m)
 
 
-def _sortable_keys(scores: jax.Array) -> jax.Array:
+def sortable_keys(scores: jax.Array) -> jax.Array:
     """int32 keys with the same order as the float32 scores (IEEE bits, negatives flipped)."""
     scores = scores.astype(jnp.float32)
     scores = jnp.where(scores == 0, 0.0, scores)  # -0.0 ties with +0.0, as in a sort
@@ -106,14 +106,14 @@ def _sortable_keys(scores: jax.Array) -> jax.Array:
 
 
 def _count_dtype(width: int) -> jnp.dtype:
-    """float32 counts are exact below 2**24 and reduce several times faster than int32 on CPU."""
+    """float32 counts are exact below 2**24 and reduce faster than int32 on CPU."""
     return jnp.float32 if width < 2**24 else jnp.int32
 
 
 def _kth_smallest_key(keys: jax.Array, k: int | jax.Array) -> jax.Array:
     """Per row of ``keys`` (last axis), the k-th smallest value (1-based), by bisection.
 
-    A full sort per row is ~6x slower on CPU than ~30 vectorised counting passes.
+    ~30 vectorised counting passes instead of a full sort per row (slower on CPU).
     """
     count_dtype = _count_dtype(keys.shape[-1])
     lo, hi = keys.min(-1), keys.max(-1)
@@ -133,7 +133,7 @@ def _kth_smallest_key(keys: jax.Array, k: int | jax.Array) -> jax.Array:
     return lo
 
 
-def _keep_top_k_last_axis(scores: jax.Array, n_prune: int | jax.Array) -> jax.Array:
+def keep_top_k_last_axis(scores: jax.Array, n_prune: int | jax.Array) -> jax.Array:
     """Boolean mask that drops exactly the ``n_prune`` lowest scores along the last axis.
 
     Ties are broken by position (the earlier index is pruned first) so the count is exact.
@@ -144,7 +144,7 @@ def _keep_top_k_last_axis(scores: jax.Array, n_prune: int | jax.Array) -> jax.Ar
         return jnp.ones(scores.shape, bool)
     if isinstance(n_prune, int) and n_prune >= width:
         return jnp.zeros(scores.shape, bool)
-    keys = _sortable_keys(scores)
+    keys = sortable_keys(scores)
     if width <= 16:
         # N:M groups: an M x M comparison table is cheaper than sorting many tiny rows.
         earlier = jnp.tril(jnp.ones((width, width), bool), k=-1)  # earlier[i, j] = j < i
@@ -190,12 +190,12 @@ def mask_from_scores(
     if pattern.is_nm:
         pattern.check_width(in_f)
         grouped = scores.reshape(*scores.shape[:-1], in_f // pattern.m, pattern.m)
-        return _keep_top_k_last_axis(grouped, pattern.m - pattern.n).reshape(scores.shape)
+        return keep_top_k_last_axis(grouped, pattern.m - pattern.n).reshape(scores.shape)
     if group == "row":
-        return _keep_top_k_last_axis(scores, int(in_f * pattern.ratio))
+        return keep_top_k_last_axis(scores, int(in_f * pattern.ratio))
     if group == "matrix":
         flat = scores.reshape(*scores.shape[:-2], out_f * in_f)
-        return _keep_top_k_last_axis(flat, int(out_f * in_f * pattern.ratio)).reshape(scores.shape)
+        return keep_top_k_last_axis(flat, int(out_f * in_f * pattern.ratio)).reshape(scores.shape)
     if group == "block":
         return jnp.concatenate(
             [

@@ -20,17 +20,15 @@ tokens of one calibration window, W = W_Q,h W_K,g^T / sqrt(hd), RoPE ignored), a
 real factorised q/k objective of one KV group (the box bound of
 :func:`nlprune.prune.nonlinear.certified_qk_bound` against the top eigenvalue at M = 1).
 
-    python scripts/nonlinear_layers.py --data-dir ../shared/data [--layers 0 5 10] \\
+    python benchmarks/nonlinear_layers.py --data-dir ../shared/data [--layers 0 5 10] \\
         [--configs paper ste] [--output runs/nonlinear_layers.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -40,12 +38,16 @@ import numpy as np
 
 from nlprune import api
 from nlprune.data import calibration_windows, eval_windows
-from nlprune.eval.attention_error import _layer_attention_error
+from nlprune.eval.attention_error import layer_attention_error
 from nlprune.modeling.forward import attn_input, embed, rope_tables, run_layer
+from nlprune.methods import get_method
+from nlprune.modeling.masks import set_linears
 from nlprune.nonlinear import binarize, certified_lipschitz_bound, dense_target, loss, top_hessian_eigenvalue
-from nlprune.prune import LayerStats, get_method, parse_pattern
-from nlprune.prune import nonlinear as nl
-from nlprune.prune.pipeline import set_linears
+from nlprune.nonlinear import groups, lipschitz, qk
+from nlprune.nonlinear.method import wanda_init
+from nlprune.prune import LayerStats
+from nlprune.sparsity import parse_pattern
+from common import write_json
 
 # name -> solve_qk options, plus "init" (ones | wanda) and "binarize" (row | magnitude).
 # mb1 = one calibration window per step (cycling through the 8), 1/8 of a full-batch step.
@@ -97,10 +99,10 @@ def layer_inputs(model, windows: np.ndarray, layers: list[int]) -> dict[int, jax
 def attention_error(layer, wq, wk, h_eval, cos, sin) -> float:
     """Held-out attention error of ``layer`` with only q/k replaced by (wq, wk)."""
     pruned = set_linears(layer, {"q_proj": (wq, jnp.ones_like(wq)), "k_proj": (wk, jnp.ones_like(wk))})
-    return float(_layer_attention_error(layer, pruned, h_eval, cos, sin)) / h_eval.shape[0]
+    return float(layer_attention_error(layer, pruned, h_eval, cos, sin)) / h_eval.shape[0]
 
 
-def run_config(layer, X, cos, sin, pattern, cfg: dict[str, Any]) -> tuple[jax.Array, jax.Array, nl.QKSolution, float]:
+def run_config(layer, X, cos, sin, pattern, cfg: dict[str, Any]) -> tuple[jax.Array, jax.Array, qk.QKSolution, float]:
     cfg = dict(cfg)
     init_kind, how, ste = cfg.pop("init", "ones"), cfg.pop("binarize", "row"), cfg.pop("ste", False)
     attn = layer.self_attn
@@ -109,8 +111,8 @@ def run_config(layer, X, cos, sin, pattern, cfg: dict[str, Any]) -> tuple[jax.Ar
     init = None
     if init_kind == "wanda":
         norms = LayerStats.from_inputs(X, with_hessian=False).norms
-        init = tuple(nl.wanda_init(w, norms, pattern, ste) for w in (wq, wk))
-    sol = nl.solve_qk(attn, X, cos, sin, init=init, straight_through=pattern if ste else None, **cfg)
+        init = tuple(wanda_init(w, norms, pattern, ste) for w in (wq, wk))
+    sol = qk.solve_qk(attn, X, cos, sin, init=init, straight_through=pattern if ste else None, **cfg)
     mq, mk = binarize(sol.mask_q, wq, pattern, how), binarize(sol.mask_k, wk, pattern, how)
     mk.block_until_ready()
     return mq, mk, sol, time.perf_counter() - start
@@ -131,15 +133,14 @@ def bound_vs_eigen(layer, X, cos, sin, lam: float, tokens: int) -> dict[str, flo
     eig = top_hessian_eigenvalue(loss, jnp.ones_like(W), x[None], W, target, lam, iters=50).magnitude
     t1 = time.perf_counter()
 
-    groups = nl.split_groups(attn)
-    masks, rest = nl.partition_masks(groups)
-    g_masks, g_rest = nl._tree_index(masks, 0), nl._tree_index(rest, 0)
+    masks, rest = groups.partition_masks(groups.split_groups(attn))
+    g_masks, g_rest = groups.tree_index(masks, 0), groups.tree_index(rest, 0)
     dense = eqx.combine(g_masks, g_rest)
     xw = X[:1, :tokens]
     c, s = cos[:tokens], sin[:tokens]
-    real_bound = nl.certified_qk_bound(dense, xw, c, s, lam)
-    tgt = nl.group_probs(dense, xw, c, s)
-    vg = nl.make_value_and_grad(None, 1.0)
+    real_bound = lipschitz.certified_qk_bound(dense, xw, c, s, lam)
+    tgt = groups.group_probs(dense, xw, c, s)
+    vg = qk.make_value_and_grad(None, 1.0)
     real_eig = top_hessian_eigenvalue(lambda m: vg(m, g_rest, xw, c, s, tgt, lam)[0], g_masks, iters=50).magnitude
     return {
         "merged_bound": merged_bound, "merged_top_eig": eig, "merged_ratio": merged_bound / eig,
@@ -218,9 +219,7 @@ def main() -> None:
         "eval_windows": args.eval_windows, "configs": {k: CONFIGS[k] for k in args.configs},
         "rows": rows, "summary": summary, "machine": api.machine(),
     }
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(args.output, record)
 
     print(f"\nattention error (held-out, q/k at {pattern.ratio:g}), per layer; ratio = geometric mean vs wanda")
     print(f"{'method':<22}" + "".join(f"{'L' + str(r['layer']):>10}" for r in rows) + f"{'vs wanda':>10}{'s/layer':>9}")
@@ -234,7 +233,6 @@ def main() -> None:
             b = r["bounds"]
             print(f"{r['layer']:<7}{b['merged_bound']:>14.3e}{b['merged_top_eig']:>11.3e}{b['merged_ratio']:>9.1f}"
                   f"{b['real_box_bound']:>16.3e}{b['real_top_eig_at_ones']:>11.3e}{b['real_ratio']:>10.1f}")
-    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

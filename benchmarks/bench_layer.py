@@ -1,7 +1,7 @@
 """Where a forward pass spends its time: one SmolLM2 decoder layer's pieces, nlprune vs
 transformers, float32, on the same 8 x 512 hidden states.
 
-    .venv/bin/python scripts/bench_layer.py --repeats 7 --output benchmarks/layer.json
+    .venv/bin/python benchmarks/bench_layer.py --repeats 7 --output benchmarks/layer.json
 
 Pieces: the MLP (post-attention norm + SwiGLU), the attention block (input norm + attention +
 o_proj), the whole layer, and the LM head with the summed NLL. Each piece of ours and of
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from _bench import load_hf_reference, machine_line, median, timed, write_json
+from common import load_hf_reference, machine_line, median, timed, write_json
 from nlprune import api
 from nlprune.eval.perplexity import window_nll
 from nlprune.modeling.forward import embed, rope_tables, run_layer

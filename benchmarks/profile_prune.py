@@ -1,6 +1,6 @@
 """Where a prune's time goes: seconds per stage, summed over layers, for any method and options.
 
-    .venv/bin/python scripts/profile_prune.py --data-dir ../shared/data --prune-method nonlinear \
+    .venv/bin/python benchmarks/profile_prune.py --data-dir ../shared/data --prune-method nonlinear \
         --options '{"recipe": "best"}' --layers 6 --output benchmarks/profile/nonlinear-best.json
 
 Prunes the first --layers decoder layers of the model (the pipeline as `nlprune prune` runs it,
@@ -28,24 +28,24 @@ import jax
 
 from nlprune import api
 from nlprune.data import calibration_windows
-from nlprune.prune import parse_pattern, pipeline
-from nlprune.prune import nonlinear as nl
-from nlprune.prune import nonlinear_output as nlo
-from nlprune.prune import refit as rf
+from nlprune.methods import get_method
+from nlprune.nonlinear import method as nonlinear_method
+from nlprune.prune import pipeline
 from nlprune.prune.base import PruningMethod
+from nlprune.sparsity import parse_pattern
 
 # (owner, attribute, stage name): the functions timed, looked up where their callers find them
 STAGES = [
     (pipeline, "_batched", "forward passes (batched)"),
     (pipeline, "_group_stats", "statistics (norms, X^T X)"),
     (PruningMethod, "prune_many", "linear methods' prune_many"),
-    (nl, "solve_qk", "nonlinear: q/k mask solve"),
-    (nlo, "refit_attention", "nonlinear: q/k gradient refit"),
-    (nlo, "prune_attention_output", "nonlinear: output-objective solve"),
-    (nlo, "o_stage", "nonlinear: o_proj stage"),
-    (nlo, "down_stage", "nonlinear: down_proj stage"),
-    (rf, "obs_refit", "refit: least squares on a fixed mask"),
-    (rf, "cg_polish", "refit: CG polish"),
+    (nonlinear_method, "solve_qk", "nonlinear: q/k mask solve"),
+    (nonlinear_method, "refit_attention", "nonlinear: q/k gradient refit"),
+    (nonlinear_method, "prune_attention_output", "nonlinear: output-objective solve"),
+    (nonlinear_method, "o_stage", "nonlinear: o_proj stage"),
+    (nonlinear_method, "down_stage", "nonlinear: down_proj stage"),
+    (nonlinear_method, "obs_refit", "refit: least squares on a fixed mask"),
+    (nonlinear_method, "cg_polish", "refit: CG polish"),
 ]
 
 
@@ -131,7 +131,7 @@ def main() -> None:
         per_layer.append(timers.snapshot())
 
     with timers.installed():
-        _, report = pipeline.prune_model(model, windows, args.prune_method, pattern, options,
+        _, report = pipeline.prune_model(model, windows, get_method(args.prune_method, **options), pattern,
                                          on_layer_done=on_layer_done)
     # seconds of each stage in layer 0 and in the layers after it
     first = per_layer[0]
@@ -149,7 +149,7 @@ def main() -> None:
     mean_rest = sum(layer_s[1:]) / (len(layer_s) - 1)
     print(f"{args.prune_method} {options} {pattern.name}: layer 0 {layer_s[0]:.2f} s, "
           f"layers 1-{len(layer_s) - 1} {mean_rest:.2f} s each (mean)")
-    print(f"| stage | layer 0 s | s per later layer | share | calls per layer |\n|---|---|---|---|---|")
+    print("| stage | layer 0 s | s per later layer | share | calls per layer |\n|---|---|---|---|---|")
     for r in sorted(rows, key=lambda r: -r["per_layer_s"]):
         calls = "-" if r["calls_per_layer"] is None else f"{r['calls_per_layer']:.0f}"
         print(f"| {r['stage']} | {r['layer0_s']:.2f} | {r['per_layer_s']:.3f} | "

@@ -33,11 +33,11 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
-from nlprune.nonlinear import lipschitz as lip
-from nlprune.nonlinear import objective as obj
-from nlprune.prune.patterns import (
+from nlprune.nonlinear.lipschitz import certified_lipschitz_bound, segment_curvature_bound
+from nlprune.nonlinear import objective
+from nlprune.nonlinear.curvature import curvature_estimate
+from nlprune.sparsity import (
     PatternError,
     SparsityPattern,
     assert_mask,
@@ -45,7 +45,7 @@ from nlprune.prune.patterns import (
     parse_pattern,
 )
 
-STEP_RULES = ("certified", "backtracking", "fixed", "certified_local")
+STEP_RULES = ("fixed", "certified", "certified_local", "backtracking")
 BINARIZE_MODES = ("row", "matrix", "magnitude")
 
 ValueAndGrad = Callable[..., tuple[jax.Array, Any]]
@@ -89,22 +89,6 @@ def _tree_sqdist(x, y):
 
 def _project(params, enabled: bool):
     return jax.tree.map(lambda m: jnp.clip(m, 0, 1), params) if enabled else params
-
-
-def curvature_estimate(value_and_grad_fn: ValueAndGrad, params, args, iters: int) -> jax.Array:
-    """|lambda_max| of the Hessian at ``params`` by power iteration on HVPs (pure JAX)."""
-    flat, unravel = ravel_pytree(params)
-
-    def grad_flat(f):
-        return ravel_pytree(value_and_grad_fn(unravel(f), *args)[1])[0]
-
-    def body(_, v):
-        w = jax.jvp(grad_flat, (flat,), (v,))[1]
-        return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(w.dtype).tiny)
-
-    v = jax.random.normal(jax.random.PRNGKey(0), flat.shape, flat.dtype)  # seeded: repeatable
-    v = jax.lax.fori_loop(0, iters, body, v / jnp.linalg.norm(v))
-    return jnp.abs(jnp.vdot(v, jax.jvp(grad_flat, (flat,), (v,))[1]))
 
 
 def gd_core(
@@ -201,6 +185,27 @@ def gd_core(
         step_fn, (params, loss0, g0, eta), None, length=config.steps
     )
     return p_T, jnp.concatenate([loss0[None], losses]), etas
+
+
+def minibatch_rounds(run, params, X: jax.Array, target, batch: int, rounds: int):
+    """Algorithm 1 on mini-batches: ``rounds`` calls of ``run(params, X_b, target_b)`` (each a
+    :func:`gd_core` of a few steps) on the next ``batch`` windows, cycling; one call on all
+    windows when ``batch`` is their number. Returns (params, losses (rounds, steps + 1),
+    step sizes (rounds, steps)); ``target`` may be None (recomputed by ``run``)."""
+    if batch == X.shape[0]:  # full batch: one gd_core call of all the steps
+        p, losses, etas = run(params, X, target)
+        return p, losses[None], etas[None]
+    n_batches = X.shape[0] // batch
+
+    def round_(p, r):
+        start = (r % n_batches) * batch
+        Xb = jax.lax.dynamic_slice_in_dim(X, start, batch)
+        Tb = None if target is None else jax.lax.dynamic_slice_in_dim(target, start, batch)
+        p, losses, etas = run(p, Xb, Tb)
+        return p, (losses, etas)
+
+    p, (losses, etas) = jax.lax.scan(round_, params, jnp.arange(rounds))
+    return p, losses, etas
 
 
 _gd_core_jit = jax.jit(gd_core, static_argnums=(0, 4, 5))
@@ -376,7 +381,7 @@ def solve_merged(
     if not (math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam}")
     _validate_common(steps, rule, eta)
-    X = obj._batched(X)
+    X = objective.as_batched(X)
     W = jnp.asarray(W)
     d = X.shape[-1]
     if W.shape != (d, d):
@@ -386,18 +391,18 @@ def solve_merged(
     M0 = jnp.ones_like(W) if init is None else jnp.asarray(init, dtype=dtype)
     if M0.shape != W.shape:
         raise ValueError(f"init must have W's shape {W.shape}, got {M0.shape}")
-    target = obj.dense_target(X, W) if target is None else jnp.asarray(target, dtype=dtype)
+    target = objective.dense_target(X, W) if target is None else jnp.asarray(target, dtype=dtype)
     if lipschitz is None and (
         rule in ("certified", "certified_local") or (rule == "fixed" and require_certified)
     ):
-        lipschitz = lip.certified_lipschitz_bound(X, W, lam, target)
+        lipschitz = certified_lipschitz_bound(X, W, lam, target)
     if rule == "certified_local":
-        gd_kwargs.setdefault("segment_bound_fn", lip.segment_curvature_bound)
+        gd_kwargs.setdefault("segment_bound_fn", segment_curvature_bound)
     if rule == "fixed" and eta is None:
         eta = paper_synthetic_eta(lam)
 
     return gradient_descent(
-        obj.value_and_grad_closed_form,
+        objective.value_and_grad_closed_form,
         M0,
         (X, W, target, jnp.asarray(lam, dtype)),
         steps=steps,

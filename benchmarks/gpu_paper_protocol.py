@@ -1,8 +1,8 @@
 """The paper protocol on a GPU: SmolLM2-135M, every method, 8 x 2048 calibration tokens,
 128 x 2048 C4 evaluation tokens (METHOD.md section 5), at 50% unstructured and 2:4.
 
-    .venv/bin/python scripts/gpu_paper_protocol.py --data-dir ../shared/data            # run it
-    .venv/bin/python scripts/gpu_paper_protocol.py --data-dir ../shared/data --dry-run  # check it
+    .venv/bin/python benchmarks/gpu_paper_protocol.py --data-dir ../shared/data            # run it
+    .venv/bin/python benchmarks/gpu_paper_protocol.py --data-dir ../shared/data --dry-run  # check it
 
 Each row is one `nlprune prune ... --eval` process (the same command as on a CPU; JAX picks
 the GPU, --mesh defaults to every device on 'data'); the dense perplexity is each run's

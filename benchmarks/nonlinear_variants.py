@@ -15,17 +15,15 @@ measured on held-out C4 validation windows:
 and the pruning seconds of the layer (the first layer of a configuration includes compilation;
 the summary reports the median). Calibration: cpu protocol (8 x 512 C4 train, seed 0).
 
-    python scripts/nonlinear_variants.py --data-dir ../shared/data --layers 0 10 20 29 \\
+    python benchmarks/nonlinear_variants.py --data-dir ../shared/data --layers 0 10 20 29 \\
         [--sparsity-type 2:4] [--configs ...] --output benchmarks/nonlinear/variants_unstructured.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -36,9 +34,11 @@ import numpy as np
 from nlprune import api
 from nlprune.data import calibration_windows, eval_windows
 from nlprune.modeling.forward import rope_tables
-from nlprune.prune import get_method, parse_pattern
-from nlprune.prune import nonlinear as nl
+from nlprune.methods import get_method
+from nlprune.nonlinear import method as nonlinear_method
 from nlprune.prune.pipeline import prune_layer_true_sequential
+from nlprune.sparsity import parse_pattern
+from common import write_json
 from nonlinear_layers import layer_inputs as dense_inputs  # the dense model's inputs to each layer
 
 STE = {"straight_through": True}
@@ -123,18 +123,17 @@ def main() -> None:
         for name in args.configs:
             method_name, options = CONFIGS[name]
             options = dict(options)
-            nl.REFIT_O_TARGET = "input" if options.pop("_o_input", False) else "dense"
-            nl.REFIT_DOWN_TARGET = "input" if options.pop("_down_input", False) else "dense"
-            method = get_method(method_name)
-            options = method.resolve_options(**options)
+            nonlinear_method.REFIT_O_TARGET = "input" if options.pop("_o_input", False) else "dense"
+            nonlinear_method.REFIT_DOWN_TARGET = "input" if options.pop("_down_input", False) else "dense"
+            method = get_method(method_name, **options)
             start = time.perf_counter()
-            pruned, out = prune_layer_true_sequential(dense, h_cal[li], cos, sin, method, pattern, options, 8)
+            pruned, out = prune_layer_true_sequential(dense, h_cal[li], cos, sin, method, pattern, 8)
             out.block_until_ready()
             row["seconds"][name] = time.perf_counter() - start
             p, a, l = (float(v) for v in _errors(dense, pruned, h_eval[li], cos, sin))
             row["probs"][name], row["attn"][name], row["layer_err"][name] = p, a, l
             print(f"layer {li} {name:<26} probs {p:.3e} attn {a:.4f} layer {l:.4f} {row['seconds'][name]:6.1f} s", flush=True)
-        nl.REFIT_O_TARGET = nl.REFIT_DOWN_TARGET = "dense"
+        nonlinear_method.REFIT_O_TARGET = nonlinear_method.REFIT_DOWN_TARGET = "dense"
         rows.append(row)
 
     base = {r["layer"]: r for r in rows}
@@ -151,16 +150,13 @@ def main() -> None:
         "eval_windows": args.eval_windows, "configs": {k: CONFIGS[k] for k in args.configs},
         "rows": rows, "summary": summary, "machine": api.machine(),
     }
-    out_path = Path(args.output)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_json(args.output, record)
     print(f"\n{pattern.name} at {pattern.ratio:g}; geometric mean over layers {args.layers} of the ratio to wanda")
     print(f"{'config':<26}{'probs':>9}{'attn':>9}{'layer':>9}{'s/layer':>9}")
     for m in args.configs:
         s = summary[m]
         f = lambda v: f"{v:>9.3f}" if v is not None else f"{'-':>9}"  # noqa: E731
         print(f"{m:<26}{f(s['probs_vs_wanda'])}{f(s['attn_vs_wanda'])}{f(s['layer_err_vs_wanda'])}{s['median_seconds']:>9.2f}")
-    print(f"\nwrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Perplexity evaluation: nlprune vs transformers on the same token windows, float32.
 
-    .venv/bin/python scripts/bench_eval.py --data-dir ../shared/data --nsamples 128 --seqlen 512
+    .venv/bin/python benchmarks/bench_eval.py --data-dir ../shared/data --nsamples 128 --seqlen 512
 
 Tokenizes C4 validation once (nlprune's data path), then computes the perplexity of the same
 windows with nlprune and with transformers in one process. The two alternate batch by batch
@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import jax.numpy as jnp
 
-from _bench import hf_window_nll, load_hf_reference, machine_line, median, write_json
+from common import hf_window_nll, load_hf_reference, machine_line, median, write_json
 from nlprune import api
 from nlprune.data import eval_windows
 from nlprune.eval.perplexity import batch_nll

@@ -7,7 +7,7 @@ input's statistics (X^T X only if the method needs it) + pruning its weights wit
 ``prune_many``, as the pipeline does. Reports the median of ``--repeats`` runs after a
 warm-up (which compiles), and the 30-layer extrapolation.
 
-    python scripts/bench_methods.py [--methods wanda sparsegpt] [--sparsity-type 2:4]
+    python benchmarks/bench_methods.py [--methods wanda sparsegpt] [--sparsity-type 2:4]
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import time
 import jax
 import numpy as np
 
-from nlprune.prune import LayerStats, available_methods, get_method, parse_pattern
+from nlprune.methods import available_methods, get_method
+from nlprune.prune import LayerStats
+from nlprune.sparsity import parse_pattern
 
 HIDDEN, KV, INTERMEDIATE = 576, 192, 1536
 N_LAYERS = 30

@@ -1,4 +1,4 @@
-"""The non-linear q/k method on real Llama layers: per-group vmap, the loss, the step rules,
+"""The non-linear q/k solve (nlprune.nonlinear.qk, groups) on real Llama layers: per-group vmap, the loss, the step rules,
 the attention it optimises, and `nlprune prune --prune-method nonlinear` end to end."""
 
 from __future__ import annotations
@@ -15,12 +15,14 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from nlprune.cli import main as cli_main
+from nlprune.methods import get_method
 from nlprune.modeling.forward import rope_tables
 from nlprune.modeling.llama import LlamaConfig, init_llama
-from nlprune.nonlinear import binarize
-from nlprune.prune import LayerStats, get_method, parse_pattern
-from nlprune.prune import nonlinear as nl
-from nlprune.prune.pipeline import set_linears
+from nlprune.modeling.masks import set_linears
+from nlprune.nonlinear import binarize, groups, lipschitz, qk
+from nlprune.nonlinear.method import wanda_init
+from nlprune.prune import LayerStats
+from nlprune.sparsity import parse_pattern
 
 PATTERN = parse_pattern("unstructured", 0.5)
 
@@ -46,9 +48,9 @@ def tiny_layer(
 
 
 def group_problem(layer, X, cos, sin, g: int = 0):
-    masks, rest = nl.partition_masks(nl.split_groups(layer.self_attn))
-    m, r = nl._tree_index(masks, g), nl._tree_index(rest, g)
-    target = nl.group_probs(eqx.combine(m, r), X, cos, sin)
+    masks, rest = groups.partition_masks(groups.split_groups(layer.self_attn))
+    m, r = groups.tree_index(masks, g), groups.tree_index(rest, g)
+    target = groups.group_probs(eqx.combine(m, r), X, cos, sin)
     return m, r, target
 
 
@@ -63,21 +65,21 @@ def test_method_attention_is_the_models_attention(bias):
     key_q, key_k = jax.random.split(jax.random.PRNGKey(7))
     mq = jax.random.bernoulli(key_q, 0.5, attn.q_proj.weight.shape).astype(jnp.float32)
     mk = jax.random.uniform(key_k, attn.k_proj.weight.shape)  # relaxed masks too
-    groups = nl.with_qk_masks(nl.split_groups(attn), mq, mk)
-    ours = nl.stacked_probs(groups, X, cos, sin)  # (G, n, rep, seq, seq)
+    stack = groups.with_qk_masks(groups.split_groups(attn), mq, mk)
+    ours = groups.stacked_probs(stack, X, cos, sin)  # (G, n, rep, seq, seq)
     masked = set_linears(layer, {"q_proj": (attn.q_proj.weight, mq), "k_proj": (attn.k_proj.weight, mk)}).self_attn
     theirs = jax.vmap(lambda x: masked.attention_probs(*masked.project_qk(x, cos, sin)))(X)  # (n, H, seq, seq)
     G, n, rep = ours.shape[:3]
     ours = ours.transpose(1, 0, 2, 3, 4).reshape(n, G * rep, *ours.shape[-2:])
     np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=1e-6, atol=1e-7)
     # and the masked attention really differs from the dense one (the check has teeth)
-    assert float(jnp.abs(ours - nl.stacked_probs(nl.split_groups(attn), X, cos, sin).transpose(1, 0, 2, 3, 4).reshape(ours.shape)).max()) > 1e-3
+    assert float(jnp.abs(ours - groups.stacked_probs(groups.split_groups(attn), X, cos, sin).transpose(1, 0, 2, 3, 4).reshape(ours.shape)).max()) > 1e-3
 
 
 def test_loss_is_zero_at_ones_with_finite_gradient_that_matches_finite_differences():
     layer, X, cos, sin = tiny_layer()
     m, r, target = group_problem(layer, X, cos, sin)
-    vg = jax.jit(nl.make_value_and_grad(None, 1.0))
+    vg = jax.jit(qk.make_value_and_grad(None, 1.0))
     value, grad = vg(m, r, X, cos, sin, target, 0.0)
     assert abs(float(value)) < 1e-9
     flat_g = ravel_pytree(grad)[0]
@@ -112,8 +114,8 @@ def test_chunked_gradient_equals_all_windows_at_once():
         layer, X, cos, sin = (to_float64(t) for t in tiny_layer())
         m, r, target = group_problem(layer, X, cos, sin)
         m = jax.tree.map(lambda a: a * 0.7, m)
-        full = jax.jit(nl.make_value_and_grad(None, 1.0))(m, r, X, cos, sin, target, 0.05)
-        chunked = jax.jit(nl.make_value_and_grad(2, 1.0))(m, r, X, cos, sin, None, 0.05)  # target recomputed per chunk
+        full = jax.jit(qk.make_value_and_grad(None, 1.0))(m, r, X, cos, sin, target, 0.05)
+        chunked = jax.jit(qk.make_value_and_grad(2, 1.0))(m, r, X, cos, sin, None, 0.05)  # target recomputed per chunk
         assert full[0].dtype == jnp.float64
         assert float(chunked[0]) == pytest.approx(float(full[0]), rel=1e-12)
         g_full, g_chunked = ravel_pytree(full[1])[0], ravel_pytree(chunked[1])[0]
@@ -137,8 +139,8 @@ def test_vmap_over_groups_equals_a_loop_over_groups(kwargs):
     spread) could reorder entries at the binarisation threshold."""
     with jax.enable_x64(True):
         layer, X, cos, sin = (to_float64(t) for t in tiny_layer())
-        a = nl.solve_qk(layer.self_attn, X, cos, sin, vmap=True, **kwargs)
-        b = nl.solve_qk(layer.self_attn, X, cos, sin, vmap=False, **kwargs)
+        a = qk.solve_qk(layer.self_attn, X, cos, sin, vmap=True, **kwargs)
+        b = qk.solve_qk(layer.self_attn, X, cos, sin, vmap=False, **kwargs)
         assert a.mask_q.dtype == jnp.float64
         np.testing.assert_allclose(a.mask_q, b.mask_q, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(a.mask_k, b.mask_k, rtol=1e-10, atol=1e-12)
@@ -151,7 +153,7 @@ def test_vmap_over_groups_equals_a_loop_over_groups(kwargs):
 @pytest.mark.parametrize("rule", ["certified", "certified_local", "backtracking"])
 def test_guaranteed_rules_never_increase_the_loss(rule):
     layer, X, cos, sin = tiny_layer()
-    sol = nl.solve_qk(layer.self_attn, X, cos, sin, step_rule=rule, steps=15, lam=0.05)
+    sol = qk.solve_qk(layer.self_attn, X, cos, sin, step_rule=rule, steps=15, lam=0.05)
     losses = sol.losses[:, 0, :]  # full batch: one round per group
     assert np.all(np.diff(losses, axis=-1) <= 1e-6 * np.abs(losses[:, 1:])), losses
     if rule != "certified":  # 1/L (the box bound) is ~1e4 x too small to move in 15 steps
@@ -165,17 +167,17 @@ def test_guaranteed_rules_never_increase_the_loss(rule):
 def test_the_paper_eta_can_raise_the_loss_where_backtracking_does_not():
     """The fixed rule is unguarded: with a large eta on a peaked layer the loss rises."""
     layer, X, cos, sin = tiny_layer()
-    fixed = nl.solve_qk(layer.self_attn, X, cos, sin, step_rule="fixed", eta=5.0, steps=10)
+    fixed = qk.solve_qk(layer.self_attn, X, cos, sin, step_rule="fixed", eta=5.0, steps=10)
     assert fixed.n_increases > 0
-    assert nl.solve_qk(layer.self_attn, X, cos, sin, step_rule="backtracking", steps=10).n_increases == 0
+    assert qk.solve_qk(layer.self_attn, X, cos, sin, step_rule="backtracking", steps=10).n_increases == 0
 
 
 def test_certified_box_bound_bounds_the_hessian_and_segment_bound_the_curvature():
     layer, X, cos, sin = tiny_layer(6, std=1.0, seq=8, hidden=12, hd=4)  # 144 mask entries per group
     m, r, target = group_problem(layer, X, cos, sin)
     lam = 0.05
-    L = nl.certified_qk_bound(eqx.combine(m, r), X, cos, sin, lam)
-    vg = nl.make_value_and_grad(None, 1.0)
+    L = lipschitz.certified_qk_bound(eqx.combine(m, r), X, cos, sin, lam)
+    vg = qk.make_value_and_grad(None, 1.0)
     flat, unravel = ravel_pytree(m)
     hess = jax.jit(jax.hessian(lambda v: vg(unravel(v), r, X, cos, sin, target, lam)[0]))
     rng = np.random.default_rng(0)
@@ -183,7 +185,7 @@ def test_certified_box_bound_bounds_the_hessian_and_segment_bound_the_curvature(
     points += [jnp.asarray(rng.integers(0, 2, flat.shape), jnp.float32) for _ in range(2)]
     top = max(float(np.abs(np.linalg.eigvalsh(np.asarray(hess(p), np.float64))).max()) for p in points)
     assert top > 10 * lam and L >= top
-    seg = nl.make_segment_bound(None, 1.0)
+    seg = lipschitz.make_segment_bound(None, 1.0)
     for k in range(3):
         M = jnp.asarray(rng.normal(1, 1, flat.shape), jnp.float32)
         D = jnp.asarray(rng.normal(0, 0.3, flat.shape), jnp.float32)
@@ -196,19 +198,19 @@ def test_straight_through_starts_at_wanda_and_lowers_the_binary_loss():
     layer, X, cos, sin = tiny_layer()
     attn = layer.self_attn
     norms = jnp.sqrt(jnp.sum(X.reshape(-1, X.shape[-1]) ** 2, 0))
-    init = tuple(nl.wanda_init(w, norms, PATTERN, True) for w in (attn.q_proj.weight, attn.k_proj.weight))
+    init = tuple(wanda_init(w, norms, PATTERN, True) for w in (attn.q_proj.weight, attn.k_proj.weight))
     wanda = get_method("wanda")
     stats = LayerStats.from_inputs(X, with_hessian=False)
     rq, rk = wanda.prune_many([attn.q_proj.weight, attn.k_proj.weight], stats, PATTERN)
     assert bool(jnp.all(binarize(init[0], None, PATTERN) == rq.mask))  # the ranking's top-k is Wanda's mask
-    sol = nl.solve_qk(attn, X, cos, sin, init=init, straight_through=PATTERN, step_rule="backtracking",
+    sol = qk.solve_qk(attn, X, cos, sin, init=init, straight_through=PATTERN, step_rule="backtracking",
                       eta=0.1, eta_relative=True, steps=20)
     assert sol.n_increases == 0  # every accepted step lowered the binary masks' loss
 
     def binary_loss(mq, mk):
-        groups = nl.with_qk_masks(nl.split_groups(attn), mq.astype(jnp.float32), mk.astype(jnp.float32))
-        dense = nl.stacked_probs(nl.split_groups(attn), X, cos, sin)
-        return float(0.5 * jnp.sum((nl.stacked_probs(groups, X, cos, sin) - dense) ** 2))
+        stack = groups.with_qk_masks(groups.split_groups(attn), mq.astype(jnp.float32), mk.astype(jnp.float32))
+        dense = groups.stacked_probs(groups.split_groups(attn), X, cos, sin)
+        return float(0.5 * jnp.sum((groups.stacked_probs(stack, X, cos, sin) - dense) ** 2))
 
     before = binary_loss(rq.mask, rk.mask)
     assert sol.losses[:, 0, 0].sum() == pytest.approx(before, rel=1e-4)  # step 0 sees Wanda's masks
@@ -300,17 +302,17 @@ def test_bad_nonlinear_arguments(args, message, tiny_model_dir, shared_data_dir,
 def test_certified_rejection_says_by_how_much():
     layer, X, cos, sin = tiny_layer()
     with pytest.raises(ValueError, match=r"exceeds it by a factor") as info:
-        nl.solve_qk(layer.self_attn, X, cos, sin, step_rule="certified", eta=1.0, steps=1)
+        qk.solve_qk(layer.self_attn, X, cos, sin, step_rule="certified", eta=1.0, steps=1)
     factor = float(re.search(r"by a factor ([0-9.e+]+[0-9])", str(info.value)).group(1))
     L = float(re.search(r"has L = ([0-9.e+]+[0-9])", str(info.value)).group(1))
     assert factor == pytest.approx(1.0 * L, rel=1e-3) and factor > 1
     # 1/L itself is accepted
-    nl.solve_qk(layer.self_attn, X, cos, sin, step_rule="certified", eta=0.999 / L, steps=1)
+    qk.solve_qk(layer.self_attn, X, cos, sin, step_rule="certified", eta=0.999 / L, steps=1)
     with pytest.raises(ValueError, match="must divide the 4 calibration windows"):
-        nl.solve_qk(layer.self_attn, X, cos, sin, window_batch=3, steps=1)
+        qk.solve_qk(layer.self_attn, X, cos, sin, window_batch=3, steps=1)
 
 
 def test_nonlinear_flags_with_another_method_are_refused(tiny_model_dir, shared_data_dir, tmp_path, capsys):
     rc = cli_main(["prune", "--model", str(tiny_model_dir), "--data-dir", str(shared_data_dir), "--output",
                    str(tmp_path / "r"), "--prune-method", "wanda", "--sparsity-ratio", "0.5", "--lambda", "0.1"])
-    assert rc == 2 and "apply only to --prune-method nonlinear" in capsys.readouterr().err
+    assert rc == 2 and "--lambda (nonlinear) does not apply to --prune-method wanda" in capsys.readouterr().err

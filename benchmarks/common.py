@@ -1,4 +1,4 @@
-"""Shared helpers of the benchmark scripts: timing, the transformers reference, output."""
+"""Shared helpers of the benchmark scripts: timing, the transformers reference, the records they write."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -62,8 +64,30 @@ def machine_line() -> str:
     return f"{os.cpu_count()} cores, {cpu}"
 
 
-def write_json(path: str | None, record: dict) -> None:
-    if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(record, indent=2) + "\n")
-        print(f"wrote {path}")
+def git_state() -> dict[str, Any]:
+    """The commit the benchmark ran on and whether the tree had uncommitted changes."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status)}
+
+
+def write_json(path: str | Path | None, record: dict[str, Any]) -> None:
+    """Write a benchmark record (JSON) with where and on what code it ran: the machine, the load
+    average at the end, the git commit (added unless the record has them)."""
+    if not path:
+        return
+    record = {**record}
+    record.setdefault("machine", machine_line())
+    record.setdefault("load_average_end", list(os.getloadavg()))
+    record.setdefault("git", git_state())
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    print(f"wrote {path}")

@@ -1,0 +1,211 @@
+"""``--prune-method nonlinear``: the pipeline's adapter for the non-linear method.
+
+Every linear goes through one hook, :meth:`NonLinear.prune_group`, group by group:
+
+  q/k/v    q and k by the q/k solve (:mod:`nlprune.nonlinear.qk`) on the layer's attention
+           inputs, or all four attention linears by the output objective
+           (:mod:`nlprune.nonlinear.output`); v by the fill-in method;
+  o        the fill-in's mask (or the output objective's), re-fitted towards the dense
+           attention output with ``refit`` (:func:`nlprune.prune.refit.o_stage`);
+  gate/up  the fill-in method;
+  down     the fill-in's mask, re-fitted towards the dense MLP output with ``refit``
+           (:func:`nlprune.prune.refit.down_stage`).
+
+The fill-in (``linear_method``: Wanda by default, the paper's recipe) prunes at the same
+ratio; with ``refit`` its kept weights are re-fitted by least squares. Under
+``--no-true-sequential`` every group's statistics are the dense layer's, so the refit's
+target is the dense weight on those same inputs (there is no upstream error in them to
+correct).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from nlprune.nonlinear.descent import binarize
+from nlprune.nonlinear.groups import ATTN_LINEARS
+from nlprune.nonlinear.options import REFIT_DOWN_TARGET, REFIT_O_TARGET, NonlinearOptions
+from nlprune.nonlinear.output import prune_attention_output, refit_attention
+from nlprune.nonlinear.qk import solve_qk
+from nlprune.prune.base import GroupContext, PruneResult, PruningMethod, check_result, method_class, register_method
+from nlprune.prune.refit import cg_polish, down_stage, o_stage, obs_refit
+from nlprune.prune.stats import LayerStats
+from nlprune.prune.wanda import wanda_prune, wanda_scores
+from nlprune.sparsity import DEFAULT_BLOCKSIZE, SparsityPattern
+
+
+def wanda_init(weight: jax.Array, norms: jax.Array, pattern: SparsityPattern, scores: bool) -> jax.Array:
+    """M_0 from Wanda: its binary mask (relaxed forward), or (``scores``, for the
+    straight-through forward) its scores over each row's median, a ranking whose top-k is
+    Wanda's mask."""
+    if not scores:
+        return wanda_prune(weight, jnp.square(norms), pattern).mask.astype(jnp.float32)
+    return wanda_scores(weight, norms)
+
+
+@register_method
+class NonLinear(PruningMethod):
+    """q/k by the non-linear attention objective, every other linear by ``linear_method``."""
+
+    name = "nonlinear"
+    Options = NonlinearOptions
+    options: NonlinearOptions
+
+    def __init__(self, options: NonlinearOptions | None = None) -> None:
+        super().__init__(options)
+        o = self.options
+        self.fill_in = method_class(o.linear_method).from_options(**o.linear_options)
+        # the least-squares refit damps and blocks as SparseGPT does
+        self.percdamp = 0.01 if o.percdamp is None else o.percdamp
+        self.blocksize = DEFAULT_BLOCKSIZE if o.blocksize is None else o.blocksize
+
+    @property
+    def needs_hessian(self) -> bool:  # type: ignore[override]
+        """The fill-in's need, or the refit's."""
+        return self.options.refit or self.fill_in.needs_hessian
+
+    def needs_inputs(self, group: str) -> bool:
+        return group == "qkv"  # q/k are solved on the attention inputs themselves
+
+    def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
+        return self.fill_in.comparison_group(pattern)
+
+    # -- the pipeline's hook -------------------------------------------------------------------
+
+    def prune_group(self, ctx: GroupContext) -> dict[str, PruneResult]:
+        o = self.options
+        if ctx.group == "qkv":
+            return self._prune_qkv(ctx)
+        if ctx.group == "o" and (o.objective == "output" or o.refit):
+            return {"o_proj": self._prune_o(ctx)}
+        if ctx.group == "down" and o.refit and REFIT_DOWN_TARGET == "dense" and ctx.sequential:
+            return {"down_proj": self._prune_down(ctx)}
+        return super().prune_group(ctx)
+
+    # -- the linear fill-in (v, o, gate, up, down) ---------------------------------------------
+
+    def _prune(self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern) -> PruneResult:
+        return self._prune_many([weight], stats, pattern)[0]
+
+    def _prune_many(self, weights: Sequence[jax.Array], stats: LayerStats, pattern: SparsityPattern) -> list[PruneResult]:
+        # check=False: prune_many of this method checks in the fill-in's group
+        results = self.fill_in.prune_many(weights, stats, pattern, check=False)
+        if not self.options.refit:
+            return results
+        # least squares on the fixed masks: SparseGPT's update (already done by a sparsegpt
+        # fill-in, whose weights are kept), then refit_cg CG steps
+        if self.options.linear_method != "sparsegpt":
+            results = obs_refit(weights, [r.mask for r in results], stats, percdamp=self.percdamp,
+                                blocksize=self.blocksize)
+        return cg_polish(results, weights, stats, self.options.refit_cg, self.percdamp)
+
+    # -- o_proj and down_proj under the output objective or the refit --------------------------
+
+    def _prune_o(self, ctx: GroupContext) -> PruneResult:
+        """o_proj: the mask the output objective chose with q/k/v, or the fill-in's; re-fitted
+        towards the dense attention output (``refit``), else the dense weight masked."""
+        o = self.options
+        dense_o = ctx.dense_layer.self_attn.o_proj
+        if o.objective == "output":
+            mask = ctx.layer.self_attn.o_proj.mask
+        else:
+            mask = self.fill_in.prune_many([dense_o.effective_weight], ctx.stats, ctx.pattern, check=False)[0].mask
+        result = o_stage(
+            ctx.layer, ctx.dense_layer, ctx.stats, ctx.hidden if ctx.sequential else None, ctx.cos, ctx.sin,
+            ctx.batch_size, mask, refit=o.refit, corrected=REFIT_O_TARGET == "dense", percdamp=self.percdamp,
+            blocksize=self.blocksize, cg_iters=o.refit_cg,
+        )
+        group, blocksize = ("row", DEFAULT_BLOCKSIZE) if o.objective == "output" else self.comparison_group(ctx.pattern)
+        check_result(result, dense_o.weight, ctx.pattern, group, blocksize)
+        return result
+
+    def _prune_down(self, ctx: GroupContext) -> PruneResult:
+        """down_proj: the fill-in's mask, then least squares towards the dense MLP's output on
+        the same residual stream."""
+        w0 = ctx.dense_layer.mlp.down_proj.effective_weight
+        (first,) = self.fill_in.prune_many([w0], ctx.stats, ctx.pattern, check=False)
+        (result,) = down_stage(
+            ctx.layer, ctx.dense_layer, ctx.stats, ctx.hidden, ctx.cos, ctx.sin, ctx.batch_size, [w0], [first.mask],
+            percdamp=self.percdamp, blocksize=self.blocksize, cg_iters=self.options.refit_cg,
+        )
+        check_result(result, w0, ctx.pattern, *self.comparison_group(ctx.pattern))
+        return result
+
+    # -- q/k: the non-linear objective ---------------------------------------------------------
+
+    def _prune_qkv(self, ctx: GroupContext) -> dict[str, PruneResult]:
+        """q and k (or q, k, v, o under the output objective) from the layer's attention inputs;
+        v by the fill-in."""
+        attn, pattern = ctx.layer.self_attn, ctx.pattern
+        if self.options.objective == "output":
+            return self._prune_attention_output(ctx)
+        for name in ("q_proj", "k_proj"):
+            pattern.check_width(getattr(attn, name).weight.shape[1], name)
+        results = self._prune_qk(attn, ctx.inputs, ctx.cos, ctx.sin, pattern)
+        (results["v_proj"],) = self.prune_many([ctx.weights[ctx.names.index("v_proj")]], ctx.stats, pattern)
+        return results
+
+    def _prune_qk(self, attn, inputs: jax.Array, cos: jax.Array, sin: jax.Array,
+                  pattern: SparsityPattern) -> dict[str, PruneResult]:
+        o = self.options
+        wq, wk = attn.q_proj.weight, attn.k_proj.weight
+        init = None
+        if o.mask_init == "wanda":
+            norms = LayerStats.from_inputs(inputs, with_hessian=False).norms
+            init = tuple(wanda_init(w, norms, pattern, o.straight_through) for w in (wq, wk))
+        sol = solve_qk(
+            attn, inputs, cos, sin, lam=o.lam, steps=o.steps, step_rule=o.step_rule, eta=o.eta, init=init,
+            project=o.project, window_batch=o.window_batch, window_chunk=o.window_chunk,
+            eta_relative=o.eta_relative, straight_through=pattern if o.straight_through else None,
+        )
+        group = "matrix" if o.binarize == "matrix" else "row"
+        masks = {
+            name: binarize(m, getattr(attn, name).effective_weight, pattern, o.binarize)
+            for name, m in (("q_proj", sol.mask_q), ("k_proj", sol.mask_k))
+        }
+        weights = {"q_proj": jnp.where(masks["q_proj"], wq, 0), "k_proj": jnp.where(masks["k_proj"], wk, 0)}
+        refit_report = None
+        if o.refit and o.refit_steps > 0:  # gradient steps on the kept q/k weights
+            weights, rsol = refit_attention(
+                attn, inputs, cos, sin, masks, ("q_proj", "k_proj"), objective="probs",
+                steps=o.refit_steps, eta=o.refit_eta, window_batch=o.window_batch,
+            )
+            refit_report = rsol.report()
+        results = {}
+        for name, w in (("q_proj", wq), ("k_proj", wk)):
+            result = PruneResult(masks[name], weights[name].astype(w.dtype))
+            check_result(result, w, pattern, group, DEFAULT_BLOCKSIZE)
+            results[name] = result
+        self.reports.append(
+            {
+                "seconds": sol.seconds, "rule": sol.rule, "eta": sol.eta.tolist(),
+                "loss_first": sol.losses[:, 0, 0].tolist(), "loss_last": sol.losses[:, -1, -1].tolist(),
+                "n_increases": sol.n_increases,
+                "lipschitz": None if sol.lipschitz is None else sol.lipschitz.tolist(),
+                **({"refit": refit_report} if refit_report is not None else {}),
+            }
+        )
+        return results
+
+    def _prune_attention_output(self, ctx: GroupContext) -> dict[str, PruneResult]:
+        """``objective="output"``: q, k, v and o masks (and, with refit, q/k/v weights) from the
+        attention output. v is re-fitted by gradient steps only; o's least-squares refit waits
+        for its pruned input (:meth:`_prune_o`)."""
+        o, attn, pattern = self.options, ctx.layer.self_attn, ctx.pattern
+        for name in ATTN_LINEARS:
+            pattern.check_width(getattr(attn, name).weight.shape[1], name)
+        out, report = prune_attention_output(
+            attn, ctx.inputs, ctx.cos, ctx.sin, pattern, steps=o.steps, eta=o.eta, window_batch=o.window_batch,
+            step_rule=o.step_rule, refit=o.refit and o.refit_steps > 0, refit_steps=o.refit_steps,
+            refit_eta=o.refit_eta,
+        )
+        results = {}
+        for name, (mask, weight) in out.items():
+            result = PruneResult(mask, weight)
+            check_result(result, getattr(attn, name).weight, pattern, "row", DEFAULT_BLOCKSIZE)
+            results[name] = result
+        self.reports.append({"rule": o.step_rule, **report})
+        return results

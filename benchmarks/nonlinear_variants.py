@@ -35,7 +35,7 @@ from nlprune import api
 from nlprune.data import calibration_windows, eval_windows
 from nlprune.modeling.forward import rope_tables
 from nlprune.methods import get_method
-from nlprune.nonlinear import method as nonlinear_method
+from nlprune.prune import refit
 from nlprune.prune.pipeline import prune_layer_true_sequential
 from nlprune.sparsity import parse_pattern
 from common import write_json
@@ -123,8 +123,8 @@ def main() -> None:
         for name in args.configs:
             method_name, options = CONFIGS[name]
             options = dict(options)
-            nonlinear_method.REFIT_O_TARGET = "input" if options.pop("_o_input", False) else "dense"
-            nonlinear_method.REFIT_DOWN_TARGET = "input" if options.pop("_down_input", False) else "dense"
+            refit.O_TARGET = "input" if options.pop("_o_input", False) else "dense"
+            refit.DOWN_TARGET = "input" if options.pop("_down_input", False) else "dense"
             method = get_method(method_name, **options)
             start = time.perf_counter()
             pruned, out = prune_layer_true_sequential(dense, h_cal[li], cos, sin, method, pattern, 8)
@@ -133,7 +133,7 @@ def main() -> None:
             p, a, l = (float(v) for v in _errors(dense, pruned, h_eval[li], cos, sin))
             row["probs"][name], row["attn"][name], row["layer_err"][name] = p, a, l
             print(f"layer {li} {name:<26} probs {p:.3e} attn {a:.4f} layer {l:.4f} {row['seconds'][name]:6.1f} s", flush=True)
-        nonlinear_method.REFIT_O_TARGET = nonlinear_method.REFIT_DOWN_TARGET = "dense"
+        refit.O_TARGET = refit.DOWN_TARGET = "dense"
         rows.append(row)
 
     base = {r["layer"]: r for r in rows}

@@ -30,7 +30,7 @@ from nlprune import api
 from nlprune.data import calibration_windows
 from nlprune.methods import get_method
 from nlprune.nonlinear import method as nonlinear_method
-from nlprune.prune import pipeline
+from nlprune.prune import pipeline, refit
 from nlprune.prune.base import PruningMethod
 from nlprune.sparsity import parse_pattern
 
@@ -42,10 +42,10 @@ STAGES = [
     (nonlinear_method, "solve_qk", "nonlinear: q/k mask solve"),
     (nonlinear_method, "refit_attention", "nonlinear: q/k gradient refit"),
     (nonlinear_method, "prune_attention_output", "nonlinear: output-objective solve"),
-    (nonlinear_method, "o_stage", "nonlinear: o_proj stage"),
-    (nonlinear_method, "down_stage", "nonlinear: down_proj stage"),
-    (nonlinear_method, "obs_refit", "refit: least squares on a fixed mask"),
-    (nonlinear_method, "cg_polish", "refit: CG polish"),
+    (refit, "o_stage", "refit: o_proj stage"),
+    (refit, "down_stage", "refit: down_proj stage"),
+    (refit, "obs_refit", "refit: least squares on a fixed mask"),
+    (refit, "cg_polish", "refit: CG polish"),
 ]
 
 

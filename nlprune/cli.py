@@ -272,7 +272,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config, name = config_of(args.model)
     settings = dict(
         method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
-        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size,
+        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, refit=method.options.refit,
     )
     if args.prune_method == "nonlinear":
         o = method.options

@@ -58,7 +58,8 @@ class PlanSettings:
     model: int = 1
     batch_size: int = 8  # windows per forward pass (per device)
     linear_method: str = "wanda"  # nonlinear's fill-in
-    window_batch: int | None = 1  # nonlinear: windows per step (None = all)
+    refit: bool = False  # --refit: the least-squares refit holds each group's Hessian and OBS work
+    window_batch: int | None = None  # nonlinear: windows per step (None = all: full batch)
     window_chunk: int | None = None  # nonlinear: windows per gradient chunk (None = all)
     mask_init: str = "ones"
 
@@ -197,7 +198,7 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
 
     method = s.method
     fill = s.linear_method if method == "nonlinear" else method
-    hessian = fill == "sparsegpt"
+    hessian = fill == "sparsegpt" or s.refit
     # SparseGPT's unstructured mask ranks whole blocks of rows: its weights are pruned
     # replicated (nlprune.prune.pipeline._prune_many); per-row and N:M masks shard by rows
     rows_shard = s.sparsity_type != "unstructured" or fill != "sparsegpt"
@@ -225,7 +226,7 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         names = _PRUNES[stage]
         in_f = lins[names[0]][1]
         biggest = max(lin_pruned[k] for k in names)
-        if fill == "sparsegpt":
+        if hessian:
             by_shape: dict[tuple[int, int], int] = {}
             for k in names:
                 by_shape[lins[k]] = by_shape.get(lins[k], 0) + lin_pruned[k]
@@ -288,6 +289,8 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     stage("layer output", dense + pruned_before("layer output"), 3 * hid + act)
     if not hessian:
         notes.append(f"{fill} needs no Hessian (only ||x_j||^2 per input feature)")
+    elif s.refit and fill != "sparsegpt":
+        notes.append("--refit: each group's Hessian X^T X and its least-squares work are held while it is re-fitted")
     if s.model > 1:
         bad = [k for k, (o, _) in lins.items() if o % s.model]
         if bad:

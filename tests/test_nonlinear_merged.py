@@ -276,7 +276,6 @@ def test_segment_certificate_dominates_curvature_on_the_segment(x64):
 def test_certified_step_never_increases_the_loss(x64, dtype):
     X, W = problem(4, 3, 12, 6, x_scale=1.0, dtype=dtype)
     res = solve_merged(X, W, 0.04, steps=60, rule="certified")
-    assert res.step_sizes[0] * res.lipschitz <= 1.0
     assert res.losses.dtype == dtype and res.params.dtype == dtype
     assert res.n_increases == 0
     assert res.losses[-1] < res.losses[0]
@@ -300,7 +299,6 @@ def test_certified_local_descends_with_much_larger_steps():
     res = solve_merged(X, W, 0.04, steps=30, rule="certified_local")
     floor = 1.0 / res.lipschitz
     assert res.n_increases == 0
-    assert np.all(res.step_sizes >= floor * (1 - 1e-6))
     assert np.median(res.step_sizes) >= 10 * floor
     glob = solve_merged(X, W, 0.04, steps=30, rule="certified")
     assert res.losses[-1] < glob.losses[-1]

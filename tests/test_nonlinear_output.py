@@ -186,7 +186,7 @@ def test_refit_changes_the_weights_but_not_the_masks(tiny_model_dir, shared_data
         (["--objective", "output"], "--objective output needs --straight-through"),
         (["--straight-through", "--objective", "output", "--window-chunk", "1"], "--window-chunk is not supported"),
         (["--refit-steps", "3"], "--refit-steps applies only with --refit"),
-        (["--refit-eta", "0.1", "--refit-cg", "2"], "--refit-eta, --refit-cg apply only with --refit"),
+        (["--refit-eta", "0.1", "--refit-cg", "2"], "--refit-cg, --refit-eta apply only with --refit"),
         (["--refit", "--refit-eta", "0"], "--refit-eta must be a finite number > 0"),
         (["--refit", "--refit-steps", "-1"], "--refit-steps must be an integer >= 0"),
         (["--refit", "--refit-cg", "-2"], "--refit-cg must be an integer >= 0"),
@@ -202,8 +202,9 @@ def test_bad_variant_arguments(args, message, tiny_model_dir, shared_data_dir, t
 
 def test_variant_flags_with_another_method_are_refused(tiny_model_dir, shared_data_dir, tmp_path, capsys):
     rc = cli_main(["prune", "--model", str(tiny_model_dir), "--data-dir", str(shared_data_dir), "--output",
-                   str(tmp_path / "r"), "--prune-method", "sparsegpt", "--sparsity-ratio", "0.5", "--refit"])
-    assert rc == 2 and "--refit (nonlinear) does not apply to --prune-method sparsegpt" in capsys.readouterr().err
+                   str(tmp_path / "r"), "--prune-method", "sparsegpt", "--sparsity-ratio", "0.5", "--refit",
+                   "--refit-steps", "3"])
+    assert rc == 2 and "--refit-steps (nonlinear) does not apply to --prune-method sparsegpt" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- --recipe
@@ -243,7 +244,8 @@ def test_recipes_resolve_once_into_typed_options():
     paper = build()
     assert paper.recipe == "paper" and not paper.straight_through and not paper.refit
     assert paper.mask_init == "ones" and paper.steps == 100 and paper.linear_method == "wanda"
-    assert paper.step_rule == "fixed" and paper.eta is None and paper.window_batch == 1
+    assert paper.step_rule == "fixed" and paper.eta is None and paper.window_batch is None  # Algorithm 1: full batch
+    assert fast.window_batch == 1  # what --straight-through implies
     assert build(straight_through=True).steps == 20 and build(straight_through=True, steps=7).steps == 7
     method = get_method("nonlinear", recipe="best")
     assert method.options == build(recipe="best") and method.fill_in.name == "sparsegpt" and method.needs_hessian

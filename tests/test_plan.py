@@ -55,7 +55,9 @@ def test_plan_command(capsys, tmp_path):
 
 
 def test_plan_recipe_best_counts_the_fill_ins_hessians(capsys, tmp_path):
-    """--recipe best fills in with SparseGPT (and re-fits): the plan carries its Hessians."""
+    """--recipe best fills in with SparseGPT (and re-fits): the plan carries its Hessians; the
+    paper's recipe (Wanda fill-in) has none, and its full-batch solve holds every window's n x n
+    attention where best's one-window steps hold one."""
     plans = {}
     for recipe in ("paper", "best"):
         out = tmp_path / f"{recipe}.json"
@@ -64,7 +66,13 @@ def test_plan_recipe_best_counts_the_fill_ins_hessians(capsys, tmp_path):
         plans[recipe] = json.loads(out.read_text())
     assert plans["best"]["settings"]["linear_method"] == "sparsegpt"
     assert plans["paper"]["settings"]["linear_method"] == "wanda"
-    assert plans["best"]["peak_bytes"] > plans["paper"]["peak_bytes"]
+    for stage in ("q/k/v", "o", "gate/up", "down"):
+        assert plans["best"]["stages"][stage]["Hessians"] > 0 == plans["paper"]["stages"][stage]["Hessians"]
+    assert plans["paper"]["stages"]["q/k/v"]["attention n x n"] > plans["best"]["stages"]["q/k/v"]["attention n x n"]
+    assert plans["paper"]["settings"]["window_batch"] is None and plans["best"]["settings"]["window_batch"] == 1
+    out = tmp_path / "wanda-refit.json"  # a baseline with --refit holds Hessians too
+    assert cli_main(["plan", "--model", "llama-3.2-1b", "--prune-method", "wanda", "--refit", "--output", str(out)]) == 0
+    assert json.loads(out.read_text())["stages"]["down"]["Hessians"] > 0
 
 
 @pytest.mark.parametrize(

@@ -314,16 +314,8 @@ def gradient_descent(
     n_up = int(np.sum(up))
     max_up = float(np.max(np.where(np.isfinite(rises), np.maximum(rises, 0.0), np.inf)))
 
-    if rule == "certified":
-        chex.assert_equal(
-            bool(eta * lipschitz <= 1.0 + 1e-12), True,
-            custom_message=f"certified step violated: eta * L = {eta * lipschitz}",
-        )
-    if rule == "certified_local":
-        chex.assert_equal(
-            bool(np.all(etas >= floor * (1 - 1e-6))), True,
-            custom_message=f"certified_local took a step below the certified floor 1/L = {floor}",
-        )
+    # The guarantee every rule but the fixed one promises (the descent lemma, Armijo, the
+    # segment certificate): checked on the recorded losses, not assumed from the step size.
     if rule != "fixed" or require_certified:
         worst = int(np.argmax(np.where(up, np.nan_to_num(rises - tol, nan=np.inf), -np.inf)))
         chex.assert_equal(

@@ -5,17 +5,13 @@ Every linear goes through one hook, :meth:`NonLinear.prune_group`, group by grou
   q/k/v    q and k by the q/k solve (:mod:`nlprune.nonlinear.qk`) on the layer's attention
            inputs, or all four attention linears by the output objective
            (:mod:`nlprune.nonlinear.output`); v by the fill-in method;
-  o        the fill-in's mask (or the output objective's), re-fitted towards the dense
-           attention output with ``refit`` (:func:`nlprune.prune.refit.o_stage`);
-  gate/up  the fill-in method;
-  down     the fill-in's mask, re-fitted towards the dense MLP output with ``refit``
-           (:func:`nlprune.prune.refit.down_stage`).
+  o        the fill-in's mask (or the one the output objective chose with q/k/v);
+  gate/up, down   the fill-in method.
 
 The fill-in (``linear_method``: Wanda by default, the paper's recipe) prunes at the same
-ratio; with ``refit`` its kept weights are re-fitted by least squares. Under
-``--no-true-sequential`` every group's statistics are the dense layer's, so the refit's
-target is the dense weight on those same inputs (there is no upstream error in them to
-correct).
+ratio. With ``refit``, q and k (and v under the output objective) are re-fitted here by
+gradient steps on the attention error; every other linear by the pipeline's least-squares
+refit, the same stage every method gets (:func:`nlprune.prune.refit.refit_group`).
 """
 
 from __future__ import annotations
@@ -27,11 +23,10 @@ import jax.numpy as jnp
 
 from nlprune.nonlinear.descent import binarize
 from nlprune.nonlinear.groups import ATTN_LINEARS
-from nlprune.nonlinear.options import REFIT_DOWN_TARGET, REFIT_O_TARGET, NonlinearOptions
+from nlprune.nonlinear.options import NonlinearOptions
 from nlprune.nonlinear.output import prune_attention_output, refit_attention
 from nlprune.nonlinear.qk import solve_qk
 from nlprune.prune.base import GroupContext, PruneResult, PruningMethod, check_result, method_class, register_method
-from nlprune.prune.refit import cg_polish, down_stage, o_stage, obs_refit
 from nlprune.prune.stats import LayerStats
 from nlprune.prune.wanda import wanda_prune, wanda_scores
 from nlprune.sparsity import DEFAULT_BLOCKSIZE, SparsityPattern
@@ -63,9 +58,22 @@ class NonLinear(PruningMethod):
         self.blocksize = DEFAULT_BLOCKSIZE if o.blocksize is None else o.blocksize
 
     @property
-    def needs_hessian(self) -> bool:  # type: ignore[override]
-        """The fill-in's need, or the refit's."""
-        return self.options.refit or self.fill_in.needs_hessian
+    def uses_hessian(self) -> bool:  # type: ignore[override]
+        return self.fill_in.uses_hessian
+
+    @property
+    def fits_kept_weights(self) -> bool:  # type: ignore[override]
+        return self.fill_in.fits_kept_weights
+
+    def refit_damping(self) -> tuple[float, int]:
+        return self.percdamp, self.blocksize
+
+    def refits_itself(self, group: str) -> tuple[str, ...]:
+        """q/k (and v under the output objective) are re-fitted by gradient steps on the
+        attention error, not by least squares."""
+        if group != "qkv":
+            return ()
+        return ("q_proj", "k_proj", "v_proj") if self.options.objective == "output" else ("q_proj", "k_proj")
 
     def needs_inputs(self, group: str) -> bool:
         return group == "qkv"  # q/k are solved on the attention inputs themselves
@@ -76,13 +84,14 @@ class NonLinear(PruningMethod):
     # -- the pipeline's hook -------------------------------------------------------------------
 
     def prune_group(self, ctx: GroupContext) -> dict[str, PruneResult]:
-        o = self.options
         if ctx.group == "qkv":
             return self._prune_qkv(ctx)
-        if ctx.group == "o" and (o.objective == "output" or o.refit):
-            return {"o_proj": self._prune_o(ctx)}
-        if ctx.group == "down" and o.refit and REFIT_DOWN_TARGET == "dense" and ctx.sequential:
-            return {"down_proj": self._prune_down(ctx)}
+        if ctx.group == "o" and self.options.objective == "output":  # its mask was chosen with q/k/v
+            w0 = ctx.dense_layer.self_attn.o_proj.effective_weight
+            mask = jnp.asarray(ctx.layer.self_attn.o_proj.mask).astype(bool)
+            result = PruneResult(mask, jnp.where(mask, w0, 0).astype(w0.dtype))
+            check_result(result, w0, ctx.pattern, "row", DEFAULT_BLOCKSIZE)  # per row of each group's slice
+            return {"o_proj": result}
         return super().prune_group(ctx)
 
     # -- the linear fill-in (v, o, gate, up, down) ---------------------------------------------
@@ -92,47 +101,7 @@ class NonLinear(PruningMethod):
 
     def _prune_many(self, weights: Sequence[jax.Array], stats: LayerStats, pattern: SparsityPattern) -> list[PruneResult]:
         # check=False: prune_many of this method checks in the fill-in's group
-        results = self.fill_in.prune_many(weights, stats, pattern, check=False)
-        if not self.options.refit:
-            return results
-        # least squares on the fixed masks: SparseGPT's update (already done by a sparsegpt
-        # fill-in, whose weights are kept), then refit_cg CG steps
-        if self.options.linear_method != "sparsegpt":
-            results = obs_refit(weights, [r.mask for r in results], stats, percdamp=self.percdamp,
-                                blocksize=self.blocksize)
-        return cg_polish(results, weights, stats, self.options.refit_cg, self.percdamp)
-
-    # -- o_proj and down_proj under the output objective or the refit --------------------------
-
-    def _prune_o(self, ctx: GroupContext) -> PruneResult:
-        """o_proj: the mask the output objective chose with q/k/v, or the fill-in's; re-fitted
-        towards the dense attention output (``refit``), else the dense weight masked."""
-        o = self.options
-        dense_o = ctx.dense_layer.self_attn.o_proj
-        if o.objective == "output":
-            mask = ctx.layer.self_attn.o_proj.mask
-        else:
-            mask = self.fill_in.prune_many([dense_o.effective_weight], ctx.stats, ctx.pattern, check=False)[0].mask
-        result = o_stage(
-            ctx.layer, ctx.dense_layer, ctx.stats, ctx.hidden if ctx.sequential else None, ctx.cos, ctx.sin,
-            ctx.batch_size, mask, refit=o.refit, corrected=REFIT_O_TARGET == "dense", percdamp=self.percdamp,
-            blocksize=self.blocksize, cg_iters=o.refit_cg,
-        )
-        group, blocksize = ("row", DEFAULT_BLOCKSIZE) if o.objective == "output" else self.comparison_group(ctx.pattern)
-        check_result(result, dense_o.weight, ctx.pattern, group, blocksize)
-        return result
-
-    def _prune_down(self, ctx: GroupContext) -> PruneResult:
-        """down_proj: the fill-in's mask, then least squares towards the dense MLP's output on
-        the same residual stream."""
-        w0 = ctx.dense_layer.mlp.down_proj.effective_weight
-        (first,) = self.fill_in.prune_many([w0], ctx.stats, ctx.pattern, check=False)
-        (result,) = down_stage(
-            ctx.layer, ctx.dense_layer, ctx.stats, ctx.hidden, ctx.cos, ctx.sin, ctx.batch_size, [w0], [first.mask],
-            percdamp=self.percdamp, blocksize=self.blocksize, cg_iters=self.options.refit_cg,
-        )
-        check_result(result, w0, ctx.pattern, *self.comparison_group(ctx.pattern))
-        return result
+        return self.fill_in.prune_many(weights, stats, pattern, check=False)
 
     # -- q/k: the non-linear objective ---------------------------------------------------------
 
@@ -179,15 +148,7 @@ class NonLinear(PruningMethod):
             result = PruneResult(masks[name], weights[name].astype(w.dtype))
             check_result(result, w, pattern, group, DEFAULT_BLOCKSIZE)
             results[name] = result
-        self.reports.append(
-            {
-                "seconds": sol.seconds, "rule": sol.rule, "eta": sol.eta.tolist(),
-                "loss_first": sol.losses[:, 0, 0].tolist(), "loss_last": sol.losses[:, -1, -1].tolist(),
-                "n_increases": sol.n_increases,
-                "lipschitz": None if sol.lipschitz is None else sol.lipschitz.tolist(),
-                **({"refit": refit_report} if refit_report is not None else {}),
-            }
-        )
+        self.reports.append({**sol.report(), **({"refit": refit_report} if refit_report is not None else {})})
         return results
 
     def _prune_attention_output(self, ctx: GroupContext) -> dict[str, PruneResult]:

@@ -1,6 +1,7 @@
 """The non-linear method's options and recipes: one frozen dataclass, resolved once.
 
-A run's options are resolved in one place (:meth:`NonlinearOptions.build`), from weakest to
+A run's options are resolved in one place (:meth:`NonlinearOptions.resolve`, called by
+``MethodOptions.build``), from weakest to
 strongest: the field defaults (the paper's recipe, docs/METHOD.md section 3), what
 ``straight_through`` implies (:data:`STRAIGHT_THROUGH_DEFAULTS`), the chosen recipe
 (:data:`RECIPES`, partial instances of the dataclass), and the values the user gave. The
@@ -29,6 +30,7 @@ LINEAR_PASSTHROUGH = ("blocksize", "percdamp", "group")  # handed to the fill-in
 # What --straight-through implies for the options neither the user nor the recipe set.
 STRAIGHT_THROUGH_DEFAULTS: dict[str, Any] = {
     "step_rule": "backtracking", "steps": 20, "mask_init": "wanda", "eta": 0.1, "eta_relative": True,
+    "window_batch": 1,
 }
 _BEST: dict[str, Any] = {"straight_through": True, "linear_method": "sparsegpt", "refit": True}
 # Named presets (--recipe), partial instances of NonlinearOptions; flags the user gives win.
@@ -38,12 +40,6 @@ RECIPES: dict[str, dict[str, Any]] = {
     "best": _BEST,
     "fast": {**_BEST, "steps": 10, "refit_steps": 0, "refit_cg": 10},
 }
-REFIT_OPTIONS = ("refit_steps", "refit_eta", "refit_cg")
-# The least-squares target of o_proj and down_proj under --refit: "dense" = the dense
-# sublayer's output on the same inputs (corrects the upstream error), "input" = SparseGPT's
-# (the dense weight on the pruned inputs).
-REFIT_O_TARGET = "dense"
-REFIT_DOWN_TARGET = "dense"
 
 
 def _is_int(v: Any) -> bool:
@@ -98,7 +94,8 @@ class NonlinearOptions(MethodOptions):
     )
     project: bool = option(False, "nonlinear: clip the masks to [0, 1] after every step")
     window_batch: int | None = option(
-        1, "nonlinear: calibration windows per step, cycling (default 1; --nsamples for full-batch GD)", type=int,
+        None, "nonlinear: calibration windows per step, cycling through them (default: all of them, full-batch "
+        "gradient descent as Algorithm 1; --straight-through implies 1)", type=int,
     )
     window_chunk: int | None = option(
         None, "nonlinear: windows per gradient chunk, to bound memory at long seqlen (default: all at once)", type=int,
@@ -110,22 +107,15 @@ class NonlinearOptions(MethodOptions):
     straight_through: bool = option(
         False, "nonlinear: each step's attention sees the binarised masks (top-k of scores started from Wanda's), "
         "gradients pass straight through to the scores; implies --mask-init wanda --step-rule backtracking "
-        "--eta 0.1 --eta-relative --steps 20 unless given",
+        "--eta 0.1 --eta-relative --steps 20 --window-batch 1 unless given",
     )
     objective: str = option(
         "probs", "nonlinear: probs (default): q/k match the attention matrix softmax(QK^T); output: q, k, v and o "
         "masks match the attention output softmax(QK^T) V W_O per KV group (needs --straight-through)",
         choices=OBJECTIVES,
     )
-    refit: bool = option(
-        False, "nonlinear: re-fit the kept weights once the masks are fixed: v/o/MLP by least squares "
-        "(SparseGPT's update on the mask, then --refit-cg CG steps; o and down towards the dense sublayer's "
-        "output), q/k (and v under --objective output) by --refit-steps backtracking gradient steps",
-    )
     refit_steps: int = option(10, "nonlinear --refit: gradient steps on the kept q/k weights (10; 0: none)")
     refit_eta: float = option(0.01, "nonlinear --refit: first try of each gradient step, as a fraction of RMS(W) (0.01)")
-    refit_cg: int = option(20, "nonlinear --refit: conjugate-gradient steps polishing v/o/MLP towards the row-wise "
-                               "least squares (20)")
     blocksize: int | None = option(None, "nonlinear: passed to the --linear-method fill-in (and the refit)", type=int)
     percdamp: float | None = option(None, "nonlinear: passed to the --linear-method fill-in (and the refit)",
                                     type=float)
@@ -133,26 +123,15 @@ class NonlinearOptions(MethodOptions):
                                choices=("row", "matrix"))
 
     @classmethod
-    def build(cls, method: str, **given: Any) -> NonlinearOptions:
-        """Resolve the recipe, what --straight-through implies and the given values, then
-        validate (a typo'd name is a TypeError listing the known ones)."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(given) - known)
-        if unknown:
-            raise TypeError(f"pruning method {method!r} got unknown option(s) {unknown}; it accepts: "
-                            f"{', '.join(sorted(known))}.")
+    def resolve(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The recipe, then what --straight-through implies, under the values given."""
         recipe = given.get("recipe", "paper")
         if recipe not in RECIPES:
             raise ValueError(f"unknown --recipe {recipe!r}; use one of {', '.join(RECIPES)}")
         values = {**RECIPES[recipe], **given}
         if values.get("straight_through"):
             values = {**STRAIGHT_THROUGH_DEFAULTS, **values}
-        loose = [f"--{k.replace('_', '-')}" for k in REFIT_OPTIONS if k in given]
-        if loose and not values.get("refit", False):
-            raise ValueError(f"{', '.join(loose)} appl{'ies' if len(loose) == 1 else 'y'} only with --refit")
-        options = cls(**values)
-        options.validate()
-        return options
+        return values
 
     @property
     def linear_options(self) -> dict[str, Any]:
@@ -160,6 +139,7 @@ class NonlinearOptions(MethodOptions):
         return {k: getattr(self, k) for k in LINEAR_PASSTHROUGH if getattr(self, k) is not None}
 
     def validate(self) -> None:
+        super().validate()
         if self.linear_method not in LINEAR_METHODS:
             raise ValueError(f"unknown --linear-method {self.linear_method!r}; use one of {', '.join(LINEAR_METHODS)}")
         if self.mask_init not in MASK_INITS:
@@ -211,5 +191,3 @@ class NonlinearOptions(MethodOptions):
             raise ValueError(f"--refit-steps must be an integer >= 0 (0: no gradient refit of q/k), got {self.refit_steps!r}")
         if not _is_number(self.refit_eta) or not (math.isfinite(self.refit_eta) and self.refit_eta > 0):
             raise ValueError(f"--refit-eta must be a finite number > 0 (a fraction of RMS(W)), got {self.refit_eta!r}")
-        if not _is_int(self.refit_cg) or self.refit_cg < 0:
-            raise ValueError(f"--refit-cg must be an integer >= 0, got {self.refit_cg!r}")

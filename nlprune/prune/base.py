@@ -82,7 +82,19 @@ def option(default: Any, help: str, *, choices: Sequence[Any] | None = None, fla
 
 @dataclasses.dataclass(frozen=True)
 class MethodOptions:
-    """Base of every method's options (a method without options uses it as is)."""
+    """Base of every method's options: the refit every method can take, and the resolution.
+
+    ``refit``: once a group's masks are fixed, its kept weights are re-fitted by least
+    squares (:func:`nlprune.prune.refit.refit_group`), the same stages for every method.
+    """
+
+    refit: bool = option(
+        False, "every method: re-fit the kept weights once the masks are fixed: least squares on the fixed mask "
+        "(SparseGPT's update, then --refit-cg conjugate-gradient steps), o_proj and down_proj towards the dense "
+        "sublayer's output on the same inputs (nonlinear: q/k by --refit-steps gradient steps instead)",
+    )
+    refit_cg: int = option(20, "every method --refit: conjugate-gradient steps polishing towards the row-wise "
+                               "least squares (20)")
 
     @classmethod
     def build(cls, method: str, **given: Any) -> MethodOptions:
@@ -94,12 +106,24 @@ class MethodOptions:
                 f"pruning method {method!r} got unknown option(s) {unknown}; it accepts: "
                 f"{', '.join(sorted(known)) or 'none'}."
             )
-        options = cls(**given)
+        values = cls.resolve(given)
+        loose = [f"--{k.replace('_', '-')}" for k in sorted(given) if k.startswith("refit_")]
+        if loose and not values.get("refit", False):
+            raise ValueError(f"{', '.join(loose)} appl{'ies' if len(loose) == 1 else 'y'} only with --refit")
+        options = cls(**values)
         options.validate()
         return options
 
+    @classmethod
+    def resolve(cls, given: dict[str, Any]) -> dict[str, Any]:
+        """The field values before validation: what was given (a method with presets adds
+        them here)."""
+        return dict(given)
+
     def validate(self) -> None:
         """Raise ValueError naming the flag and the fix when a value cannot be used."""
+        if isinstance(self.refit_cg, bool) or not isinstance(self.refit_cg, (int, np.integer)) or self.refit_cg < 0:
+            raise ValueError(f"--refit-cg must be an integer >= 0, got {self.refit_cg!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -169,7 +193,8 @@ class PruningMethod(abc.ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
-    needs_hessian: ClassVar[bool] = False  # whether the statistics must carry X^T X
+    uses_hessian: ClassVar[bool] = False  # the method itself prunes from X^T X
+    fits_kept_weights: ClassVar[bool] = False  # its kept weights already solve the least squares on the mask
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = self.Options() if options is None else options
@@ -183,6 +208,20 @@ class PruningMethod(abc.ABC):
         return cls(cls.Options.build(cls.name, **given))
 
     # -- hooks the pipeline calls -------------------------------------------------------------
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether the statistics must carry X^T X: the method's own need, or the refit's."""
+        return self.uses_hessian or self.options.refit
+
+    def refits_itself(self, group: str) -> tuple[str, ...]:
+        """Linears of ``group`` whose kept weights the method re-fits itself under ``refit``
+        (the pipeline's least-squares refit leaves them alone)."""
+        return ()
+
+    def refit_damping(self) -> tuple[float, int]:
+        """(percdamp, blocksize) of the least-squares refit: SparseGPT's defaults."""
+        return 0.01, DEFAULT_BLOCKSIZE
 
     def needs_inputs(self, group: str) -> bool:
         """Whether ``prune_group`` needs the group's inputs themselves in ``ctx.inputs``."""
@@ -232,7 +271,7 @@ class PruningMethod(abc.ABC):
                 f"{stats.in_features} features: pass the statistics of this linear's input."
             )
         pattern.check_width(weight.shape[1], what)
-        if self.needs_hessian and not stats.has_hessian:
+        if self.uses_hessian and not stats.has_hessian:
             raise ValueError(
                 f"method {self.name!r} needs the Hessian X^T X: build the statistics with "
                 "with_hessian=True (or with_hessian=method.needs_hessian)."
@@ -246,15 +285,18 @@ def check_result(
     result: PruneResult,
     weight: jax.Array,
     pattern: SparsityPattern,
-    group: str = "row",
+    group: str | None = "row",
     blocksize: int = DEFAULT_BLOCKSIZE,
 ) -> None:
-    """chex-checked invariants of one pruned weight (raises AssertionError on a violation)."""
+    """chex-checked invariants of one pruned weight (raises AssertionError on a violation):
+    a binary mask with exactly the pattern's count per comparison ``group`` (None: a mask
+    chosen and counted before, e.g. kept by a refit), pruned weights exactly 0, all finite."""
     mask, pruned = parallel.to_host(result.mask), parallel.to_host(result.weight)  # may be sharded
     chex.assert_shape([mask, pruned], weight.shape)
     chex.assert_equal(mask.dtype, np.dtype(bool), custom_message="mask must be bool")
     chex.assert_equal(pruned.dtype, np.dtype(weight.dtype), custom_message="dtype changed")
-    assert_mask(mask, pattern, group, blocksize)
+    if group is not None:
+        assert_mask(mask, pattern, group, blocksize)
     n_nonzero_pruned = int(np.count_nonzero((pruned != 0) & ~mask))
     chex.assert_equal(
         n_nonzero_pruned, 0, custom_message=f"{n_nonzero_pruned} pruned weights are not exactly 0"

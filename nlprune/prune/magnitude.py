@@ -30,6 +30,7 @@ class MagnitudeOptions(MethodOptions):
     )
 
     def validate(self) -> None:
+        super().validate()
         if self.group not in GROUPS:
             raise ValueError(f"magnitude compares per 'row' or 'matrix', not {self.group!r} (--group).")
 

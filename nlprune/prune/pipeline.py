@@ -45,6 +45,7 @@ from nlprune.modeling.forward import (
 from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
 from nlprune.modeling.masks import set_linears
 from nlprune.prune.base import INPUT_GROUPS, GroupContext, PruneResult, PruningMethod
+from nlprune.prune.refit import refit_group
 from nlprune.prune.stats import LayerStats
 from nlprune.sparsity import SparsityPattern
 
@@ -153,6 +154,10 @@ def prune_group(
     missing = [n for n in INPUT_GROUPS[group] if n not in results]
     if missing:
         raise RuntimeError(f"method {method.name!r} returned no result for {missing} of group {group!r}")
+    if method.options.refit:
+        percdamp, blocksize = method.refit_damping()
+        results = refit_group(ctx, results, cg_iters=method.options.refit_cg, percdamp=percdamp, blocksize=blocksize,
+                              skip=method.refits_itself(group), fitted=method.fits_kept_weights)
     return set_linears(layer, {n: (r.weight, r.mask) for n, r in results.items()})
 
 

@@ -29,12 +29,17 @@ from jax import lax
 
 from nlprune.modeling.forward import after_attention, attn_context, mlp_hidden
 from nlprune.prune import obs
-from nlprune.prune.base import PruneResult
+from nlprune.prune.base import GroupContext, PruneResult, check_result
 from nlprune.prune.sparsegpt import stacked_by_shape
 from nlprune.prune.stats import LayerStats
 from nlprune.sparsity import DEFAULT_BLOCKSIZE
 
 HIGHEST = obs.HIGHEST
+# The least-squares target of o_proj and down_proj: "dense" = the dense sublayer's output on
+# the same inputs (corrects the upstream error), "input" = SparseGPT's (the dense weight on the
+# pruned inputs). Every other linear's target is its dense weight on its own input.
+O_TARGET = "dense"
+DOWN_TARGET = "dense"
 
 
 def _refit_one(weight, keep, u, dead, blocksize: int) -> jax.Array:
@@ -210,3 +215,52 @@ def down_stage(layer, dense_layer, stats, hidden, cos, sin, batch_size: int, wei
         target = corrected_target(w0, u, _cross(hidden, batch_size, pair), stats.hessian)
     results = obs_refit([w0], masks, stats, percdamp=percdamp, blocksize=blocksize, targets=[target])
     return cg_polish(results, [target], stats, cg_iters, percdamp)
+
+
+# --------------------------------------------------------------------------------------------
+# The refit stage of the pipeline (every method under --refit)
+# --------------------------------------------------------------------------------------------
+
+
+def refit_group(
+    ctx: GroupContext, results: dict[str, PruneResult], *, cg_iters: int, percdamp: float, blocksize: int,
+    skip: tuple[str, ...] = (), fitted: bool = False,
+) -> dict[str, PruneResult]:
+    """Re-fit the kept weights of one group's results on their fixed masks.
+
+    o_proj and down_proj: least squares towards the dense sublayer's output on the same
+    calibration inputs (:func:`o_stage`, :func:`down_stage`; with true-sequential statistics:
+    otherwise their inputs are the dense layer's and the target is the dense weight); every
+    other linear of the group: least squares towards its dense weight on its own input
+    (SparseGPT's update on the mask, skipped when ``fitted``: the method's kept weights
+    already are that), then ``cg_iters`` CG steps. ``skip``: linears the method re-fits
+    itself. Linears outside the group (a method may return more) are left as they are.
+    """
+    out = dict(results)
+    dense = ctx.dense_layer.linears()
+    corrected = ctx.hidden if ctx.sequential else None
+    plain = [n for n in ctx.names if n not in skip and n in results]
+    if "o_proj" in plain:
+        plain.remove("o_proj")
+        out["o_proj"] = o_stage(
+            ctx.layer, ctx.dense_layer, ctx.stats, corrected, ctx.cos, ctx.sin, ctx.batch_size,
+            results["o_proj"].mask, refit=True, corrected=O_TARGET == "dense", percdamp=percdamp,
+            blocksize=blocksize, cg_iters=cg_iters,
+        )
+    if "down_proj" in plain and corrected is not None and DOWN_TARGET == "dense":
+        plain.remove("down_proj")
+        w0 = dense["down_proj"].effective_weight
+        (out["down_proj"],) = down_stage(
+            ctx.layer, ctx.dense_layer, ctx.stats, corrected, ctx.cos, ctx.sin, ctx.batch_size, [w0],
+            [results["down_proj"].mask], percdamp=percdamp, blocksize=blocksize, cg_iters=cg_iters,
+        )
+    if plain:
+        targets = [dense[n].effective_weight for n in plain]
+        fit = [results[n] for n in plain]
+        if not fitted:
+            fit = obs_refit(targets, [r.mask for r in fit], ctx.stats, percdamp=percdamp, blocksize=blocksize)
+        out.update(zip(plain, cg_polish(fit, targets, ctx.stats, cg_iters, percdamp), strict=True))
+    for name in ctx.names:
+        if name not in skip:  # the masks are the method's; the refit keeps them exactly
+            check_result(out[name], dense[name].weight, ctx.pattern, group=None)
+    return out

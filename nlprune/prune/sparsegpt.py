@@ -83,6 +83,7 @@ class SparseGPTOptions(MethodOptions):
     percdamp: float = option(0.01, "sparsegpt: Hessian damping, a fraction of its mean diagonal (0.01)")
 
     def validate(self) -> None:
+        super().validate()
         if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize < 1:
             raise ValueError(f"sparsegpt blocksize must be a positive int, got {self.blocksize!r}.")
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not self.percdamp > 0:
@@ -100,7 +101,11 @@ class SparseGPTOptions(MethodOptions):
 class SparseGPT(PruningMethod):
     name = "sparsegpt"
     Options = SparseGPTOptions
-    needs_hessian = True
+    uses_hessian = True
+    fits_kept_weights = True
+
+    def refit_damping(self) -> tuple[float, int]:
+        return self.options.percdamp, self.options.blocksize
 
     def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
         return "block", self.options.blocksize

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -278,8 +279,9 @@ REPORTED_METRICS = ("acc", "acc_norm", "perplexity")
 
 @contextlib.contextmanager
 def quiet_lm_eval() -> Iterator[None]:
-    """lm-eval's info/warning logs and datasets' progress bars off while tasks run, and
-    bootstrap standard errors computed in-process (lm-eval would fork this JAX process)."""
+    """lm-eval's info/warning logs and datasets' progress bars off while tasks run, its
+    prints sent to stderr (stdout keeps the results), and bootstrap standard errors computed
+    in-process (lm-eval would fork this JAX process)."""
     import datasets
 
     logger = logging.getLogger("lm_eval")
@@ -289,7 +291,8 @@ def quiet_lm_eval() -> Iterator[None]:
     datasets.disable_progress_bars()
     os.environ["DISABLE_MULTIPROC"] = "1"
     try:
-        yield
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
     finally:
         logger.setLevel(level)
         if bars:
@@ -358,6 +361,19 @@ def mean_accuracy(entries: dict[str, dict]) -> tuple[float, float]:
     return mean, stderr
 
 
+def check_task_request(tasks: str | Sequence[str], task_data_dir: str | Path, limit: int | None) -> list[str]:
+    """The task names, once every task's files are read and ``limit`` is valid; a clear
+    error otherwise (before anything is scored)."""
+    from nlprune.eval.tasks import load_task_docs, parse_task_list
+
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"--limit must be a whole number of examples >= 1, got {limit!r}.")
+    names = parse_task_list(tasks)
+    for name in names:
+        load_task_docs(name, task_data_dir)
+    return names
+
+
 def run_tasks(
     model: LlamaForCausalLM,
     tokenizer: Any,
@@ -376,16 +392,15 @@ def run_tasks(
     subset). ``lm``: score another lm-eval model instead (the parity check passes lm-eval's
     own ``hf`` model here); ``model`` and ``tokenizer`` are then unused."""
     from nlprune.cards import file_sha256
-    from nlprune.eval.tasks import load_task_docs, parse_task_list, task_manager
+    from nlprune.eval.tasks import load_task_docs, task_manager
 
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"--limit must be a whole number of examples >= 1, got {limit!r}.")
     if bootstrap_iters < 0:
         raise ValueError(f"bootstrap_iters must be >= 0, got {bootstrap_iters}.")
     data_dir = Path(task_data_dir)
-    names = parse_task_list(tasks)
-    docs = {name: load_task_docs(name, data_dir) for name in names}  # every file checked before scoring
-    lm = lm or NlpruneLM(model, tokenizer, batch_size=batch_size, progress=progress)
+    names = check_task_request(tasks, data_dir, limit)
+    docs = {name: load_task_docs(name, data_dir) for name in names}
+    if lm is None:
+        lm = NlpruneLM(model, tokenizer, batch_size=batch_size, progress=progress)
     manager = task_manager(data_dir)
     entries, kept, start = {}, {}, time.perf_counter()
     with quiet_lm_eval():
@@ -440,3 +455,16 @@ def format_table(record: dict[str, Any]) -> str:
     mean = {"acc": record["mean_acc"], "acc_stderr": record["mean_acc_stderr"]}
     lines.append(f"{'mean':<16}{cell(mean, 'acc')}")
     return "\n".join(lines)
+
+
+def agreement(ours: list[dict], theirs: list[dict]) -> dict[str, Any]:
+    """How often two models' per-example decisions (``predictions``) are the same: the
+    chosen answer (and length-normalised one) for multiple choice, greedy-ness otherwise."""
+    if [p["doc_id"] for p in ours] != [p["doc_id"] for p in theirs]:
+        raise ValueError("the two prediction lists cover different examples.")
+    keys = [k for k in ("choice", "choice_norm", "greedy") if ours and k in ours[0]]
+    same = [all(a[k] == b[k] for k in keys) for a, b in zip(ours, theirs)]
+    return {
+        "items": len(same), "agree": int(sum(same)), "agreement": float(np.mean(same)) if same else float("nan"),
+        "compared": keys, "differ": [a["doc_id"] for a, s in zip(ours, same) if not s],
+    }

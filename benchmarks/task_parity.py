@@ -38,6 +38,28 @@ def hf_model(folder: Path, batch_size: int) -> Any:
     return HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=batch_size)
 
 
+def request_tokens(loaded: Any, tasks: list[str], task_data_dir: Path, limit: int | None) -> dict[str, dict[str, int]]:
+    """Per task, without scoring: examples, requests, the distinct model inputs the adapter
+    forwards and their tokens (the cost of a pass is about proportional to these tokens)."""
+    from nlprune.eval.harness import NlpruneLM
+    from nlprune.eval.tasks import task_manager
+    from nlprune.eval.tasks.runner import quiet_lm_eval
+
+    lm = NlpruneLM(loaded.model, loaded.tokenizer, progress=False)
+    counts = {}
+    with quiet_lm_eval():
+        loaded_tasks = task_manager(task_data_dir).load(tasks)["tasks"]
+        for name in tasks:
+            task = loaded_tasks[name]
+            task.set_config(key="num_fewshot", value=0)
+            task.build_all_requests(limit=limit)
+            pairs = [lm.encode_pair(*inst.args) for inst in task.instances]
+            inputs, _ = lm.unique_inputs(pairs)
+            counts[name] = {"examples": len({inst.doc_id for inst in task.instances}), "requests": len(pairs),
+                            "inputs": len(inputs), "tokens": sum(map(len, inputs))}
+    return counts
+
+
 def compare(
     loaded: Any,
     tasks: list[str],
@@ -48,7 +70,8 @@ def compare(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``tasks`` with both models, alternating per task; the parity record."""
-    from nlprune.eval.harness import NlpruneLM, agreement, run_tasks
+    from nlprune.eval.harness import NlpruneLM
+    from nlprune.eval.tasks.runner import agreement, run_tasks
 
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         folder = export_dense(loaded, Path(tmp) / "hf")
@@ -100,10 +123,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=250, help="examples per task (default 250)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--output", required=True, help="JSON record to write")
+    p.add_argument("--no-full-count", action="store_true", help="skip counting the tokens of a full pass")
     args = p.parse_args(argv)
     loaded = api.load(args.model)
+    tasks, task_dir = parse_task_list(args.tasks), resolve_task_data_dir(args.task_data_dir)
     start = time.perf_counter()
-    record = compare(loaded, parse_task_list(args.tasks), resolve_task_data_dir(args.task_data_dir), args.limit, args.batch_size)
+    record = compare(loaded, tasks, task_dir, args.limit, args.batch_size)
+    if not args.no_full_count:
+        # The full pass, estimated from this one: each task's seconds scaled by its tokens.
+        scored, full = request_tokens(loaded, tasks, task_dir, args.limit), request_tokens(loaded, tasks, task_dir, None)
+        for name in tasks:
+            entry = record["tasks"][name]
+            entry.update(tokens=scored[name], full_pass_tokens=full[name])
+            entry["full_pass_seconds_estimate"] = entry["seconds_nlprune"] * full[name]["tokens"] / scored[name]["tokens"]
+        record["full_pass_seconds_estimate"] = sum(record["tasks"][n]["full_pass_seconds_estimate"] for n in tasks)
     record.update(
         model=loaded.describe(), command=" ".join(sys.argv), wall_seconds=time.perf_counter() - start,
         machine={**api.machine(), "load_average_at_end": list(__import__("os").getloadavg())},

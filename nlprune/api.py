@@ -161,7 +161,7 @@ def evaluate_tasks(
     ``$NLPRUNE_DATA_DIR/tasks``, never the hub; ``limit`` scores the first N examples of
     each task (the record says it is a subset). The record: per task acc (and acc_norm where
     lm-eval reports it) with standard errors, examples scored, seconds; their mean."""
-    from nlprune.eval.harness import check_task_request, run_tasks
+    from nlprune.eval.tasks.runner import check_task_request, run_tasks
 
     folder = resolve_task_data_dir(task_data_dir, data_dir)
     names = check_task_request(tasks, folder, limit)  # bad input fails before any loading

@@ -83,7 +83,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     dataset = args.dataset or (None if args.tasks else "c4")
     task_dir = names = None
     if args.tasks is not None:
-        from nlprune.eval.harness import check_task_request
+        from nlprune.eval.tasks.runner import check_task_request
         from nlprune.eval.tasks import resolve_task_data_dir
 
         task_dir = resolve_task_data_dir(args.task_data_dir, args.data_dir)
@@ -104,7 +104,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             f"perplexity {record['perplexity']:.4f} ({record['tokens']} tokens, {record['seconds']:.1f} s)"
         )
     if names is not None:
-        from nlprune.eval.harness import format_table
+        from nlprune.eval.tasks.runner import format_table
 
         tasks = evaluate_tasks(
             model=args.model, tasks=names, run_dir=args.run, task_data_dir=task_dir, limit=args.limit,

@@ -16,7 +16,7 @@ import pytest
 
 from nlprune.eval.harness import GenerationNotSupported, NlpruneLM
 from nlprune.eval.tasks import DEFAULT_TASKS, LOCAL_TASKS, load_task_docs, task_manager
-from nlprune.eval.tasks.readers import TaskDataError, split_hellaswag_context
+from nlprune.eval.tasks.readers import split_hellaswag_context
 
 # (context, continuation) pairs: several length buckets, multi-token continuations, answers
 # sharing a context (one row), an empty context, trailing spaces moved to the continuation.
@@ -194,7 +194,7 @@ def task_dir(shared_data_dir) -> Path:
 @pytest.fixture(scope="module")
 def lm_eval_tasks(task_dir):
     """lm-eval's task objects for the eight tasks, built from nlprune's configs."""
-    from nlprune.eval.harness import quiet_lm_eval
+    from nlprune.eval.tasks.runner import quiet_lm_eval
 
     with quiet_lm_eval():
         return task_manager(task_dir).load(list(DEFAULT_TASKS))["tasks"]
@@ -321,7 +321,7 @@ def write_arc(folder: Path, compressed: bool) -> None:
 
 @pytest.mark.parametrize("compressed", [True, False])
 def test_arc_challenge_file_is_read_and_scored(tmp_path, tiny, compressed):
-    from nlprune.eval.harness import run_tasks
+    from nlprune.eval.tasks.runner import run_tasks
 
     write_arc(tmp_path / "arc_challenge", compressed)
     model, tokenizer = tiny
@@ -342,7 +342,7 @@ def test_arc_challenge_file_is_read_and_scored(tmp_path, tiny, compressed):
 
 
 def test_limit_scores_a_subset(task_dir, tiny):
-    from nlprune.eval.harness import run_tasks
+    from nlprune.eval.tasks.runner import run_tasks
 
     record = run_tasks(*tiny, ["rte", "winogrande"], task_dir, limit=3, progress=False)
     for name in ("rte", "winogrande"):
@@ -353,6 +353,27 @@ def test_limit_scores_a_subset(task_dir, tiny):
     assert record["mean_acc"] == pytest.approx((record["tasks"]["rte"]["acc"] + record["tasks"]["winogrande"]["acc"]) / 2)
     se = [record["tasks"][n]["acc_stderr"] for n in ("rte", "winogrande")]
     assert record["mean_acc_stderr"] == pytest.approx(np.hypot(*se) / 2)
+
+
+def test_api_scores_the_weights_it_is_given(tiny_model_dir, task_dir, tiny):
+    """api.evaluate_tasks(model, weights=...) scores those weights with the model's tokenizer
+    (as `prune --eval --tasks` will): a zeroed final norm makes every next token equally
+    likely, so LAMBADA's perplexity is the vocabulary size."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    from nlprune import api
+
+    model, _ = tiny
+    flat = eqx.tree_at(lambda m: m.model.norm.weight, model, jnp.zeros_like(model.model.norm.weight))
+    record = api.evaluate_tasks(str(tiny_model_dir), "lambada_openai", weights=flat, task_data_dir=task_dir,
+                                limit=2, progress=False)
+    entry = record["tasks"]["lambada_openai"]
+    assert entry["perplexity"] == pytest.approx(model.config.vocab_size, rel=1e-4)
+    assert entry["acc"] == 0.0 and entry["examples"] == 2
+    assert record["model"]["name"] == "tiny-llama32" and record["run"] is None
+    own = api.evaluate_tasks(str(tiny_model_dir), "lambada_openai", task_data_dir=task_dir, limit=2, progress=False)
+    assert own["tasks"]["lambada_openai"]["perplexity"] != pytest.approx(model.config.vocab_size, rel=1e-3)
 
 
 # --------------------------------------------------------------------------- bad input, through the CLI

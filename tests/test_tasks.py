@@ -342,7 +342,7 @@ def test_arc_challenge_file_is_read_and_scored(tmp_path, tiny, compressed):
 
 
 def test_limit_scores_a_subset(task_dir, tiny):
-    from nlprune.eval.tasks.runner import run_tasks
+    from nlprune.eval.tasks.runner import format_table, run_tasks
 
     record = run_tasks(*tiny, ["rte", "winogrande"], task_dir, limit=3, progress=False)
     for name in ("rte", "winogrande"):
@@ -353,6 +353,9 @@ def test_limit_scores_a_subset(task_dir, tiny):
     assert record["mean_acc"] == pytest.approx((record["tasks"]["rte"]["acc"] + record["tasks"]["winogrande"]["acc"]) / 2)
     se = [record["tasks"][n]["acc_stderr"] for n in ("rte", "winogrande")]
     assert record["mean_acc_stderr"] == pytest.approx(np.hypot(*se) / 2)
+    one = run_tasks(*tiny, ["rte"], task_dir, limit=1, progress=False)  # lm-eval has no stderr for one example
+    assert one["tasks"]["rte"]["examples"] == 1 and one["tasks"]["rte"]["acc_stderr"] == "N/A"
+    assert one["mean_acc_stderr"] is None and "rte" in format_table(one)
 
 
 def test_api_scores_the_weights_it_is_given(tiny_model_dir, task_dir, tiny):
@@ -374,6 +377,30 @@ def test_api_scores_the_weights_it_is_given(tiny_model_dir, task_dir, tiny):
     assert record["model"]["name"] == "tiny-llama32" and record["run"] is None
     own = api.evaluate_tasks(str(tiny_model_dir), "lambada_openai", task_data_dir=task_dir, limit=2, progress=False)
     assert own["tasks"]["lambada_openai"]["perplexity"] != pytest.approx(model.config.vocab_size, rel=1e-3)
+
+
+def test_a_runs_pruned_model_is_scored_without_export(tiny_model_dir, shared_data_dir, task_dir, tmp_path, capsys):
+    """`nlprune eval --run RUN --tasks ...` scores the run's pruned weights (with the run's
+    model's tokenizer), not the dense ones."""
+    from nlprune import api
+    from nlprune.cli import main as cli_main
+
+    run = tmp_path / "magnitude-50"
+    assert cli_main(["prune", "--model", str(tiny_model_dir), "--prune-method", "magnitude", "--sparsity-ratio", "0.5",
+                     "--nsamples", "1", "--seqlen", "16", "--data-dir", str(shared_data_dir), "--output", str(run)]) == 0
+    out = tmp_path / "tasks.json"
+    assert cli_main(["eval", "--run", str(run), "--tasks", "lambada_openai", "--task-data-dir", str(task_dir),
+                     "--limit", "2", "--output", str(out)]) == 0
+    assert f"(run {run})" in capsys.readouterr().out
+    record = json.loads(out.read_text())
+    assert record["run"] == str(run) and record["run_method"] == "magnitude" and "perplexity" not in record
+    pruned, _ = api.load_run(run)
+    direct = api.evaluate_tasks(str(tiny_model_dir), "lambada_openai", weights=pruned, task_data_dir=task_dir, limit=2,
+                                progress=False)
+    dense = api.evaluate_tasks(str(tiny_model_dir), "lambada_openai", task_data_dir=task_dir, limit=2, progress=False)
+    ppl = record["tasks"]["lambada_openai"]["perplexity"]
+    assert ppl == pytest.approx(direct["tasks"]["lambada_openai"]["perplexity"], rel=1e-6)
+    assert ppl != pytest.approx(dense["tasks"]["lambada_openai"]["perplexity"], rel=1e-3)
 
 
 # --------------------------------------------------------------------------- bad input, through the CLI

@@ -105,13 +105,13 @@ def task_entry(out: dict, name: str, seconds: float) -> dict[str, Any]:
     return entry
 
 
-def mean_accuracy(entries: dict[str, dict]) -> tuple[float, float]:
-    """Unweighted mean of the tasks' acc, and its standard error (tasks independent)."""
+def mean_accuracy(entries: dict[str, dict]) -> tuple[float, float | None]:
+    """Unweighted mean of the tasks' acc, and its standard error (tasks independent; None
+    when a task has none, as lm-eval gives none for a single example)."""
     accs = [e["acc"] for e in entries.values()]
     errors = [e["acc_stderr"] for e in entries.values()]
-    mean = float(np.mean(accs))
-    stderr = float(math.sqrt(sum(s * s for s in errors)) / len(errors)) if all(isinstance(s, float) for s in errors) else float("nan")
-    return mean, stderr
+    stderr = math.sqrt(sum(s * s for s in errors)) / len(errors) if all(isinstance(s, float) for s in errors) else None
+    return float(np.mean(accs)), stderr
 
 
 def check_task_request(tasks: str | Sequence[str], task_data_dir: str | Path, limit: int | None) -> list[str]:

@@ -379,6 +379,7 @@ def test_api_scores_the_weights_it_is_given(tiny_model_dir, task_dir, tiny):
     assert own["tasks"]["lambada_openai"]["perplexity"] != pytest.approx(model.config.vocab_size, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_a_runs_pruned_model_is_scored_without_export(tiny_model_dir, shared_data_dir, task_dir, tmp_path, capsys):
     """`nlprune eval --run RUN --tasks ...` scores the run's pruned weights (with the run's
     model's tokenizer), not the dense ones."""

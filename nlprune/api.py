@@ -12,7 +12,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from nlprune import cards
 from nlprune.data import eval_windows
 from nlprune.eval.perplexity import perplexity
+from nlprune.eval.tasks import DEFAULT_TASKS, resolve_task_data_dir
 from nlprune.modeling.llama import LlamaForCausalLM
 from nlprune.runs import MODEL, RESULTS, RunDir, RunDirError
 
@@ -72,20 +73,12 @@ def load_run(run_dir: str | Path) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     return model, json.loads(run.results_path.read_text())
 
 
-def evaluate(
-    model: str | Loaded | None = None,
-    run_dir: str | Path | None = None,
-    dataset: str = "c4",
-    nsamples: int | None = 128,
-    seqlen: int = 512,
-    data_dir: str | Path | None = None,
-    batch_size: int = 8,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Perplexity of a model (or of a run's pruned model) with a full provenance record.
-
-    With ``run_dir``, ``model`` defaults to the model the run was pruned from, and a
-    different one is refused (its tokenizer would not match)."""
+def _model_for_eval(
+    model: str | Loaded | None, run_dir: str | Path | None
+) -> tuple[Loaded, LlamaForCausalLM, dict[str, Any] | None]:
+    """(the loaded model, the weights to score, the run's record): a run's pruned weights
+    with ``run_dir`` (``model`` defaults to the run's own, a different one is refused: its
+    tokenizer would not match), else the model's own."""
     run_record = None
     if run_dir is not None:
         weights, run_record = load_run(run_dir)
@@ -100,6 +93,24 @@ def evaluate(
             f"({run_record['model']['path']}), not from {loaded.source.name}; leave --model out "
             "to use the run's own model."
         )
+    return loaded, weights, run_record
+
+
+def evaluate(
+    model: str | Loaded | None = None,
+    run_dir: str | Path | None = None,
+    dataset: str = "c4",
+    nsamples: int | None = 128,
+    seqlen: int = 512,
+    data_dir: str | Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of a model (or of a run's pruned model) with a full provenance record.
+
+    With ``run_dir``, ``model`` defaults to the model the run was pruned from, and a
+    different one is refused (its tokenizer would not match)."""
+    loaded, weights, run_record = _model_for_eval(model, run_dir)
     windows, provenance = eval_windows(
         loaded.tokenizer,
         dataset,
@@ -127,6 +138,44 @@ def evaluate(
         },
         "machine": machine(),
     }
+    return record
+
+
+def evaluate_tasks(
+    model: str | Loaded | None = None,
+    tasks: str | Sequence[str] = DEFAULT_TASKS,
+    run_dir: str | Path | None = None,
+    weights: LlamaForCausalLM | None = None,
+    task_data_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
+    bootstrap_iters: int = 1000,
+) -> dict[str, Any]:
+    """Zero-shot accuracy on local task files through lm-evaluation-harness.
+
+    Scores ``model`` (card, folder, .gguf or a ``Loaded``), a run's pruned model
+    (``run_dir``), or ``weights`` (e.g. the model ``prune`` returned) with ``model``'s
+    tokenizer. Tasks come from ``task_data_dir``, else ``data_dir/tasks``, else
+    ``$NLPRUNE_DATA_DIR/tasks``, never the hub; ``limit`` scores the first N examples of
+    each task (the record says it is a subset). The record: per task acc (and acc_norm where
+    lm-eval reports it) with standard errors, examples scored, seconds; their mean."""
+    from nlprune.eval.tasks.runner import check_task_request, run_tasks
+
+    folder = resolve_task_data_dir(task_data_dir, data_dir)
+    names = check_task_request(tasks, folder, limit)  # bad input fails before any loading
+    loaded, scored, run_record = _model_for_eval(model, run_dir)
+    record = run_tasks(
+        weights if weights is not None else scored, loaded.tokenizer, names, folder, limit=limit,
+        batch_size=batch_size, progress=progress, bootstrap_iters=bootstrap_iters,
+    )
+    record.update(
+        model=loaded.describe(),
+        run=str(run_dir) if run_dir else None,
+        run_method=(run_record or {}).get("args", {}).get("prune_method"),
+        machine=machine(),
+    )
     return record
 
 

@@ -67,21 +67,48 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from nlprune.api import evaluate
+    from nlprune.api import evaluate, evaluate_tasks
 
-    record = evaluate(
-        model=args.model,
-        run_dir=args.run,
-        dataset=args.dataset,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        data_dir=args.data_dir,
-        batch_size=args.batch_size,
-    )
-    print(
-        f"{record['model']['name']} on {args.dataset} ({record['windows']} x {args.seqlen}): "
-        f"perplexity {record['perplexity']:.4f} ({record['tokens']} tokens, {record['seconds']:.1f} s)"
-    )
+    if args.tasks is None and (args.limit is not None or args.task_data_dir is not None):
+        raise ValueError("--limit and --task-data-dir apply only with --tasks.")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    # Perplexity runs unless only tasks were asked for; --dataset with --tasks runs both.
+    dataset = args.dataset or (None if args.tasks else "c4")
+    task_dir = names = None
+    if args.tasks is not None:
+        from nlprune.eval.tasks.runner import check_task_request
+        from nlprune.eval.tasks import resolve_task_data_dir
+
+        task_dir = resolve_task_data_dir(args.task_data_dir, args.data_dir)
+        names = check_task_request(args.tasks, task_dir, args.limit)  # before any long pass
+    record: dict = {}
+    if dataset is not None:
+        record = evaluate(
+            model=args.model,
+            run_dir=args.run,
+            dataset=dataset,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            data_dir=args.data_dir,
+            batch_size=args.batch_size or 8,
+        )
+        print(
+            f"{record['model']['name']} on {dataset} ({record['windows']} x {args.seqlen}): "
+            f"perplexity {record['perplexity']:.4f} ({record['tokens']} tokens, {record['seconds']:.1f} s)"
+        )
+    if names is not None:
+        from nlprune.eval.tasks.runner import format_table
+
+        tasks = evaluate_tasks(
+            model=args.model, tasks=names, run_dir=args.run, task_data_dir=task_dir, limit=args.limit,
+            batch_size=args.batch_size or 32,
+        )
+        scope = f"first {args.limit} examples of each task" if tasks["subset"] else "all examples"
+        print(f"{tasks['model']['name']}{f' (run {args.run})' if args.run else ''}: zero-shot, {scope}, "
+              f"{tasks['seconds']:.1f} s")
+        print(format_table(tasks))
+        record = {**record, "zero_shot": tasks} if record else tasks
     if args.output:
         _write_json(args.output, record)
         print(f"wrote {args.output}")
@@ -313,7 +340,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the supported models (cards in models/)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("eval", help="perplexity of a model or a pruned run")
+    p = sub.add_parser(
+        "eval", help="perplexity and zero-shot task accuracy of a model or a pruned run",
+        description="Perplexity on C4 or WikiText-2, and/or zero-shot accuracy on local task files "
+        "through lm-evaluation-harness (--tasks). With --tasks alone only the tasks run; add --dataset "
+        "to measure perplexity too.",
+    )
     p.add_argument(
         "--model",
         default=None,
@@ -321,11 +353,23 @@ def build_parser() -> argparse.ArgumentParser:
         f"--run, else {cards.DEFAULT_MODEL})",
     )
     p.add_argument("--run", default=None, help="evaluate the pruned model of this run directory")
-    p.add_argument("--dataset", choices=("c4", "wikitext2"), default="c4")
+    p.add_argument("--dataset", choices=("c4", "wikitext2"), default=None,
+                   help="perplexity dataset (default c4; with --tasks, perplexity runs only when given)")
     p.add_argument("--nsamples", type=int, default=128, help="evaluation windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass")
+    _add(p, "--batch-size", type=int, default=None,
+         help="windows per forward pass for perplexity (default 8); most sequences per forward for tasks (default 32)")
     add_data_args(p)
+    from nlprune.eval.tasks import DEFAULT_TASKS, LOCAL_TASKS
+
+    p.add_argument("--tasks", default=None, metavar="LIST",
+                   help=f"comma-separated zero-shot tasks scored through lm-evaluation-harness: {', '.join(LOCAL_TASKS)} "
+                   f"(the usual suite: {','.join(DEFAULT_TASKS)})")
+    _add(p, "--task-data-dir", default=None, metavar="DIR",
+         help="folder of the task files, laid out as DIR/boolq/val.jsonl.gz, ... (default: DATA_DIR/tasks, "
+         "else $NLPRUNE_DATA_DIR/tasks; never the hub)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="score only the first N examples of each task (the record says it is a subset)")
     p.add_argument("--output", default=None, help="write the JSON record here")
     p.set_defaults(func=cmd_eval)
 

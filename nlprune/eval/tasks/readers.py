@@ -96,7 +96,7 @@ def read_boolq(folder: Path) -> tuple[list[Row], list[Path]]:
     """SuperGLUE BoolQ validation jsonl. The hub's ``label`` is 0 (False) / 1 (True), the
     index into lm-eval's choices ["no", "yes"]; the local file spells it "true"/"false"."""
     path = find_file(folder, "val.jsonl")
-    values = {"false": 0, "true": 1, False: 0, True: 1, 0: 0, 1: 1}
+    values = {"false": 0, "true": 1, False: 0, True: 1}  # 0 == False and 1 == True as keys
     rows = []
     for number, row in enumerate(read_jsonl(path), start=1):
         label = row.get("label")

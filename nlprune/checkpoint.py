@@ -7,25 +7,22 @@ Layout of a checkpoint directory::
 
 The sidecar is written last, so a directory without it is never taken for a checkpoint.
 Every save is built in a hidden temporary sibling (``.<name>.tmp-<host>-<pid>-<token>``)
-and swapped onto ``<path>`` only once complete; the previous checkpoint is moved aside and
-deleted only after the new one is in place. A crash therefore leaves either the old or the
-new checkpoint restorable. In the one window where neither is at ``<path>`` (between the
-two renames of the swap), the next save or load puts the previous one back.
+and swapped onto ``<path>`` only once complete (:func:`nlprune.atomic.write_atomically`): a
+crash leaves either the old or the new checkpoint restorable.
 
 Masks that hold only 0 and 1 are stored bit-packed (1 bit per weight) and restored to their
-original dtype bit for bit.
+original dtype bit for bit. The leaf table holds each stored array's sha256 and the sidecar
+its own, so a damaged checkpoint is refused on load (``CheckpointError``), never restored
+into a wrong model. The directory steps live in :mod:`nlprune.atomic`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
-import secrets
-import shutil
-import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,9 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from nlprune.atomic import (
+    deferred_signals, file_mode, leftovers, new_token, os_error_in, recover_interrupted_swap, write_atomically,
+)
 from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama, linear_paths, with_masks
 
 log = logging.getLogger(__name__)
@@ -48,127 +48,26 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupt, or for another model."""
 
 
-# --------------------------------------------------------------------------- atomic directories
+class _OrbaxThreadNoise(logging.Filter):
+    """Orbax logs every failure of its writer threads with a traceback and then raises the
+    same error to the caller, which reports it in one line: drop the duplicate."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised" not in str(record.msg)
 
 
-def _host() -> str:
-    return socket.gethostname().replace("/", "_") or "host"
+logging.getLogger("absl").addFilter(_OrbaxThreadNoise())
 
 
-def _sibling_prefix(path: Path, kind: str) -> str:
-    return f".{path.name}.{kind}-"
+def digest(array: Any) -> str:
+    """sha256 of an array's bytes (C order)."""
+    flat = np.ascontiguousarray(np.asarray(array)).reshape(-1)
+    return hashlib.sha256(flat.view(np.uint8)).hexdigest()
 
 
-def _leftovers(path: Path, kind: str) -> list[tuple[Path, str, int]]:
-    """Hidden ``tmp``/``old`` siblings of ``path`` as (dir, host, pid), newest first."""
-    prefix = _sibling_prefix(path, kind)
-    if not path.parent.is_dir():
-        return []
-    found = []
-    for p in path.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        parts = p.name[len(prefix):].rsplit("-", 2)
-        if len(parts) == 3 and parts[1].isdigit():
-            found.append((p, parts[0], int(parts[1])))
-    def mtime(p: Path) -> float:
-        try:
-            return p.stat().st_mtime
-        except FileNotFoundError:  # removed meanwhile by its own writer
-            return 0.0
-
-    return sorted(found, key=lambda t: mtime(t[0]), reverse=True)
-
-
-def _writer_is_dead(host: str, pid: int) -> bool:
-    """True when the process that made a leftover can no longer be writing it."""
-    if host != _host():
-        return False  # another machine on a shared filesystem: we cannot tell, leave it be
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root, so the rename never outruns the data."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover_interrupted_swap(path: str | Path) -> None:
-    """Undo what a killed :func:`write_atomically` left behind at ``path``.
-
-    If ``path`` is missing but its previous version sits aside (killed between the two
-    renames), the previous version is put back. Temporary and set-aside directories of dead
-    writers on this host are deleted.
-    """
-    path = Path(path)
-    if not path.exists():
-        for old, host, pid in _leftovers(path, "old"):
-            if _writer_is_dead(host, pid):
-                log.warning("%s: restoring the previous version %s (a save was interrupted)", path, old)
-                os.rename(old, path)
-                break
-    for kind in ("old", "tmp"):
-        for leftover, host, pid in _leftovers(path, kind):
-            if leftover.exists() and _writer_is_dead(host, pid):
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Have ``write(tmp)`` fill a fresh sibling directory, then swap it onto ``path``.
-
-    Whatever was at ``path`` (callers decide whether it may be replaced) stays in place until
-    the new directory is complete and flushed; it is deleted only after the swap.
-    """
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_swap(path)
-    token = f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = path.parent / (_sibling_prefix(path, "tmp") + token)
-    tmp.mkdir()
-    old = None
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if path.exists() or path.is_symlink():
-            # POSIX rename cannot replace a non-empty directory: move the old one aside first.
-            old = path.parent / (_sibling_prefix(path, "old") + token)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if old is not None and not (path.exists() or path.is_symlink()):
-            os.rename(old, path)  # the swap failed half-way: put the previous version back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    return path
+def _sidecar_checksum(sidecar: dict[str, Any]) -> str:
+    body = {k: v for k, v in sidecar.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------- orbax + sidecar
@@ -209,13 +108,17 @@ def _save(
     path = Path(path)
     _check_replaceable(path)
     sidecar = {"format": FORMAT, "version": VERSION, **sidecar, "leaves": leaves}
-    text = _json_or_raise(sidecar, "checkpoint meta")  # fail before touching the disk
+    _json_or_raise(sidecar, "checkpoint meta")  # fail before touching the disk
+    text = _json_or_raise({**sidecar, "checksum": _sidecar_checksum(sidecar)}, "checkpoint meta")
 
     arrays = {k: v for k, v in arrays.items() if leaves[k]["encoding"] != "empty"}
 
     def write(tmp: Path) -> None:
         if arrays:
-            _checkpointer().save(tmp / ARRAYS, args=_ocp_args().StandardSave(arrays))
+            try:
+                _checkpointer().save(tmp / ARRAYS, args=_ocp_args().StandardSave(arrays))
+            except ValueError as e:  # tensorstore reports OS errors as ValueError
+                raise (os_error_in(e, path) or e) from None
         (tmp / SIDECAR).write_text(text)
 
     return write_atomically(path, write)
@@ -253,7 +156,7 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             )
     recover_interrupted_swap(path)
     if not path.exists():
-        partial = [str(p) for p, _, _ in _leftovers(path, "tmp")]
+        partial = [str(p) for p, _, _ in leftovers(path, "tmp")]
         hint = (
             f" An interrupted save left {partial[0]}; it is incomplete and was not used: "
             "delete it and save again." if partial else ""
@@ -271,8 +174,10 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
         sidecar = json.loads(sidecar_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
-    if sidecar.get("format") != FORMAT:
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
         raise CheckpointError(f"{sidecar_path} is not an nlprune checkpoint sidecar.")
+    if "checksum" in sidecar and sidecar["checksum"] != _sidecar_checksum(sidecar):
+        raise CheckpointError(f"{sidecar_path} does not match its checksum; the checkpoint is corrupt.")
     if int(sidecar.get("version", 0)) > VERSION:
         raise CheckpointError(
             f"{path} was written by a newer nlprune (checkpoint version {sidecar['version']}, "
@@ -307,12 +212,19 @@ def _restore(path: Path, leaves: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:  # decoded on the host first, or kept as numpy
             targets[name] = np.empty(shape, dtype)
     try:
-        return _checkpointer().restore(path / ARRAYS, args=_ocp_args().StandardRestore(targets))
+        with deferred_signals():  # no reader threads left behind by a Ctrl-C
+            restored = _checkpointer().restore(path / ARRAYS, args=_ocp_args().StandardRestore(targets))
     except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
         raise CheckpointError(
-            f"cannot restore the arrays of {path} ({type(e).__name__}: {e}). The checkpoint is "
-            "corrupt or incomplete; save it again."
-        ) from e
+            f"cannot restore the arrays of {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            "The checkpoint is corrupt or incomplete; save it again."
+        ) from None
+    for name, info in leaves.items():
+        if "sha256" in info and digest(restored[name]) != info["sha256"]:
+            raise CheckpointError(
+                f"{path}: the array {name} does not match its checksum; the checkpoint is corrupt."
+            )
+    return restored
 
 
 def _encode(name: str, value: Any, compact: bool) -> tuple[Any, dict[str, Any]]:
@@ -331,10 +243,11 @@ def _encode(name: str, value: Any, compact: bool) -> tuple[Any, dict[str, Any]]:
         host = np.asarray(value)
         if _is_binary(host):
             packed = np.packbits(host.reshape(-1) != 0)  # 1 bit per weight
-            info.update(encoding="packbits", stored_shape=list(packed.shape), stored_dtype="uint8")
+            info.update(encoding="packbits", stored_shape=list(packed.shape), stored_dtype="uint8",
+                        sha256=digest(packed))
             return packed, info
     stored = value if kind == "jax" else np.asarray(value)
-    info.update(encoding="raw", stored_shape=info["shape"], stored_dtype=info["dtype"])
+    info.update(encoding="raw", stored_shape=info["shape"], stored_dtype=info["dtype"], sha256=digest(stored))
     return stored, info
 
 
@@ -555,14 +468,18 @@ def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = path.with_name(f".{path.name}.tmp-{new_token()}")
     try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a file rename is atomic: readers see the old or the new file
-    except BaseException:
+        with deferred_signals():
+            save_file(tensors, str(tmp), metadata=metadata)
+            os.chmod(tmp, file_mode())  # safetensors creates its files 0600
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # a file rename is atomic: readers see the old or the new file
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if type(e).__name__ == "SafetensorError":
+            raise (os_error_in(e, path) or e) from None
         raise
     return path
 

@@ -7,16 +7,26 @@ sparsity type, nsamples, seqlen, seed); underscore spellings (``--sparsity_ratio
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from nlprune import cards
 
 # Errors that are the user's input, reported as one line without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, TypeError, FileNotFoundError, ImportError, FileExistsError
+    ValueError, TypeError, FileNotFoundError, ImportError, FileExistsError, NotADirectoryError,
+    IsADirectoryError,
 )
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so the run stops as cleanly as on Ctrl-C."""
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
@@ -74,7 +84,10 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from nlprune.api import evaluate
+    from nlprune.runs import check_output_file
 
+    if args.output is not None:  # before the evaluation, not after it
+        check_output_file(args.output, args.overwrite)
     record = evaluate(
         model=args.model,
         run_dir=args.run,
@@ -83,6 +96,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seqlen=args.seqlen,
         data_dir=args.data_dir,
         batch_size=args.batch_size,
+        use_cache=not args.no_cache,
     )
     print(
         f"{record['model']['name']} on {args.dataset} ({record['windows']} x {args.seqlen}): "
@@ -158,6 +172,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options=_method_options(args),
         true_sequential=args.true_sequential,
         mesh=parallel.parse_mesh(args.mesh),
+        use_cache=not args.no_cache,
     )
     a = record["args"]
     print(
@@ -172,10 +187,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if "perplexity" in record:
         print(
             f"  C4 perplexity ({record['eval']['nsamples']} x {record['eval']['seqlen']}): "
-            f"dense {record['dense_perplexity']:.3f} -> pruned {record['perplexity']:.3f}"
+            f"dense {record['dense_perplexity']:.3f} {_cache_note(record)} -> pruned {record['perplexity']:.3f}"
         )
     print(f"  wrote {args.output}/results.json")
     return 0
+
+
+def _cache_note(record: dict) -> str:
+    cache = record.get("dense_perplexity_cache") or {}
+    if not cache.get("cached"):
+        return "(computed now)"
+    return f"(cached, computed {str(cache.get('computed')).replace('T', ' ')[:16]})"
 
 
 def add_prune_parser(sub) -> None:
@@ -191,14 +213,20 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
     _add(p, "--prune-method", required=True, choices=available_methods(), help="pruning method")
     _add(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
-    _add(p, "--sparsity-type", default="unstructured", help="unstructured, or N:M such as 2:4, 4:8")
+    _add(p, "--sparsity-type", default="unstructured",
+         help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are "
+         "50%% sparse, 1:4 is 75%%)")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     add_data_args(p)
     p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output once the new one has finished (only an "
+                   "nlprune run is ever replaced)")
     p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
+    _add(p, "--no-cache", action="store_true",
+         help="recompute the dense perplexity and the evaluation tokens instead of reading their caches")
     _add(p, "--eval-nsamples", type=int, default=128, help="evaluation windows (default 128)")
     _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
     _add(p, "--batch-size", type=int, default=8, help="windows per forward pass")
@@ -294,6 +322,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(
             "--window-batch, --window-chunk, --linear-method and --recipe apply only to --prune-method nonlinear."
         )
+    if args.output:
+        from nlprune.runs import check_output_file
+
+        check_output_file(args.output, overwrite=True)
     plan = plan_memory(config, name, **settings)
     print(plan.table())
     if args.output:
@@ -315,7 +347,8 @@ def add_plan_parser(sub) -> None:
     )
     p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder (config.json) or .gguf file")
     _add(p, "--prune-method", default="wanda", choices=available_methods(), help="pruning method (wanda)")
-    _add(p, "--sparsity-type", default="unstructured", help="unstructured, 2:4, 4:8 (does not change memory)")
+    _add(p, "--sparsity-type", default="unstructured",
+         help="unstructured, or N:M (keep N of every M weights: 2:4, 4:8); does not change memory")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     p.add_argument("--mesh", default=None, metavar="SPEC", help="mesh to plan for, e.g. data=2,model=2 (default: one device)")
@@ -356,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--batch-size", type=int, default=8, help="windows per forward pass")
     add_data_args(p)
     p.add_argument("--output", default=None, help="write the JSON record here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    _add(p, "--no-cache", action="store_true", help="tokenize the evaluation text again instead of reading the cache")
     p.set_defaults(func=cmd_eval)
 
     add_prune_parser(sub)
@@ -392,21 +427,59 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    _enable_compilation_cache()
+    command = f"nlprune {args.command}"
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    previous_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{command}: note: {_one_line(message)}", file=sys.stderr)
+
+    # notices (a recomputed cache, a taken-over lock, a restored run) in one line each
+    warnings.showwarning = show
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter(f"{command}: note: %(message)s"))
+    logger = logging.getLogger("nlprune")
+    logger.addHandler(notes)
+    logger.propagate = False
     try:
+        _enable_compilation_cache()
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"nlprune {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's, not the input's: disk full, permissions, I/O
+        where = f" ({e.filename})" if e.filename else ""
+        hint = ("; free some space and rerun (a prune resumes where it stopped)"
+                if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+        print(f"{command}: error: {_one_line(e.strerror or e)}{where}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"nlprune {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        warnings.showwarning = previous_show
+        logger.removeHandler(notes)
+        logger.propagate = True
+        if in_main:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -113,6 +114,20 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def file_digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root``, by path relative to it."""
+    out = {}
+    for dirpath, _, filenames in os.walk(root):
+        for name in filenames:
+            full = Path(dirpath) / name
+            h = hashlib.sha256()
+            with open(full, "rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+            out[full.relative_to(root).as_posix()] = h.hexdigest()
+    return out
 
 
 def file_mode() -> int:

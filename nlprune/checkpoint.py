@@ -11,9 +11,9 @@ and swapped onto ``<path>`` only once complete (:func:`nlprune.atomic.write_atom
 crash leaves either the old or the new checkpoint restorable.
 
 Masks that hold only 0 and 1 are stored bit-packed (1 bit per weight) and restored to their
-original dtype bit for bit. The leaf table holds each stored array's sha256 and the sidecar
-its own, so a damaged checkpoint is refused on load (``CheckpointError``), never restored
-into a wrong model. The directory steps live in :mod:`nlprune.atomic`.
+original dtype bit for bit. The sidecar holds the sha256 of every Orbax file and its own, so
+a damaged checkpoint is refused on load (``CheckpointError``) before Orbax reads it, never
+restored into a wrong model. The directory steps live in :mod:`nlprune.atomic`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ import jax
 import numpy as np
 
 from nlprune.atomic import (
-    deferred_signals, file_mode, leftovers, new_token, os_error_in, recover_interrupted_swap, write_atomically,
+    deferred_signals, file_digests, file_mode, leftovers, new_token, os_error_in, recover_interrupted_swap,
+    write_atomically,
 )
 from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama, linear_paths, with_masks
 
@@ -59,12 +60,6 @@ class _OrbaxThreadNoise(logging.Filter):
 logging.getLogger("absl").addFilter(_OrbaxThreadNoise())
 
 
-def digest(array: Any) -> str:
-    """sha256 of an array's bytes (C order)."""
-    flat = np.ascontiguousarray(np.asarray(array)).reshape(-1)
-    return hashlib.sha256(flat.view(np.uint8)).hexdigest()
-
-
 def _sidecar_checksum(sidecar: dict[str, Any]) -> str:
     body = {k: v for k, v in sidecar.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
@@ -73,11 +68,15 @@ def _sidecar_checksum(sidecar: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- orbax + sidecar
 
 
-def _checkpointer():
+def _orbax():
     import orbax.checkpoint as ocp
 
+    return ocp
+
+
+def _checkpointer():
     # Synchronous: the sidecar must only be written once the arrays are on disk.
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    return _orbax().Checkpointer(_orbax().StandardCheckpointHandler())
 
 
 def _json_or_raise(obj: Any, what: str) -> str:
@@ -109,25 +108,20 @@ def _save(
     _check_replaceable(path)
     sidecar = {"format": FORMAT, "version": VERSION, **sidecar, "leaves": leaves}
     _json_or_raise(sidecar, "checkpoint meta")  # fail before touching the disk
-    text = _json_or_raise({**sidecar, "checksum": _sidecar_checksum(sidecar)}, "checkpoint meta")
 
     arrays = {k: v for k, v in arrays.items() if leaves[k]["encoding"] != "empty"}
 
     def write(tmp: Path) -> None:
         if arrays:
             try:
-                _checkpointer().save(tmp / ARRAYS, args=_ocp_args().StandardSave(arrays))
+                _checkpointer().save(tmp / ARRAYS, args=_orbax().args.StandardSave(arrays))
             except ValueError as e:  # tensorstore reports OS errors as ValueError
                 raise (os_error_in(e, path) or e) from None
-        (tmp / SIDECAR).write_text(text)
+        # Each Orbax file's sha256: a damaged file is found before Orbax reads it.
+        full = {**sidecar, "files": file_digests(tmp / ARRAYS) if arrays else {}}
+        (tmp / SIDECAR).write_text(_json_or_raise({**full, "checksum": _sidecar_checksum(full)}, "checkpoint meta"))
 
     return write_atomically(path, write)
-
-
-def _ocp_args():
-    import orbax.checkpoint as ocp
-
-    return ocp.args
 
 
 def _check_replaceable(path: Path) -> None:
@@ -195,6 +189,11 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             f"{path} is incomplete: its Orbax array directory {path / ARRAYS} is missing. The "
             "checkpoint cannot be restored; save it again."
         )
+    found = file_digests(path / ARRAYS) if stored and "files" in sidecar else {}
+    bad = sorted(n for n in set(sidecar.get("files", {})) | set(found) if sidecar["files"].get(n) != found.get(n))
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} file(s) differ from their checksums ({bad[0]}, ...); the "
+                              "checkpoint is corrupt; save it again.")
     return path, sidecar
 
 
@@ -213,18 +212,12 @@ def _restore(path: Path, leaves: dict[str, dict[str, Any]]) -> dict[str, Any]:
             targets[name] = np.empty(shape, dtype)
     try:
         with deferred_signals():  # no reader threads left behind by a Ctrl-C
-            restored = _checkpointer().restore(path / ARRAYS, args=_ocp_args().StandardRestore(targets))
+            return _checkpointer().restore(path / ARRAYS, args=_orbax().args.StandardRestore(targets))
     except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
         raise CheckpointError(
             f"cannot restore the arrays of {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
             "The checkpoint is corrupt or incomplete; save it again."
         ) from None
-    for name, info in leaves.items():
-        if "sha256" in info and digest(restored[name]) != info["sha256"]:
-            raise CheckpointError(
-                f"{path}: the array {name} does not match its checksum; the checkpoint is corrupt."
-            )
-    return restored
 
 
 def _encode(name: str, value: Any, compact: bool) -> tuple[Any, dict[str, Any]]:
@@ -243,11 +236,10 @@ def _encode(name: str, value: Any, compact: bool) -> tuple[Any, dict[str, Any]]:
         host = np.asarray(value)
         if _is_binary(host):
             packed = np.packbits(host.reshape(-1) != 0)  # 1 bit per weight
-            info.update(encoding="packbits", stored_shape=list(packed.shape), stored_dtype="uint8",
-                        sha256=digest(packed))
+            info.update(encoding="packbits", stored_shape=list(packed.shape), stored_dtype="uint8")
             return packed, info
     stored = value if kind == "jax" else np.asarray(value)
-    info.update(encoding="raw", stored_shape=info["shape"], stored_dtype=info["dtype"], sha256=digest(stored))
+    info.update(encoding="raw", stored_shape=info["shape"], stored_dtype=info["dtype"])
     return stored, info
 
 
@@ -295,12 +287,8 @@ def save_model(path: str | Path, model: LlamaForCausalLM, meta: dict[str, Any] |
 
 def config_differences(saved: LlamaConfig, other: LlamaConfig) -> list[str]:
     """``"field: checkpoint A, model B"`` for every field that differs."""
-    out = []
-    for f in dataclasses.fields(LlamaConfig):
-        a, b = getattr(saved, f.name), getattr(other, f.name)
-        if a != b:
-            out.append(f"{f.name}: checkpoint {a}, model {b}")
-    return out
+    pairs = [(f.name, getattr(saved, f.name), getattr(other, f.name)) for f in dataclasses.fields(LlamaConfig)]
+    return [f"{name}: checkpoint {a}, model {b}" for name, a, b in pairs if a != b]
 
 
 def _abstract_model(config: LlamaConfig, masks: set[str]) -> LlamaForCausalLM:

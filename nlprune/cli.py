@@ -365,8 +365,15 @@ def add_plan_parser(sub) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage is in --help), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nlprune",
         description="Prune LLM weights in JAX and measure what it cost.",
     )
@@ -435,6 +442,17 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _quiet_unraisable(unraisable) -> None:
+    """Drop tensorstore's late callbacks onto the closed event loop of a failed Orbax read
+    (the read itself already failed with one clear error); report anything else."""
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        return
+    _previous_unraisable(unraisable)
+
+
+_previous_unraisable = sys.unraisablehook
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -451,6 +469,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # notices (a recomputed cache, a taken-over lock, a restored run) in one line each
     warnings.showwarning = show
+    if sys.unraisablehook is not _quiet_unraisable:
+        sys.unraisablehook = _quiet_unraisable  # kept: the callbacks may come at exit
     notes = logging.StreamHandler(sys.stderr)
     notes.setFormatter(logging.Formatter(f"{command}: note: %(message)s"))
     logger = logging.getLogger("nlprune")
@@ -464,8 +484,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # the machine's, not the input's: disk full, permissions, I/O
         where = f" ({e.filename})" if e.filename else ""
-        hint = ("; free some space and rerun (a prune resumes where it stopped)"
-                if e.errno in (errno.ENOSPC, errno.EDQUOT) else "")
+        hint = ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "; free some space and rerun" + (" (the prune resumes where it stopped)" if args.command == "prune" else "")
         print(f"{command}: error: {_one_line(e.strerror or e)}{where}{hint}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -130,6 +130,7 @@ def check_output_file(path: str | Path, overwrite: bool, flag: str = "--output")
 
 class RunDir:
     def __init__(self, path: str | Path):
+        self.given = str(path)  # as typed: "" (an unset variable) reads as "."
         self.path = Path(path)
         self.work = self.path  # where this run writes: the path itself, or the staging sibling
         self._locks: list[atomic.DirectoryLock] = []
@@ -160,7 +161,7 @@ class RunDir:
         path = Path(os.path.abspath(self.path))
         if path == Path.cwd() and not is_run(path):
             raise RunDirError(
-                f"--output {str(self.path)!r} is the current folder {path}, which is not an nlprune "
+                f"--output {self.given!r} is the current folder {path}, which is not an nlprune "
                 "run (an unset variable?); give the run directory's own path."
             )
         atomic.recover_interrupted_swap(self.path)
@@ -305,7 +306,8 @@ class RunDir:
 
     def _restart(self, model: LlamaForCausalLM, problem: str | None):
         if problem is not None:
-            note(f"resume state in {self.progress} cannot be used: {problem}; recomputing from layer 0.")
+            note(f"the resume state in {self.progress} cannot be used ({problem.rstrip('. ')}); "
+                 "recomputing the run from layer 0.")
         shutil.rmtree(self.progress, ignore_errors=True)
         self._layers, self.layer_seconds = {}, []
         return 0, model, None

@@ -213,6 +213,13 @@ def test_corrupt_array_files_raise_checkpoint_error(tmp_path):
     assert data
     for p in data:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    # The sidecar's file checksums find the damage before Orbax reads a byte ...
+    with pytest.raises(CheckpointError, match=r"differ from their checksums \(d/.*corrupt"):
+        load_model(tmp_path / "ck")
+    # ... and a checkpoint without them (an older nlprune's) still fails in one clear error.
+    sidecar = json.loads((tmp_path / "ck" / SIDECAR).read_text())
+    del sidecar["files"], sidecar["checksum"]
+    (tmp_path / "ck" / SIDECAR).write_text(json.dumps(sidecar))
     with pytest.raises(CheckpointError, match="cannot restore the arrays .* corrupt or incomplete"):
         load_model(tmp_path / "ck")
 

@@ -377,6 +377,8 @@ def open_finished(run_dir: str | Path) -> RunDir:
     atomic.recover_interrupted_swap(run.path)
     if not run.path.is_dir():
         raise RunDirError(f"run directory {run.path} does not exist.")
+    if not run.is_finished() and not is_run(run.path):
+        raise RunDirError(f"{run.path} is not an nlprune run directory; give the --output of an `nlprune prune`.")
     if not run.is_finished():
         raise RunDirError(
             f"{run.path} has no {RESULTS}: the run did not finish (rerun `nlprune prune` "

@@ -218,24 +218,30 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
-def write_file_atomically(path: str | Path, data: str | bytes) -> Path:
-    """Write one file through a temporary sibling and a rename: readers see the old or the
-    new content, a crash never leaves half a file, a failure leaves no temporary file."""
+def write_file_with(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write(tmp)`` create a temporary sibling file, then rename it onto ``path``:
+    readers see the old or the new file, a crash never leaves half a file, a failure leaves no
+    temporary file. The file gets the usual permissions (some writers create theirs 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{new_token()}")
-    payload = data.encode("utf-8") if isinstance(data, str) else data
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, file_mode())
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with deferred_signals():
+            write(tmp)
+            os.chmod(tmp, file_mode())
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def write_file_atomically(path: str | Path, data: str | bytes) -> Path:
+    """:func:`write_file_with` for text or bytes."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    return write_file_with(path, lambda tmp: tmp.write_bytes(payload))
 
 
 # --------------------------------------------------------------------------- checks

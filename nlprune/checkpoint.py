@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +30,7 @@ import jax
 import numpy as np
 
 from nlprune.atomic import (
-    deferred_signals, file_digests, file_mode, leftovers, new_token, os_error_in, recover_interrupted_swap,
-    write_atomically,
+    deferred_signals, file_digests, leftovers, os_error_in, recover_interrupted_swap, write_atomically, write_file_with,
 )
 from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama, linear_paths, with_masks
 
@@ -63,6 +61,19 @@ logging.getLogger("absl").addFilter(_OrbaxThreadNoise())
 def _sidecar_checksum(sidecar: dict[str, Any]) -> str:
     body = {k: v for k, v in sidecar.items() if k != "checksum"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
+def _read_sidecar(sidecar_path: Path) -> dict[str, Any]:
+    """The sidecar, refused (CheckpointError) unless it is an nlprune sidecar matching its checksum."""
+    try:
+        sidecar = json.loads(sidecar_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar_path} is not an nlprune checkpoint sidecar.")
+    if "checksum" in sidecar and sidecar["checksum"] != _sidecar_checksum(sidecar):
+        raise CheckpointError(f"{sidecar_path} does not match its checksum; the checkpoint is corrupt.")
+    return sidecar
 
 
 # --------------------------------------------------------------------------- orbax + sidecar
@@ -164,14 +175,7 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             f"{path} is not a complete nlprune checkpoint: {SIDECAR} is missing (the save did "
             "not finish, or this is not a checkpoint directory). Save it again."
         )
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
-    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar_path} is not an nlprune checkpoint sidecar.")
-    if "checksum" in sidecar and sidecar["checksum"] != _sidecar_checksum(sidecar):
-        raise CheckpointError(f"{sidecar_path} does not match its checksum; the checkpoint is corrupt.")
+    sidecar = _read_sidecar(sidecar_path)
     if int(sidecar.get("version", 0)) > VERSION:
         raise CheckpointError(
             f"{path} was written by a newer nlprune (checkpoint version {sidecar['version']}, "
@@ -363,7 +367,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     sidecar_path = Path(path) / SIDECAR
     if not sidecar_path.is_file():
         raise CheckpointError(f"{path} is not a complete nlprune checkpoint ({SIDECAR} missing).")
-    return json.loads(sidecar_path.read_text())
+    return _read_sidecar(sidecar_path)
 
 
 # --------------------------------------------------------------------------- arbitrary state
@@ -454,22 +458,10 @@ def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
         "packing": "numpy.packbits(mask != 0, axis=-1), bitorder big",
         "shapes": json.dumps(shapes),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{new_token()}")
-    try:
-        with deferred_signals():
-            save_file(tensors, str(tmp), metadata=metadata)
-            os.chmod(tmp, file_mode())  # safetensors creates its files 0600
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # a file rename is atomic: readers see the old or the new file
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if type(e).__name__ == "SafetensorError":
-            raise (os_error_in(e, path) or e) from None
-        raise
-    return path
+    try:  # a file rename is atomic: readers see the old or the new file
+        return write_file_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except Exception as e:  # safetensors reports a full disk as SafetensorError
+        raise (os_error_in(e, path) or e) from None
 
 
 def load_packed_masks(path: str | Path) -> dict[str, np.ndarray]:

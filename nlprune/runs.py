@@ -278,7 +278,9 @@ class RunDir:
         try:
             meta = checkpoint.read_meta(cursor)["meta"]
             saved = meta["fingerprint"]
-        except (checkpoint.CheckpointError, ValueError, KeyError, TypeError) as e:
+        except KeyError as e:
+            return self._restart(model, f"{cursor} has no {e} entry")
+        except (checkpoint.CheckpointError, ValueError, TypeError) as e:
             return self._restart(model, f"{cursor} is unreadable ({e})")
         if saved != fingerprint:
             if overwrite:
@@ -299,7 +301,9 @@ class RunDir:
             if sorted(layers, key=int) != [str(i) for i in range(start)] or len(seconds) != start:
                 raise ValueError("its layer list does not match next_layer")
             restored, hidden = self._restore(model, start, layers)
-        except (checkpoint.CheckpointError, ValueError, KeyError, TypeError) as e:
+        except KeyError as e:  # a cursor written by an nlprune without checksums
+            return self._restart(model, f"{cursor} has no {e} entry")
+        except (checkpoint.CheckpointError, ValueError, TypeError) as e:
             return self._restart(model, str(e))
         self._layers, self.layer_seconds = layers, seconds
         return start, restored, hidden

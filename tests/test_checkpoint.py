@@ -266,7 +266,7 @@ def test_failed_final_rename_leaves_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("killed during the swap (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)  # the swap lives in nlprune.atomic
     with pytest.raises(OSError, match="simulated"):
         save_model(path, make_model("random", seed=1), {"step": 2})
     monkeypatch.undo()
@@ -308,7 +308,7 @@ _CHILD = textwrap.dedent(
             real_rename(src, dst)
             if Path(src) == path.absolute():
                 hang()
-        ckpt.os.rename = rename
+        os.rename = rename
     ckpt.save_model(path, model, {"step": "child"})
     """
 )

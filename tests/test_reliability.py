@@ -438,6 +438,39 @@ def test_code_version_follows_the_forward_sources(tmp_path):
     assert api.forward_code_version(root) != before
 
 
+@pytest.mark.parametrize("damage", ["flipped-byte", "edited-ids"])
+def test_bad_token_cache_entry_is_rebuilt_with_a_warning(damage, tiny_and_windows, tmp_path):
+    import gzip
+
+    data = tmp_path / "data"
+    data.mkdir()
+    with gzip.open(data / "c4-validation.00000-of-00001.json.gz", "wt") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"Document {i} talks about topic {i * 7}."}) + "\n")
+    tokenizer, cache = tiny_and_windows[0].tokenizer, tmp_path / "tokens"
+
+    def windows(**kwargs):
+        return eval_windows(tokenizer, "c4", 4, 16, data_dir=data, cache_dir=cache, progress=False, **kwargs)
+
+    first, prov = windows()
+    entry = Path(prov["cache"]["path"])
+    if damage == "flipped-byte":
+        raw = bytearray(entry.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        entry.write_bytes(bytes(raw))
+    else:  # a well-formed file whose ids no longer match its checksum
+        with np.load(entry) as old:
+            ids, meta = old["ids"].copy(), old["meta"].copy()
+        ids[5] += 1
+        with open(entry, "wb") as f:
+            np.savez(f, ids=ids, meta=meta)
+    with pytest.warns(UserWarning, match=f"ignoring the token cache {entry}.*tokenizing again"):
+        again, prov = windows()
+    assert not prov["cache"]["hit"] and np.array_equal(again, first)
+    assert windows()[1]["cache"]["hit"]  # rewritten, good again
+    assert not windows(use_cache=False)[1]["cache"]["hit"]  # --no-cache
+
+
 @pytest.mark.slow
 def test_prune_says_when_the_dense_perplexity_was_cached(
     tiny_model_dir, shared_data_dir, tmp_path, monkeypatch, capsys

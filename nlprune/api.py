@@ -67,12 +67,14 @@ def load_run(run_dir: str | Path) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     run = open_finished(run_dir)
     try:
         record = json.loads(run.results_path.read_text())
-        record["args"]["prune_method"], record["model"]["weights_sha256"]
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    args, desc = (record.get("args"), record.get("model")) if isinstance(record, dict) else (None, None)
+    if not (isinstance(args, dict) and "prune_method" in args and isinstance(desc, dict) and "weights_sha256" in desc):
         raise RunDirError(
             f"{run.results_path} is not the record of a pruning run (damaged or overwritten); "
             "rerun `nlprune prune --overwrite` to remake the run."
-        ) from None
+        )
     model, _ = load_model(run.path / MODEL)
     return model, record
 
@@ -177,9 +179,6 @@ class DensePerplexity:
     cached: bool  # read from the cache rather than computed now
     computed: str  # when it was computed (ISO date)
     path: str  # the cache entry
-
-    def describe(self) -> str:
-        return f"(cached, computed {self.computed.replace('T', ' ')[:16]})" if self.cached else "(computed now)"
 
 
 def _entry_checksum(entry: dict[str, Any]) -> str:

@@ -225,9 +225,11 @@ class RunDir:
         self.release()
 
     def _claim_dir(self, path: Path) -> None:
-        created = not path.exists()
-        if created:
+        try:
             path.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            created = False
         empty = not any(p.name not in (MARKER, LOCK) for p in path.iterdir())
         lock = atomic.DirectoryLock(path / LOCK, f"run directory {self.path}").acquire()
         self._locks.append(lock)
@@ -381,7 +383,7 @@ def open_finished(run_dir: str | Path) -> RunDir:
     atomic.recover_interrupted_swap(run.path)
     if not run.path.is_dir():
         raise RunDirError(f"run directory {run.path} does not exist.")
-    if not run.is_finished() and not is_run(run.path):
+    if not run.is_finished() and any(run.path.iterdir()) and not is_run(run.path):
         raise RunDirError(f"{run.path} is not an nlprune run directory; give the --output of an `nlprune prune`.")
     if not run.is_finished():
         raise RunDirError(

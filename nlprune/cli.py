@@ -443,9 +443,18 @@ def _raise_terminated(signum, frame) -> None:
 
 
 def _quiet_unraisable(unraisable) -> None:
-    """Drop tensorstore's late callbacks onto the closed event loop of a failed Orbax read
-    (the read itself already failed with one clear error); report anything else."""
-    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+    """Python swallows an exception raised inside a garbage-collector callback (jax has one):
+    a Ctrl-C or SIGTERM landing there would be lost, so it is sent again a moment later.
+    Tensorstore's late callbacks onto the closed event loop of a failed Orbax read (the read
+    already failed with one clear error) are dropped. Anything else is reported."""
+    exc = unraisable.exc_value
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        again = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        resend = threading.Timer(0.05, os.kill, (os.getpid(), again))
+        resend.daemon = True  # a run that ends meanwhile needs no signal
+        resend.start()
+        return
+    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
         return
     _previous_unraisable(unraisable)
 

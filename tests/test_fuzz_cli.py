@@ -1,7 +1,7 @@
 """Bad input thrown at every command: each ends with exit code != 0, at most 3 lines on stderr,
 no traceback, and nothing in the sandbox (its outputs included) changed.
 
-The commands run in-process (``nlprune.cli.main``); signals need a real process.
+The commands run in-process (``nlprune.cli.main``); signals are tested in test_reliability.py.
 """
 
 from __future__ import annotations
@@ -9,10 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,7 @@ import pytest
 from nlprune.cli import main as cli_main
 from nlprune.runs import RunDir
 
-from test_reliability import REPO, prune_argv, run_cli, shown_lines, snapshot
+from test_reliability import prune_argv, run_cli, shown_lines, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -205,42 +201,3 @@ def test_full_disk_during_export_is_one_line(sandbox, tmp_path, monkeypatch, cap
         f"nlprune export-hf: error: No space left on device ({sandbox / 'hf-full' / 'model.safetensors'}); "
         "free some space and rerun"]
     assert snapshot(sandbox) == before
-
-
-SIGNAL_DURING_SAVE = textwrap.dedent(
-    """
-    import os, signal, sys
-    from nlprune import atomic
-    from nlprune.cli import main
-
-    sig, calls, real = getattr(signal, sys.argv[1]), [], atomic.fsync_tree
-
-    def fsync_then_signal(root):
-        calls.append(root)
-        if len(calls) == 3:  # inside layer 1's save: the signal must wait for the save
-            os.kill(os.getpid(), sig)
-        real(root)
-
-    atomic.fsync_tree = fsync_then_signal
-    sys.exit(main(sys.argv[2:]))
-    """
-)
-
-
-@pytest.mark.parametrize("sig, rc, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
-def test_signal_during_a_save_ends_in_one_line_and_resumes(
-    sig, rc, word, tiny_model_dir, shared_data_dir, tmp_path, capsys
-):
-    out = tmp_path / "run"
-    argv = [str(a) for a in prune_argv(tiny_model_dir, shared_data_dir, out)]
-    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING_SAVE, sig, *argv], capture_output=True, text=True,
-                          cwd=REPO, timeout=300)
-    assert proc.returncode == rc, proc.stderr[-3000:]
-    assert [line for line in shown_lines(proc.stderr) if "%|" not in line] == [f"nlprune prune: {word}"]
-    assert (out / "progress" / "layer-001").is_dir()  # the save the signal arrived in was completed
-    assert not list((out / "progress").glob(".*"))  # and left no temporary directory
-    if sig == "SIGINT":  # (the same state either way: resume once)
-        handler = signal.getsignal(signal.SIGTERM)
-        assert run_cli(capsys, *argv)[0] == 0
-        assert json.loads((out / "results.json").read_text())["resumed_from_layer"] == 1
-        assert signal.getsignal(signal.SIGTERM) is handler  # main() put the caller's handler back

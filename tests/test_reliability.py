@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -244,6 +245,7 @@ HANGING_RUN = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(
     finished_run, tiny_model_dir, shared_data_dir, tmp_path, capsys
 ):
@@ -289,6 +291,7 @@ SWAP_KILLED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_kill_during_the_overwrite_swap_keeps_the_old_run(run_copy, tiny_model_dir, shared_data_dir):
     old_model, old_record = api.load_run(run_copy)
     argv = prune_argv(tiny_model_dir, shared_data_dir, run_copy, "--overwrite", "--sparsity-ratio", "0.6")
@@ -333,6 +336,7 @@ def test_damaged_resume_state_is_recomputed_not_loaded(
     assert_same_model(api.load_run(out)[0], api.load_run(finished_run)[0])
 
 
+@pytest.mark.slow
 def test_resumed_run_times_every_segment(tiny_model_dir, shared_data_dir, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     interrupt_after(monkeypatch, 2)
@@ -511,6 +515,49 @@ def test_evaluation_data_is_checked_before_the_first_layer(
     rc, _, err = run_cli(capsys, *prune_argv(tiny_model_dir, data, out, *extra))
     assert rc == 2 and saved == [] and not out.exists()
     assert ("100000 were asked for" in err) if problem == "eval-nsamples" else ("validation" in err)
+
+
+# --------------------------------------------------------------------------- 9. signals
+
+
+SIGNAL_DURING_SAVE = textwrap.dedent(
+    """
+    import os, signal, sys
+    from nlprune import atomic
+    from nlprune.cli import main
+
+    sig, calls, real = getattr(signal, sys.argv[1]), [], atomic.fsync_tree
+
+    def fsync_then_signal(root):
+        calls.append(root)
+        if len(calls) == 3:  # inside layer 1's save: the signal must wait for the save
+            os.kill(os.getpid(), sig)
+        real(root)
+
+    atomic.fsync_tree = fsync_then_signal
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, rc, word", [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_signal_during_a_save_ends_in_one_line_and_resumes(
+    sig, rc, word, tiny_model_dir, shared_data_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    argv = [str(a) for a in prune_argv(tiny_model_dir, shared_data_dir, out)]
+    proc = subprocess.run([sys.executable, "-c", SIGNAL_DURING_SAVE, sig, *argv], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert proc.returncode == rc, proc.stderr[-3000:]
+    assert [line for line in shown_lines(proc.stderr) if "%|" not in line] == [f"nlprune prune: {word}"]
+    assert (out / "progress" / "layer-001").is_dir()  # the save the signal arrived in was completed
+    assert not list((out / "progress").glob(".*"))  # and left no temporary directory
+    if sig == "SIGINT":  # (the same state either way: resume once)
+        handler = signal.getsignal(signal.SIGTERM)
+        assert run_cli(capsys, *argv)[0] == 0
+        assert json.loads((out / "results.json").read_text())["resumed_from_layer"] == 1
+        assert signal.getsignal(signal.SIGTERM) is handler  # main() put the caller's handler back
 
 
 # --------------------------------------------------------------------------- 12. minor

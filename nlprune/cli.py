@@ -508,7 +508,7 @@ def main(argv: list[str] | None = None) -> int:
         warnings.showwarning = previous_show
         logger.removeHandler(notes)
         logger.propagate = True
-        if in_main:
+        if in_main and previous_term is not None:
             signal.signal(signal.SIGTERM, previous_term)
 
 

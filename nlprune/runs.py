@@ -269,9 +269,10 @@ class RunDir:
         self._fingerprint = fingerprint
         if self.work == self.path and (self.path / RESULTS).exists():
             raise RunDirError(f"{self.path} already holds a finished run; pass --overwrite to replace it.")
-        for stale in (RESULTS, MODEL, MASKS):  # a finished staged run is rebuilt from scratch
-            if self.work == self.staging and (self.work / stale).exists():
-                shutil.rmtree(self.work / stale) if (self.work / stale).is_dir() else (self.work / stale).unlink()
+        if self.work == self.staging:  # a staged run that finished but was never swapped in: rebuilt
+            shutil.rmtree(self.work / MODEL, ignore_errors=True)
+            for name in (RESULTS, MASKS):
+                (self.work / name).unlink(missing_ok=True)
         cursor = self.progress / CURSOR
         if not self.progress.exists():
             return 0, model, None

@@ -11,7 +11,9 @@
 * :class:`DirectoryLock`: an advisory ``fcntl.flock`` lock file holding its holder's pid and
   host, so a second writer is refused with one line naming the holder.
 * :func:`deferred_signals`: SIGINT/SIGTERM arriving during a save take effect once the save is
-  complete, so an interrupted run never leaves a writer thread behind or a half-made swap.
+  complete, so an interrupted run never leaves a writer thread behind or a half-made swap;
+  :func:`raise_terminated` makes SIGTERM an exception like Ctrl-C's, and
+  :func:`install_unraisable_hook` keeps either from being lost in a garbage-collector callback.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import secrets
 import shutil
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -393,3 +396,35 @@ def _deliver(signum: int, handler: Any) -> None:
     elif handler in (signal.SIG_DFL, None):
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so a run stops as cleanly as on Ctrl-C."""
+
+
+def raise_terminated(signum: int, frame: Any) -> None:
+    """A SIGTERM handler: raise :class:`Terminated` where the main thread is."""
+    raise Terminated()
+
+
+def _unraisable(unraisable: Any) -> None:
+    """Python swallows an exception raised inside a garbage-collector callback (jax has one):
+    a Ctrl-C or SIGTERM landing there would be lost, so it is sent again a moment later.
+    Tensorstore's late callbacks onto the closed event loop of a failed Orbax read (the read
+    already failed with one clear error) are dropped. Anything else is reported as usual."""
+    exc = unraisable.exc_value
+    if isinstance(exc, (KeyboardInterrupt, Terminated)):
+        again = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
+        resend = threading.Timer(0.05, os.kill, (os.getpid(), again))
+        resend.daemon = True  # a run that ends meanwhile needs no signal
+        resend.start()
+    elif not (isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc)):
+        _previous_unraisable(unraisable)
+
+
+_previous_unraisable = sys.unraisablehook
+
+
+def install_unraisable_hook() -> None:
+    if sys.unraisablehook is not _unraisable:
+        sys.unraisablehook = _unraisable

@@ -17,16 +17,13 @@ import warnings
 from pathlib import Path
 
 from nlprune import cards
+from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
 
 # Errors that are the user's input, reported as one line without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, TypeError, FileNotFoundError, ImportError, FileExistsError, NotADirectoryError,
     IsADirectoryError,
 )
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised in the main thread so the run stops as cleanly as on Ctrl-C."""
 
 
 def _add(parser: argparse.ArgumentParser, flag: str, **kwargs) -> None:
@@ -438,30 +435,6 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def _raise_terminated(signum, frame) -> None:
-    raise Terminated()
-
-
-def _quiet_unraisable(unraisable) -> None:
-    """Python swallows an exception raised inside a garbage-collector callback (jax has one):
-    a Ctrl-C or SIGTERM landing there would be lost, so it is sent again a moment later.
-    Tensorstore's late callbacks onto the closed event loop of a failed Orbax read (the read
-    already failed with one clear error) are dropped. Anything else is reported."""
-    exc = unraisable.exc_value
-    if isinstance(exc, (KeyboardInterrupt, Terminated)):
-        again = signal.SIGINT if isinstance(exc, KeyboardInterrupt) else signal.SIGTERM
-        resend = threading.Timer(0.05, os.kill, (os.getpid(), again))
-        resend.daemon = True  # a run that ends meanwhile needs no signal
-        resend.start()
-        return
-    if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
-        return
-    _previous_unraisable(unraisable)
-
-
-_previous_unraisable = sys.unraisablehook
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -470,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = f"nlprune {args.command}"
     in_main = threading.current_thread() is threading.main_thread()
-    previous_term = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+    previous_term = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
     previous_show = warnings.showwarning
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
@@ -478,8 +451,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # notices (a recomputed cache, a taken-over lock, a restored run) in one line each
     warnings.showwarning = show
-    if sys.unraisablehook is not _quiet_unraisable:
-        sys.unraisablehook = _quiet_unraisable  # kept: the callbacks may come at exit
+    install_unraisable_hook()  # kept after main: the callbacks it filters may come at exit
     notes = logging.StreamHandler(sys.stderr)
     notes.setFormatter(logging.Formatter(f"{command}: note: %(message)s"))
     logger = logging.getLogger("nlprune")

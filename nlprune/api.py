@@ -7,8 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
+import functools
+import hashlib
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -22,8 +27,7 @@ from nlprune.data import eval_windows
 from nlprune.eval.perplexity import perplexity
 from nlprune.eval.tasks import DEFAULT_TASKS, resolve_task_data_dir
 from nlprune.modeling.llama import LlamaForCausalLM
-from nlprune.runs import MODEL, RESULTS, RunDir, RunDirError
-
+from nlprune.runs import MODEL, RunDir, RunDirError, note, open_finished, write_json
 
 
 @dataclasses.dataclass
@@ -61,16 +65,25 @@ def load_run(run_dir: str | Path) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """The pruned model of a run directory and its results record."""
     from nlprune.checkpoint import load_model
 
-    run = RunDir(run_dir)
-    if not run.path.is_dir():
-        raise RunDirError(f"run directory {run.path} does not exist.")
-    if not run.is_finished():
+    run = open_finished(run_dir)
+    try:
+        record = json.loads(run.results_path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        record = None
+    args, desc = (record.get("args"), record.get("model")) if isinstance(record, dict) else (None, None)
+    if not (isinstance(args, dict) and "prune_method" in args and isinstance(desc, dict) and "weights_sha256" in desc):
         raise RunDirError(
-            f"{run.path} has no {RESULTS}: the run did not finish (rerun `nlprune prune` "
-            "with the same --output to resume it)."
+            f"{run.results_path} is not the record of a pruning run (damaged or overwritten); "
+            "rerun `nlprune prune --overwrite` to remake the run."
         )
     model, _ = load_model(run.path / MODEL)
-    return model, json.loads(run.results_path.read_text())
+    return model, record
+
+
+def check_count(name: str, value: Any, minimum: int) -> None:
+    """Refuse a count below ``minimum`` before anything is loaded."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
 
 
 def _model_for_eval(
@@ -105,11 +118,17 @@ def evaluate(
     data_dir: str | Path | None = None,
     batch_size: int = 8,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> dict[str, Any]:
     """Perplexity of a model (or of a run's pruned model) with a full provenance record.
 
     With ``run_dir``, ``model`` defaults to the model the run was pruned from, and a
-    different one is refused (its tokenizer would not match)."""
+    different one is refused (its tokenizer would not match). ``use_cache=False``
+    re-tokenizes the evaluation text instead of reading the token cache."""
+    check_count("--batch-size", batch_size, 1)
+    if nsamples is not None:
+        check_count("--nsamples", nsamples, 1)
+    check_count("--seqlen", seqlen, 2)
     loaded, weights, run_record = _model_for_eval(model, run_dir)
     windows, provenance = eval_windows(
         loaded.tokenizer,
@@ -119,6 +138,7 @@ def evaluate(
         data_dir=data_dir,
         max_seqlen=weights.config.max_position_embeddings,
         progress=progress,
+        use_cache=use_cache,
     )
     result = perplexity(weights, windows, batch_size=batch_size, progress=progress)
     record = {
@@ -179,22 +199,98 @@ def evaluate_tasks(
     return record
 
 
-def dense_perplexity(loaded: Loaded, windows: np.ndarray, batch_size: int = 8, progress: bool = True) -> float:
-    """The unpruned model's perplexity on ``windows``, cached on disk by weights and windows
-    (every pruning run with --eval reports it; computing it once per protocol is enough)."""
-    import hashlib
+DENSE_CACHE_SCHEMA = "nlprune-dense-perplexity"
+# What the dense forward's result depends on besides weights and windows (under nlprune/).
+FORWARD_SOURCES = ("modeling", "convert", "eval/perplexity.py", "cards.py")
 
-    key = hashlib.sha256(
-        f"{loaded.source.weights_sha256()}:{windows.shape}:".encode() + np.ascontiguousarray(windows, np.int32).tobytes()
-    ).hexdigest()[:24]
-    path = cards.cache_dir() / "dense_perplexity" / f"{key}.json"
-    if path.is_file():
-        return float(json.loads(path.read_text())["perplexity"])
+
+def forward_code_version(root: str | Path | None = None) -> str:
+    """Hash of the nlprune sources the dense forward depends on, and of the jax version."""
+    if root is None:
+        return _installed_code_version()
+    root = Path(root)
+    h = hashlib.sha256(f"jax {jax.__version__}\0".encode())
+    for rel in FORWARD_SOURCES:
+        where = root / rel
+        for f in sorted(where.rglob("*.py")) if where.is_dir() else [where]:
+            h.update(f"{f.relative_to(root)}\0".encode() + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def _installed_code_version() -> str:
+    return forward_code_version(Path(__file__).parent)
+
+
+@dataclasses.dataclass
+class DensePerplexity:
+    perplexity: float
+    cached: bool  # read from the cache rather than computed now
+    computed: str  # when it was computed (ISO date)
+    path: str  # the cache entry
+
+
+def _entry_checksum(entry: dict[str, Any]) -> str:
+    body = {k: v for k, v in entry.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _read_dense_entry(path: Path, key: dict[str, Any]) -> tuple[dict[str, Any] | None, str | None]:
+    """(verified entry, None), or (None, why it cannot be trusted); (None, None) if absent."""
+    if not path.is_file():
+        return None, None
+    try:
+        entry = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return None, f"unreadable ({e})"
+    if not isinstance(entry, dict) or entry.get("schema") != DENSE_CACHE_SCHEMA or entry.get("version") != 1:
+        return None, "not a dense perplexity entry of this nlprune"
+    if entry.get("sha256") != _entry_checksum(entry):
+        return None, "its checksum does not match (edited or damaged)"
+    if entry.get("key") != key:
+        return None, "computed for another model, other windows or by other code"
+    value = entry.get("perplexity")
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 1.0:
+        return None, f"impossible perplexity {value!r}"
+    return entry, None
+
+
+def dense_perplexity(
+    loaded: Loaded, windows: np.ndarray, batch_size: int = 8, progress: bool = True, use_cache: bool = True
+) -> DensePerplexity:
+    """The unpruned model's perplexity on ``windows``, cached on disk (every pruning run with
+    --eval reports it; computing it once per protocol is enough).
+
+    The entry is keyed by the weights, the windows and :func:`forward_code_version`, and holds
+    its own checksum; one that is damaged, edited or from other code is named and
+    recomputed. ``use_cache=False`` recomputes (and rewrites) it."""
+    windows = np.ascontiguousarray(windows, np.int32)
+    key = {
+        "weights_sha256": loaded.source.weights_sha256(),
+        "windows_sha256": hashlib.sha256(windows.tobytes()).hexdigest(),
+        "windows_shape": list(windows.shape),
+        "code_version": forward_code_version(),
+    }
+    name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    path = cards.cache_dir() / "dense_perplexity" / f"{name}.json"
+    if use_cache:
+        entry, problem = _read_dense_entry(path, key)
+        if entry is not None:
+            return DensePerplexity(float(entry["perplexity"]), True, str(entry.get("computed")), str(path))
+        if problem:
+            note(f"ignoring the dense perplexity cache {path}: {problem}; recomputing it.")
     result = perplexity(loaded.model, windows, batch_size=batch_size, progress=progress, desc="dense perplexity")
-    from nlprune.runs import write_json
-
-    write_json(path, result.as_dict())
-    return result.perplexity
+    entry = {
+        "schema": DENSE_CACHE_SCHEMA, "version": 1, "key": key, "perplexity": result.perplexity,
+        "tokens": result.tokens, "windows": result.windows, "seconds": result.seconds,
+        "computed": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+    entry["sha256"] = _entry_checksum(entry)
+    try:
+        write_json(path, entry)
+    except OSError as e:  # a read-only cache must not fail the run
+        note(f"could not write the dense perplexity cache {path}: {e.strerror or e}")
+    return DensePerplexity(result.perplexity, False, entry["computed"], str(path))
 
 
 def _peak_rss_bytes() -> int:
@@ -223,8 +319,13 @@ def prune(
     true_sequential: bool = True,
     progress: bool = True,
     mesh: str | jax.sharding.Mesh | None = None,
+    use_cache: bool = True,
 ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Prune a model layer by layer; returns the pruned model and the results record.
+
+    With ``output`` the run directory is locked while the run writes it, and everything that
+    can be checked (arguments, output, data files and window counts for calibration and
+    evaluation) is checked before the first layer.
 
     Args:
         model: a card name (``nlprune models``), a Hugging Face folder, a ``.gguf`` file, or an
@@ -254,104 +355,124 @@ def prune(
             (default); False: every sublayer's statistics from the dense layer first, as
             Wanda's reference code does.
         progress: show progress bars.
+        use_cache: False recomputes the dense perplexity and the evaluation tokens.
         mesh: a device mesh or a --mesh spec (``"data=2,model=2"``; ``""`` = every device on
             'data'); None = one device. A run may be resumed on another mesh.
     """
+    from nlprune import parallel
     from nlprune.data import calibration_windows
     from nlprune.eval.attention_error import attention_error
     from nlprune.methods import get_method
     from nlprune.prune.pipeline import prune_model
     from nlprune.sparsity import parse_pattern
 
-    from nlprune import parallel
-
     # Validate everything cheap before loading anything heavy.
+    for name, value, minimum in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--seed", seed, 0),
+                                 ("--batch-size", batch_size, 1), ("attention_windows", attention_windows, 0)):
+        check_count(name, value, minimum)
+    if do_eval:
+        check_count("--eval-nsamples", eval_nsamples, 1)
+        check_count("--eval-seqlen", eval_seqlen, 2)
     if isinstance(mesh, str):
         mesh = parallel.parse_mesh(mesh)
     mesh = parallel.effective(mesh)
     pattern = parse_pattern(sparsity_type, sparsity_ratio)
     method = get_method(prune_method, **(options or {}))  # options resolved and validated once
-    if output is not None and RunDir(output).is_finished() and not overwrite:
-        RunDir(output).prepare({}, overwrite=False)  # raises: refuse before loading anything
-    loaded = model if isinstance(model, Loaded) else load(model)
-    if mesh is not None:  # the dense model too: it is evaluated beside the pruned one
-        loaded = dataclasses.replace(loaded, model=parallel.place_model(loaded.model, mesh))
-    config = loaded.model.config
-    for width in (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size):
-        pattern.check_width(width, f"{loaded.source.name} (a linear layer)")
-
-    calibration, calib_prov = calibration_windows(
-        loaded.tokenizer, nsamples, seqlen, seed, data_dir=data_dir, max_seqlen=config.max_position_embeddings
-    )
-    args = {
-        "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
-        "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-        "options": method.options.as_dict(), "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
-        "mesh": parallel.mesh_spec(mesh),
-    }
-    model_desc = loaded.describe()
-    fingerprint = {
-        **{k: args[k] for k in ("prune_method", "sparsity_ratio", "sparsity_type", "nsamples", "seqlen", "seed", "true_sequential")},
-        "options": json.loads(json.dumps(method.options.as_dict(), default=str)),
-        "weights_sha256": model_desc["weights_sha256"],
-        "calibration_sha256": [f["sha256"] for f in calib_prov["files"]],
-    }
-
     run = RunDir(output) if output is not None else None
-    start_layer, hidden, base = 0, None, loaded.model
-    if run is not None:
-        start_layer = run.prepare(fingerprint, overwrite)
-        if start_layer:
-            base, hidden = run.restore(loaded.model, start_layer)
-            base = parallel.place_model(base, mesh)  # restored arrays sit on device 0
+    # Claimed at once (a finished run, another writer or a foreign folder is refused before
+    # anything loads); released on every exit, and a failure removes what the claim created.
+    with run.claimed(overwrite) if run is not None else contextlib.nullcontext():
+        loaded = model if isinstance(model, Loaded) else load(model)
+        if mesh is not None:  # the dense model too: it is evaluated beside the pruned one
+            loaded = dataclasses.replace(loaded, model=parallel.place_model(loaded.model, mesh))
+        config = loaded.model.config
+        for width in (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size):
+            pattern.check_width(width, f"{loaded.source.name} (a linear layer)")
 
-    def checkpoint_layer(i, current, outputs):
-        run.save_layer(i, current.model.layers[i], outputs, fingerprint)
-
-    pruned, report = prune_model(
-        base, calibration, method, pattern, batch_size=batch_size, progress=progress,
-        start_layer=start_layer, hidden=hidden, on_layer_done=checkpoint_layer if run else None,
-        true_sequential=true_sequential, mesh=mesh,
-    )
-    record: dict[str, Any] = {
-        "args": args,
-        "model": model_desc,
-        "calibration": {k: calib_prov.get(k) for k in ("dataset", "split", "files", "seed", "nsamples", "seqlen", "doc_indices", "starts")},
-        "sparsity": {"overall": report.overall_sparsity, "per_linear": report.sparsity},
-        "prune_seconds": report.prune_seconds,
-        "checkpoint_seconds": report.checkpoint_seconds,
-        "layer_seconds": report.layer_seconds,
-        "resumed_from_layer": start_layer,
-        "mesh": report.mesh or parallel.describe(None),
-        "peak_rss_bytes": _peak_rss_bytes(),
-        **({"method_reports": method.reports} if method.reports else {}),  # e.g. nonlinear: per-layer GD
-        "machine": machine(),
-    }
-    eval_kwargs = dict(data_dir=data_dir, max_seqlen=config.max_position_embeddings, progress=progress)
-    if attention_windows:
-        # Held-out windows (C4 validation), never the calibration ones.
-        held_out, _ = eval_windows(loaded.tokenizer, "c4", attention_windows, seqlen, **eval_kwargs)
-        per_layer = attention_error(loaded.model, pruned, held_out)
-        record["attention_error"] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "windows": attention_windows, "seqlen": seqlen}
-    if do_eval:
-        windows, eval_prov = eval_windows(loaded.tokenizer, "c4", eval_nsamples, eval_seqlen, **eval_kwargs)
-        pruned_ppl = perplexity(pruned, windows, batch_size=batch_size, progress=progress, desc="pruned perplexity")
-        record.update(
-            perplexity=pruned_ppl.perplexity,
-            dense_perplexity=dense_perplexity(loaded, windows, batch_size, progress),
-            eval={"dataset": "c4", "nsamples": len(windows), "seqlen": eval_seqlen, "tokens": pruned_ppl.tokens,
-                  "files": eval_prov["files"], "seconds": pruned_ppl.seconds},
+        calibration, calib_prov = calibration_windows(
+            loaded.tokenizer, nsamples, seqlen, seed, data_dir=data_dir, max_seqlen=config.max_position_embeddings
         )
-    if run is not None:
-        run.finish(pruned, record, {"args": args, "model": model_desc})
-    return pruned, record
+        # The evaluation data too, before the first layer: a missing shard or too short a text
+        # is found now, not after the whole prune.
+        eval_kwargs = dict(data_dir=data_dir, max_seqlen=config.max_position_embeddings, progress=progress,
+                           use_cache=use_cache)
+        held_out = windows = None
+        if attention_windows:  # held-out windows (C4 validation), never the calibration ones
+            held_out, _ = eval_windows(loaded.tokenizer, "c4", attention_windows, seqlen, **eval_kwargs)
+        if do_eval:
+            windows, eval_prov = eval_windows(loaded.tokenizer, "c4", eval_nsamples, eval_seqlen, **eval_kwargs)
+        args = {
+            "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
+            "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "options": method.options.as_dict(), "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
+            "mesh": parallel.mesh_spec(mesh),
+        }
+        model_desc = loaded.describe()
+        fingerprint = {
+            **{k: args[k] for k in ("prune_method", "sparsity_ratio", "sparsity_type", "nsamples", "seqlen", "seed", "true_sequential")},
+            "options": json.loads(json.dumps(method.options.as_dict(), default=str)),
+            "weights_sha256": model_desc["weights_sha256"],
+            "calibration_sha256": [f["sha256"] for f in calib_prov["files"]],
+            "calibration_windows_sha256": hashlib.sha256(np.ascontiguousarray(calibration, np.int32).tobytes()).hexdigest(),
+        }
+
+        start_layer, hidden, base, earlier = 0, None, loaded.model, []
+        if run is not None:
+            start_layer, base, hidden = run.resume(loaded.model, fingerprint, overwrite)
+            earlier = list(run.layer_seconds[:start_layer])  # earlier segments of a resumed run
+            if start_layer:
+                base = parallel.place_model(base, mesh)  # restored arrays sit on device 0
+        last = [time.perf_counter()]
+
+        def checkpoint_layer(i, current, outputs):
+            seconds = time.perf_counter() - last[0]  # this layer's pruning, as the pipeline times it
+            run.save_layer(i, current.model.layers[i], outputs, fingerprint, seconds)
+            last[0] = time.perf_counter()
+
+        pruned, report = prune_model(
+            base, calibration, method, pattern, batch_size=batch_size, progress=progress,
+            start_layer=start_layer, hidden=hidden, on_layer_done=checkpoint_layer if run else None,
+            true_sequential=true_sequential, mesh=mesh,
+        )
+        record: dict[str, Any] = {
+            "args": args,
+            "model": model_desc,
+            "calibration": {k: calib_prov.get(k) for k in ("dataset", "split", "files", "seed", "nsamples", "seqlen", "doc_indices", "starts")},
+            "sparsity": {"overall": report.overall_sparsity, "per_linear": report.sparsity},
+            "prune_seconds": sum(earlier) + report.prune_seconds,  # every segment of a resumed run
+            "checkpoint_seconds": report.checkpoint_seconds,
+            "layer_seconds": earlier + list(report.layer_seconds),
+            "resumed_from_layer": start_layer,
+            "mesh": report.mesh or parallel.describe(None),
+            "peak_rss_bytes": _peak_rss_bytes(),
+            **({"method_reports": method.reports} if method.reports else {}),  # e.g. nonlinear: per-layer GD
+            "machine": machine(),
+        }
+        if held_out is not None:
+            per_layer = attention_error(loaded.model, pruned, held_out)
+            record["attention_error"] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "windows": attention_windows, "seqlen": seqlen}
+        if do_eval:
+            pruned_ppl = perplexity(pruned, windows, batch_size=batch_size, progress=progress, desc="pruned perplexity")
+            dense = dense_perplexity(loaded, windows, batch_size, progress, use_cache=use_cache)
+            record.update(
+                perplexity=pruned_ppl.perplexity,
+                dense_perplexity=dense.perplexity,
+                dense_perplexity_cache={"cached": dense.cached, "computed": dense.computed, "path": dense.path},
+                eval={"dataset": "c4", "nsamples": len(windows), "seqlen": eval_seqlen, "tokens": pruned_ppl.tokens,
+                      "files": eval_prov["files"], "seconds": pruned_ppl.seconds},
+            )
+        if run is not None:
+            run.finish(pruned, record, {"args": args, "model": model_desc})
+        return pruned, record
 
 
 def export_hf(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write a run's pruned model as a Hugging Face folder (config, safetensors, tokenizer,
     generation config when the source had one) that ``transformers`` loads as is."""
+    from nlprune.convert.export import check_target
     from nlprune.convert.export import export_hf as write_folder
 
+    check_target(Path(output), overwrite)  # before loading anything
     model, record = load_run(run_dir)
     desc = record["model"]
     source = cards.resolve_model(desc.get("card") or desc["path"])

@@ -122,6 +122,8 @@ def resolve_model(spec: str) -> ModelSource:
     """Turn a ``--model`` value into a :class:`ModelSource`."""
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
+        if path.is_dir():
+            raise ModelNotFound(f"{path} is a folder, not a GGUF file; give the .gguf file inside it.")
         if not path.is_file():
             raise ModelNotFound(f"GGUF file {path} does not exist.")
         return ModelSource(path.stem, "gguf", path, {"source": "gguf", "path": str(path)})

@@ -7,25 +7,21 @@ Layout of a checkpoint directory::
 
 The sidecar is written last, so a directory without it is never taken for a checkpoint.
 Every save is built in a hidden temporary sibling (``.<name>.tmp-<host>-<pid>-<token>``)
-and swapped onto ``<path>`` only once complete; the previous checkpoint is moved aside and
-deleted only after the new one is in place. A crash therefore leaves either the old or the
-new checkpoint restorable. In the one window where neither is at ``<path>`` (between the
-two renames of the swap), the next save or load puts the previous one back.
+and swapped onto ``<path>`` only once complete (:func:`nlprune.atomic.write_atomically`): a
+crash leaves either the old or the new checkpoint restorable.
 
 Masks that hold only 0 and 1 are stored bit-packed (1 bit per weight) and restored to their
-original dtype bit for bit.
+original dtype bit for bit. The sidecar holds the sha256 of every Orbax file and its own, so
+a damaged checkpoint is refused on load (``CheckpointError``) before Orbax reads it, never
+restored into a wrong model. The directory steps live in :mod:`nlprune.atomic`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
-import os
-import secrets
-import shutil
-import socket
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +29,9 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from nlprune.atomic import (
+    deferred_signals, file_digests, leftovers, os_error_in, recover_interrupted_swap, write_atomically, write_file_with,
+)
 from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama
 from nlprune.modeling.masks import linear_paths, with_masks
 
@@ -49,137 +48,47 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, incomplete, corrupt, or for another model."""
 
 
-# --------------------------------------------------------------------------- atomic directories
+class _OrbaxThreadNoise(logging.Filter):
+    """Orbax logs every failure of its writer threads with a traceback and then raises the
+    same error to the caller, which reports it in one line: drop the duplicate."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "_SignalingThread.run() raised" not in str(record.msg)
 
 
-def _host() -> str:
-    return socket.gethostname().replace("/", "_") or "host"
+logging.getLogger("absl").addFilter(_OrbaxThreadNoise())
 
 
-def _sibling_prefix(path: Path, kind: str) -> str:
-    return f".{path.name}.{kind}-"
+def _sidecar_checksum(sidecar: dict[str, Any]) -> str:
+    body = {k: v for k, v in sidecar.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
 
 
-def _leftovers(path: Path, kind: str) -> list[tuple[Path, str, int]]:
-    """Hidden ``tmp``/``old`` siblings of ``path`` as (dir, host, pid), newest first."""
-    prefix = _sibling_prefix(path, kind)
-    if not path.parent.is_dir():
-        return []
-    found = []
-    for p in path.parent.iterdir():
-        if not p.name.startswith(prefix):
-            continue
-        parts = p.name[len(prefix):].rsplit("-", 2)
-        if len(parts) == 3 and parts[1].isdigit():
-            found.append((p, parts[0], int(parts[1])))
-    def mtime(p: Path) -> float:
-        try:
-            return p.stat().st_mtime
-        except FileNotFoundError:  # removed meanwhile by its own writer
-            return 0.0
-
-    return sorted(found, key=lambda t: mtime(t[0]), reverse=True)
-
-
-def _writer_is_dead(host: str, pid: int) -> bool:
-    """True when the process that made a leftover can no longer be writing it."""
-    if host != _host():
-        return False  # another machine on a shared filesystem: we cannot tell, leave it be
-    if pid == os.getpid():
-        return False
+def _read_sidecar(sidecar_path: Path) -> dict[str, Any]:
+    """The sidecar, refused (CheckpointError) unless it is an nlprune sidecar matching its checksum."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root, so the rename never outruns the data."""
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def recover_interrupted_swap(path: str | Path) -> None:
-    """Undo what a killed :func:`write_atomically` left behind at ``path``.
-
-    If ``path`` is missing but its previous version sits aside (killed between the two
-    renames), the previous version is put back. Temporary and set-aside directories of dead
-    writers on this host are deleted.
-    """
-    path = Path(path)
-    if not path.exists():
-        for old, host, pid in _leftovers(path, "old"):
-            if _writer_is_dead(host, pid):
-                log.warning("%s: restoring the previous version %s (a save was interrupted)", path, old)
-                os.rename(old, path)
-                break
-    for kind in ("old", "tmp"):
-        for leftover, host, pid in _leftovers(path, kind):
-            if leftover.exists() and _writer_is_dead(host, pid):
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-def write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Have ``write(tmp)`` fill a fresh sibling directory, then swap it onto ``path``.
-
-    Whatever was at ``path`` (callers decide whether it may be replaced) stays in place until
-    the new directory is complete and flushed; it is deleted only after the swap.
-    """
-    path = Path(path).absolute()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted_swap(path)
-    token = f"{_host()}-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp = path.parent / (_sibling_prefix(path, "tmp") + token)
-    tmp.mkdir()
-    old = None
-    try:
-        write(tmp)
-        _fsync_tree(tmp)
-        if path.exists() or path.is_symlink():
-            # POSIX rename cannot replace a non-empty directory: move the old one aside first.
-            old = path.parent / (_sibling_prefix(path, "old") + token)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        if old is not None and not (path.exists() or path.is_symlink()):
-            os.rename(old, path)  # the swap failed half-way: put the previous version back
-            old = None
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    return path
+        sidecar = json.loads(sidecar_path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
+    if not isinstance(sidecar, dict) or sidecar.get("format") != FORMAT:
+        raise CheckpointError(f"{sidecar_path} is not an nlprune checkpoint sidecar.")
+    if "checksum" in sidecar and sidecar["checksum"] != _sidecar_checksum(sidecar):
+        raise CheckpointError(f"{sidecar_path} does not match its checksum; the checkpoint is corrupt.")
+    return sidecar
 
 
 # --------------------------------------------------------------------------- orbax + sidecar
 
 
-def _checkpointer():
+def _orbax():
     import orbax.checkpoint as ocp
 
+    return ocp
+
+
+def _checkpointer():
     # Synchronous: the sidecar must only be written once the arrays are on disk.
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    return _orbax().Checkpointer(_orbax().StandardCheckpointHandler())
 
 
 def _json_or_raise(obj: Any, what: str) -> str:
@@ -210,22 +119,21 @@ def _save(
     path = Path(path)
     _check_replaceable(path)
     sidecar = {"format": FORMAT, "version": VERSION, **sidecar, "leaves": leaves}
-    text = _json_or_raise(sidecar, "checkpoint meta")  # fail before touching the disk
+    _json_or_raise(sidecar, "checkpoint meta")  # fail before touching the disk
 
     arrays = {k: v for k, v in arrays.items() if leaves[k]["encoding"] != "empty"}
 
     def write(tmp: Path) -> None:
         if arrays:
-            _checkpointer().save(tmp / ARRAYS, args=_ocp_args().StandardSave(arrays))
-        (tmp / SIDECAR).write_text(text)
+            try:
+                _checkpointer().save(tmp / ARRAYS, args=_orbax().args.StandardSave(arrays))
+            except ValueError as e:  # tensorstore reports OS errors as ValueError
+                raise (os_error_in(e, path) or e) from None
+        # Each Orbax file's sha256: a damaged file is found before Orbax reads it.
+        full = {**sidecar, "files": file_digests(tmp / ARRAYS) if arrays else {}}
+        (tmp / SIDECAR).write_text(_json_or_raise({**full, "checksum": _sidecar_checksum(full)}, "checkpoint meta"))
 
     return write_atomically(path, write)
-
-
-def _ocp_args():
-    import orbax.checkpoint as ocp
-
-    return ocp.args
 
 
 def _check_replaceable(path: Path) -> None:
@@ -254,7 +162,7 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             )
     recover_interrupted_swap(path)
     if not path.exists():
-        partial = [str(p) for p, _, _ in _leftovers(path, "tmp")]
+        partial = [str(p) for p, _, _ in leftovers(path, "tmp")]
         hint = (
             f" An interrupted save left {partial[0]}; it is incomplete and was not used: "
             "delete it and save again." if partial else ""
@@ -268,12 +176,7 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             f"{path} is not a complete nlprune checkpoint: {SIDECAR} is missing (the save did "
             "not finish, or this is not a checkpoint directory). Save it again."
         )
-    try:
-        sidecar = json.loads(sidecar_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{sidecar_path} is not valid JSON ({e}); the checkpoint is corrupt.") from None
-    if sidecar.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar_path} is not an nlprune checkpoint sidecar.")
+    sidecar = _read_sidecar(sidecar_path)
     if int(sidecar.get("version", 0)) > VERSION:
         raise CheckpointError(
             f"{path} was written by a newer nlprune (checkpoint version {sidecar['version']}, "
@@ -291,6 +194,11 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             f"{path} is incomplete: its Orbax array directory {path / ARRAYS} is missing. The "
             "checkpoint cannot be restored; save it again."
         )
+    found = file_digests(path / ARRAYS) if stored and "files" in sidecar else {}
+    bad = sorted(n for n in set(sidecar.get("files", {})) | set(found) if sidecar["files"].get(n) != found.get(n))
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} file(s) differ from their checksums ({bad[0]}, ...); the "
+                              "checkpoint is corrupt; save it again.")
     return path, sidecar
 
 
@@ -308,12 +216,13 @@ def _restore(path: Path, leaves: dict[str, dict[str, Any]]) -> dict[str, Any]:
         else:  # decoded on the host first, or kept as numpy
             targets[name] = np.empty(shape, dtype)
     try:
-        return _checkpointer().restore(path / ARRAYS, args=_ocp_args().StandardRestore(targets))
+        with deferred_signals():  # no reader threads left behind by a Ctrl-C
+            return _checkpointer().restore(path / ARRAYS, args=_orbax().args.StandardRestore(targets))
     except Exception as e:  # orbax/tensorstore raise many types for a damaged directory
         raise CheckpointError(
-            f"cannot restore the arrays of {path} ({type(e).__name__}: {e}). The checkpoint is "
-            "corrupt or incomplete; save it again."
-        ) from e
+            f"cannot restore the arrays of {path} ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+            "The checkpoint is corrupt or incomplete; save it again."
+        ) from None
 
 
 def _encode(name: str, value: Any, compact: bool) -> tuple[Any, dict[str, Any]]:
@@ -383,12 +292,8 @@ def save_model(path: str | Path, model: LlamaForCausalLM, meta: dict[str, Any] |
 
 def config_differences(saved: LlamaConfig, other: LlamaConfig) -> list[str]:
     """``"field: checkpoint A, model B"`` for every field that differs."""
-    out = []
-    for f in dataclasses.fields(LlamaConfig):
-        a, b = getattr(saved, f.name), getattr(other, f.name)
-        if a != b:
-            out.append(f"{f.name}: checkpoint {a}, model {b}")
-    return out
+    pairs = [(f.name, getattr(saved, f.name), getattr(other, f.name)) for f in dataclasses.fields(LlamaConfig)]
+    return [f"{name}: checkpoint {a}, model {b}" for name, a, b in pairs if a != b]
 
 
 def _abstract_model(config: LlamaConfig, masks: set[str]) -> LlamaForCausalLM:
@@ -463,7 +368,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     sidecar_path = Path(path) / SIDECAR
     if not sidecar_path.is_file():
         raise CheckpointError(f"{path} is not a complete nlprune checkpoint ({SIDECAR} missing).")
-    return json.loads(sidecar_path.read_text())
+    return _read_sidecar(sidecar_path)
 
 
 # --------------------------------------------------------------------------- arbitrary state
@@ -554,18 +459,10 @@ def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
         "packing": "numpy.packbits(mask != 0, axis=-1), bitorder big",
         "shapes": json.dumps(shapes),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{_host()}-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        save_file(tensors, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # a file rename is atomic: readers see the old or the new file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+    try:  # a file rename is atomic: readers see the old or the new file
+        return write_file_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except Exception as e:  # safetensors reports a full disk as SafetensorError
+        raise (os_error_in(e, path) or e) from None
 
 
 def load_packed_masks(path: str | Path) -> dict[str, np.ndarray]:

@@ -8,15 +8,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 from pathlib import Path
 
 from nlprune import cards
+from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
 
 # Errors that are the user's input, reported as one line without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ValueError, TypeError, FileNotFoundError, ImportError, FileExistsError
+    ValueError, TypeError, FileNotFoundError, ImportError, FileExistsError, NotADirectoryError,
+    IsADirectoryError,
 )
 
 
@@ -68,17 +75,20 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from nlprune.api import evaluate, evaluate_tasks
+    from nlprune.runs import check_output_file
 
     if args.tasks is None and (args.limit is not None or args.task_data_dir is not None):
         raise ValueError("--limit and --task-data-dir apply only with --tasks.")
     if args.batch_size is not None and args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}.")
+    if args.output is not None:  # before the evaluation, not after it
+        check_output_file(args.output, args.overwrite)
     # Perplexity runs unless only tasks were asked for; --dataset with --tasks runs both.
     dataset = args.dataset or (None if args.tasks else "c4")
     task_dir = names = None
     if args.tasks is not None:
-        from nlprune.eval.tasks.runner import check_task_request
         from nlprune.eval.tasks import resolve_task_data_dir
+        from nlprune.eval.tasks.runner import check_task_request
 
         task_dir = resolve_task_data_dir(args.task_data_dir, args.data_dir)
         names = check_task_request(args.tasks, task_dir, args.limit)  # before any long pass
@@ -92,6 +102,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             seqlen=args.seqlen,
             data_dir=args.data_dir,
             batch_size=args.batch_size or 8,
+            use_cache=not args.no_cache,
         )
         print(
             f"{record['model']['name']} on {dataset} ({record['windows']} x {args.seqlen}): "
@@ -225,6 +236,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         options=method_options(args),
         true_sequential=args.true_sequential,
         mesh=parallel.parse_mesh(args.mesh),
+        use_cache=not args.no_cache,
     )
     a = record["args"]
     print(
@@ -239,10 +251,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if "perplexity" in record:
         print(
             f"  C4 perplexity ({record['eval']['nsamples']} x {record['eval']['seqlen']}): "
-            f"dense {record['dense_perplexity']:.3f} -> pruned {record['perplexity']:.3f}"
+            f"dense {record['dense_perplexity']:.3f} {_cache_note(record)} -> pruned {record['perplexity']:.3f}"
         )
     print(f"  wrote {args.output}/results.json")
     return 0
+
+
+def _cache_note(record: dict) -> str:
+    cache = record.get("dense_perplexity_cache") or {}
+    if not cache.get("cached"):
+        return "(computed now)"
+    return f"(cached, computed {str(cache.get('computed')).replace('T', ' ')[:16]})"
 
 
 def add_prune_parser(sub) -> None:
@@ -262,8 +281,12 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     add_data_args(p)
     p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
-    p.add_argument("--overwrite", action="store_true", help="replace a run already in --output")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --output once the new one has finished (only an "
+                   "nlprune run is ever replaced)")
     p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
+    _add(p, "--no-cache", action="store_true",
+         help="recompute the dense perplexity and the evaluation tokens instead of reading their caches")
     _add(p, "--eval-nsamples", type=int, default=128, help="evaluation windows (default 128)")
     _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
     _add(
@@ -304,6 +327,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.prune_method == "nonlinear":
         o = method.options
         settings.update(window_batch=o.window_batch, window_chunk=o.window_chunk, linear_method=o.linear_method)
+    if args.output:
+        from nlprune.runs import check_output_file
+
+        check_output_file(args.output, overwrite=True)
     plan = plan_memory(config, name, **settings)
     print(plan.table())
     if args.output:
@@ -330,8 +357,15 @@ def add_plan_parser(sub) -> None:
 # --------------------------------------------------------------------------- parser
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (the full usage is in --help), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nlprune",
         description="Prune LLM weights in JAX and measure what it cost.",
     )
@@ -371,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="score only the first N examples of each task (the record says it is a subset)")
     p.add_argument("--output", default=None, help="write the JSON record here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    _add(p, "--no-cache", action="store_true", help="tokenize the evaluation text again instead of reading the cache")
     p.set_defaults(func=cmd_eval)
 
     add_prune_parser(sub)
@@ -407,21 +443,57 @@ def _enable_compilation_cache() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    _enable_compilation_cache()
+    command = f"nlprune {args.command}"
+    in_main = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, raise_terminated) if in_main else None
+    previous_show = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"{command}: note: {_one_line(message)}", file=sys.stderr)
+
+    # notices (a recomputed cache, a taken-over lock, a restored run) in one line each
+    warnings.showwarning = show
+    install_unraisable_hook()  # kept after main: the callbacks it filters may come at exit
+    notes = logging.StreamHandler(sys.stderr)
+    notes.setFormatter(logging.Formatter(f"{command}: note: %(message)s"))
+    logger = logging.getLogger("nlprune")
+    logger.addHandler(notes)
+    logger.propagate = False
     try:
+        _enable_compilation_cache()
         return args.func(args)
     except USER_ERRORS as e:
-        print(f"nlprune {args.command}: error: {e}", file=sys.stderr)
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's, not the input's: disk full, permissions, I/O
+        where = f" ({e.filename})" if e.filename else ""
+        hint = ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            hint = "; free some space and rerun" + (" (the prune resumes where it stopped)" if args.command == "prune" else "")
+        print(f"{command}: error: {_one_line(e.strerror or e)}{where}{hint}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print(f"nlprune {args.command}: interrupted", file=sys.stderr)
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print(f"{command}: terminated", file=sys.stderr)
+        return 143
+    finally:
+        warnings.showwarning = previous_show
+        logger.removeHandler(notes)
+        logger.propagate = True
+        if in_main and previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":

@@ -157,6 +157,11 @@ def plan_memory(config: LlamaConfig, name: str = "model", **settings: Any) -> Me
     """The memory plan of pruning ``config`` with ``settings`` (see :class:`PlanSettings`)."""
     s = PlanSettings(**settings)
     _validate(s)
+    if s.seqlen > config.max_position_embeddings:  # a prune would refuse it: so does its plan
+        raise ValueError(
+            f"plan: seqlen {s.seqlen} is longer than {name}'s context of {config.max_position_embeddings} "
+            f"tokens; plan for a seqlen of at most {config.max_position_embeddings}."
+        )
     plan = _plan(config, name, s)
     plan.suggestions = _suggest(config, name, s, plan.peak_bytes)
     return plan

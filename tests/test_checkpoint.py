@@ -209,6 +209,13 @@ def test_corrupt_array_files_raise_checkpoint_error(tmp_path):
     assert data
     for p in data:
         p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    # The sidecar's file checksums find the damage before Orbax reads a byte ...
+    with pytest.raises(CheckpointError, match=r"differ from their checksums \(d/.*corrupt"):
+        load_model(tmp_path / "ck")
+    # ... and a checkpoint without them (an older nlprune's) still fails in one clear error.
+    sidecar = json.loads((tmp_path / "ck" / SIDECAR).read_text())
+    del sidecar["files"], sidecar["checksum"]
+    (tmp_path / "ck" / SIDECAR).write_text(json.dumps(sidecar))
     with pytest.raises(CheckpointError, match="cannot restore the arrays .* corrupt or incomplete"):
         load_model(tmp_path / "ck")
 
@@ -255,7 +262,7 @@ def test_failed_final_rename_leaves_previous_checkpoint(tmp_path, monkeypatch):
             raise OSError("killed during the swap (simulated)")
         return real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)  # the swap lives in nlprune.atomic
     with pytest.raises(OSError, match="simulated"):
         save_model(path, make_model("random", seed=1), {"step": 2})
     monkeypatch.undo()
@@ -297,7 +304,7 @@ _CHILD = textwrap.dedent(
             real_rename(src, dst)
             if Path(src) == path.absolute():
                 hang()
-        ckpt.os.rename = rename
+        os.rename = rename
     ckpt.save_model(path, model, {"step": "child"})
     """
 )

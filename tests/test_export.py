@@ -133,10 +133,14 @@ def test_export_refuses_non_empty_folder_without_overwrite(tmp_path):
 def test_export_overwrite_replaces_previous_export(tmp_path):
     out = tmp_path / "export"
     export_hf(pruned_model(seed=0), out)
-    (out / "stale.txt").write_text("from the old export")
+    # A file the export did not write is never deleted: --overwrite refuses, naming it.
+    (out / "notes.txt").write_text("mine")
     second = pruned_model(seed=1)
+    with pytest.raises(FileExistsError, match="did not write .notes.txt"):
+        export_hf(second, out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
+    (out / "notes.txt").unlink()
     export_hf(second, out, overwrite=True)
-    assert not (out / "stale.txt").exists()
     back = to_state_dict(load_hf_folder(out))
     for k, v in to_state_dict(second).items():
         np.testing.assert_array_equal(back[k], v)
@@ -164,7 +168,10 @@ def test_export_into_empty_existing_folder(tmp_path):
     out = tmp_path / "export"
     out.mkdir()
     export_hf(pruned_model(), out)
-    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", ".nlprune-export.json"}
+    # the marker lists what the export wrote; files have the usual permissions (not 0600)
+    assert json.loads((out / ".nlprune-export.json").read_text())["files"] == ["config.json", "model.safetensors"]
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
 
 
 def test_truncated_safetensors_raises_weights_error(tmp_path):

@@ -2,26 +2,60 @@
 
 Masks are folded into the weights, so pruned weights are exact zeros in ``model.safetensors``
 (float32, one file). The folder is built in a temporary sibling and swapped in only when
-complete (see :func:`nlprune.checkpoint.write_atomically`): a failed export leaves nothing
+complete (see :func:`nlprune.atomic.write_atomically`): a failed export leaves nothing
 half-written and never destroys an existing folder first.
+
+The folder holds a marker, ``.nlprune-export.json``, listing the files the export wrote;
+``overwrite`` replaces only such a folder, and only while it holds nothing else, so no file
+that nlprune did not write is ever deleted.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from nlprune.checkpoint import write_atomically
+from nlprune.atomic import creatable_problem, file_mode, os_error_in, write_atomically
 from nlprune.convert.hf import to_state_dict
 from nlprune.modeling.llama import LlamaForCausalLM
 
 WEIGHTS_FILE = "model.safetensors"
+MARKER = ".nlprune-export.json"
+MARKER_FORMAT = "nlprune-export"
 
 
-def _check_target(out_dir: Path, overwrite: bool) -> None:
+class ExportError(ValueError):
+    """An export folder that cannot be written as asked."""
+
+
+def exported_files(out_dir: Path) -> list[str] | None:
+    """The files an nlprune export wrote into ``out_dir`` (its marker), or None."""
+    try:
+        marker = json.loads((out_dir / MARKER).read_text())
+        if marker.get("format") == MARKER_FORMAT and isinstance(marker.get("files"), list):
+            return [str(f) for f in marker["files"]]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse, before anything is loaded or written, an output that is a file, cannot be
+    written, or is a non-empty folder that is not (only) an earlier export."""
+    here = Path(os.path.abspath(out_dir))
+    if here == Path.cwd() and exported_files(here) is None:
+        raise ExportError(
+            f"--output {str(out_dir)!r} is the current folder {here}, which is not an nlprune export "
+            "(an unset variable?); give the export folder's own path."
+        )
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is a file; choose a folder path for the export.")
+    problem = creatable_problem(out_dir)
+    if problem:
+        raise ExportError(f"--output {out_dir}: {problem}; choose another output folder.")
     if not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not overwrite:
@@ -29,11 +63,19 @@ def _check_target(out_dir: Path, overwrite: bool) -> None:
             f"{out_dir} exists and is not empty; pass --overwrite (overwrite=True) to replace "
             "it, or choose another output folder."
         )
-    if not (out_dir / "config.json").is_file():
-        # --overwrite replaces a model folder; it must not wipe an unrelated directory.
+    files = exported_files(out_dir)
+    if files is None:
+        # --overwrite replaces an earlier export; it must not wipe an unrelated directory.
         raise FileExistsError(
-            f"{out_dir} is not a model folder (no config.json); refusing to delete it even with "
-            "--overwrite. Choose another output folder or empty it yourself."
+            f"{out_dir} is not a model folder written by nlprune export-hf (no {MARKER}); refusing "
+            "to delete it even with --overwrite. Choose another output folder or empty it yourself."
+        )
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in files and p.name != MARKER)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise FileExistsError(
+            f"{out_dir} holds files the export did not write ({shown}), which --overwrite would "
+            "delete; move them out or choose another output folder."
         )
 
 
@@ -53,7 +95,7 @@ def export_hf(
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir).absolute()
-    _check_target(out_dir, overwrite)
+    check_target(out_dir, overwrite)
     # Everything that can fail on the model or the arguments fails before the disk is touched.
     state = to_state_dict(model)
     config_text = json.dumps(model.config.to_hf_dict(), indent=2) + "\n"
@@ -69,9 +111,17 @@ def export_hf(
             # First, so that nothing it writes can shadow the files below.
             tokenizer.save_pretrained(str(tmp))
         # transformers refuses safetensors without a "format" entry in the metadata.
-        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        try:
+            save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        except Exception as e:  # safetensors reports a full disk as SafetensorError
+            raise (os_error_in(e, out_dir / WEIGHTS_FILE) or e) from None
+        os.chmod(tmp / WEIGHTS_FILE, file_mode())  # safetensors creates its files 0600
         (tmp / "config.json").write_text(config_text)
         if gen_text is not None:
             (tmp / "generation_config.json").write_text(gen_text)
+        marker = {"format": MARKER_FORMAT, "version": 1, "files": sorted(p.name for p in tmp.iterdir()),
+                  "created": datetime.datetime.now().isoformat(timespec="seconds")}
+        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+        check_target(out_dir, overwrite)  # again: nothing foreign may have arrived meanwhile
 
     return write_atomically(out_dir, write)

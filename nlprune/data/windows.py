@@ -21,6 +21,7 @@ import os
 import random
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +31,8 @@ from tqdm.auto import tqdm
 from .sources import C4, DataError, Texts, get_spec, load_texts
 
 CACHE_DIR_ENV = "NLPRUNE_CACHE_DIR"
-_CACHE_FORMAT = 1  # bump when the cached arrays' meaning changes
+_CACHE_FORMAT = 2  # bump when the cached arrays' meaning changes
+_CACHE_SCHEMA = "nlprune-token-cache"
 # Any short text with a space, digits and punctuation: its ids capture the Python-side
 # options (add_bos_token, ...) that change the ids without changing the backend's JSON.
 _PROBE = "nlprune probe: Hello world, 2024!"
@@ -88,6 +90,8 @@ def calibration_windows(
     seqlen = _check_seqlen(seqlen, max_seqlen)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise DataError(f"seed must be an integer, got {seed!r}.")
+    if seed < 0:  # random.Random(-s) draws what random.Random(s) draws
+        raise DataError(f"seed must be >= 0, got {seed} (a negative seed would repeat seed {-seed}'s windows).")
     seed = int(seed)
     docs, prov = load_texts(C4.name, "train", data_dir, revision=revision)
     _check_some_doc_can_be_long_enough(tokenizer, docs, seqlen)
@@ -175,6 +179,7 @@ def eval_windows(
     max_docs: int | Literal["all"] | None = None,
     revision: str | None = None,
     progress: bool = True,
+    use_cache: bool = True,
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """The first ``nsamples`` non-overlapping ``seqlen``-token windows of the joined eval text.
 
@@ -183,7 +188,9 @@ def eval_windows(
     documents/rows are joined; None follows the literature (C4: the first 1100, as Wanda and
     SparseGPT; WikiText-2: all), "all" takes every one, an int the first that many.
     Token ids are cached on disk (``cache_dir``, else ``$NLPRUNE_CACHE_DIR``, else
-    ``~/.cache/nlprune/tokens``), keyed by the tokenizer and the exact joined text.
+    ``~/.cache/nlprune/tokens``), keyed by the tokenizer and the exact joined text; an entry
+    is verified (schema, key, checksum) before use, and a bad one is named and rebuilt.
+    ``use_cache=False`` re-tokenizes (and rewrites the entry).
     Returns an int32 array (n, seqlen) and a provenance dict.
     """
     if nsamples is not None:
@@ -210,8 +217,8 @@ def eval_windows(
         {"format": _CACHE_FORMAT, "tokenizer": tok_id, "text_sha256": text_sha,
          "join": spec.join, "dataset": spec.name, "split": split}
     )
-    cache_path = resolve_cache_dir(cache_dir) / f"{spec.name}-{split}-{key[:32]}.npy"
-    ids = _load_cached(cache_path)
+    cache_path = resolve_cache_dir(cache_dir) / f"{spec.name}-{split}-{key[:32]}.npz"
+    ids = _load_cached(cache_path, key) if use_cache else None
     hit = ids is not None
     if ids is None:
         with tqdm(total=len(text), unit="char", unit_scale=True, disable=not progress,
@@ -220,7 +227,7 @@ def eval_windows(
             # the text is cut into windows afterwards.
             ids = _as_int32(_ids(tokenizer, text, verbose=False))
             bar.update(len(text))
-        _save_cached(cache_path, ids)
+        _save_cached(cache_path, ids, key)
 
     total = int(ids.shape[0])
     available = total // seqlen
@@ -294,22 +301,33 @@ def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
     return Path(base).expanduser() / "nlprune" / "tokens"
 
 
-def _load_cached(path: Path) -> np.ndarray | None:
+def _load_cached(path: Path, key: str) -> np.ndarray | None:
+    """The cached ids if the entry is ours, for this key, and intact; else None (a damaged
+    entry is named in a warning and rebuilt by the caller)."""
     if not path.is_file():
         return None
     try:
-        ids = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:  # truncated/corrupt: re-tokenize and overwrite
-        warnings.warn(f"ignoring unreadable token cache {path}: {e}", stacklevel=3)
-        return None
-    if ids.ndim != 1 or ids.dtype != np.int32:
-        warnings.warn(f"ignoring token cache {path}: unexpected {ids.dtype} {ids.shape}", stacklevel=3)
-        return None
-    return ids
+        with np.load(path, allow_pickle=False) as entry:
+            meta = json.loads(entry["meta"].tobytes().decode("utf-8"))
+            ids = entry["ids"]
+    except (OSError, ValueError, KeyError, UnicodeDecodeError, EOFError, zipfile.BadZipFile) as e:
+        problem = f"unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    else:
+        if not isinstance(meta, dict) or meta.get("schema") != _CACHE_SCHEMA or meta.get("key") != key:
+            problem = "not a token cache entry for this text and tokenizer"
+        elif ids.ndim != 1 or ids.dtype != np.int32:
+            problem = f"unexpected {ids.dtype} {ids.shape}"
+        elif hashlib.sha256(ids.tobytes()).hexdigest() != meta.get("sha256"):
+            problem = "its checksum does not match (damaged)"
+        else:
+            return ids
+    warnings.warn(f"ignoring the token cache {path}: {problem}; tokenizing again.", stacklevel=3)
+    return None
 
 
-def _save_cached(path: Path, ids: np.ndarray) -> None:
+def _save_cached(path: Path, ids: np.ndarray, key: str) -> None:
     """Write atomically (temp file + rename) so a crash or a parallel run never leaves half a file."""
+    meta = {"schema": _CACHE_SCHEMA, "key": key, "sha256": hashlib.sha256(ids.tobytes()).hexdigest()}
     tmp_name = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -317,7 +335,7 @@ def _save_cached(path: Path, ids: np.ndarray) -> None:
             dir=path.parent, prefix=path.stem + ".", suffix=".tmp", delete=False
         ) as f:
             tmp_name = f.name
-            np.save(f, ids, allow_pickle=False)
+            np.savez(f, ids=ids, meta=np.frombuffer(json.dumps(meta).encode("utf-8"), np.uint8))
         os.replace(tmp_name, path)
         tmp_name = None
     except OSError as e:  # a read-only cache must not stop an evaluation

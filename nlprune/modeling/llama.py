@@ -88,6 +88,7 @@ class LlamaConfig:
             "temperature", "top_k", "top_p", "repetition_penalty", "generation_config",
         }
     )
+    _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
     _KNOWN = frozenset(
         {
             "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -109,6 +110,8 @@ class LlamaConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any]) -> "LlamaConfig":
         """Build from a Hugging Face ``config.json`` dict, refusing anything not honoured."""
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"config must be a JSON object, not {type(cfg).__name__}.")
         model_type = cfg.get("model_type", "llama")
         if model_type != "llama":
             raise ConfigError(f"model_type={model_type!r} is not supported: only 'llama' is.")
@@ -129,6 +132,12 @@ class LlamaConfig:
                 "rather than silently ignoring them."
             )
 
+        missing = [k for k in cls._REQUIRED if cfg.get(k) is None]
+        if missing:
+            raise ConfigError(f"config is missing {', '.join(missing)}: not a complete Llama config.json.")
+        bad = [f"{k}={cfg[k]!r}" for k in cls._REQUIRED if type(cfg[k]) is not int or cfg[k] < 1]
+        if bad:
+            raise ConfigError(f"config has {', '.join(bad)}; these must be positive integers.")
         rope_theta, rope_scaling = _parse_rope(cfg)
         heads = int(cfg["num_attention_heads"])
         eos = cfg.get("eos_token_id")

@@ -195,7 +195,7 @@ def add_run_args(p: argparse.ArgumentParser, *, required_method: bool) -> None:
     _add(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
     _add(p, "--sparsity-type", default="unstructured",
          help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
-         "sparse, 1:4 75%%)")
+         "sparse, 1:4 is 75%%)")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     _add(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")

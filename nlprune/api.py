@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from nlprune import cards
-from nlprune.data import eval_windows
+from nlprune.data import EVALUATION_SETS, evaluation_windows
 from nlprune.eval.perplexity import perplexity
 from nlprune.eval.tasks import DEFAULT_TASKS, resolve_task_data_dir
 from nlprune.modeling.llama import LlamaForCausalLM
@@ -130,7 +130,7 @@ def evaluate(
         check_count("--nsamples", nsamples, 1)
     check_count("--seqlen", seqlen, 2)
     loaded, weights, run_record = _model_for_eval(model, run_dir)
-    windows, provenance = eval_windows(
+    windows, provenance = evaluation_windows(
         loaded.tokenizer,
         dataset,
         nsamples,
@@ -314,6 +314,8 @@ def prune(
     eval_nsamples: int = 128,
     eval_seqlen: int = 512,
     attention_windows: int = 4,
+    eval_datasets: Sequence[str] = ("c4",),
+    heldout_nsamples: int = 64,
     batch_size: int = 8,
     options: dict[str, Any] | None = None,
     true_sequential: bool = True,
@@ -343,9 +345,13 @@ def prune(
             saved after every layer so that the same call resumes an interrupted run; None
             writes nothing.
         overwrite: replace a finished run already in ``output``.
-        do_eval, eval_nsamples, eval_seqlen: also measure the pruned and the dense model's C4
-            perplexity on ``eval_nsamples`` windows of ``eval_seqlen`` tokens of C4 validation.
-        attention_windows: held-out C4 validation windows (of ``seqlen`` tokens) on which
+        do_eval, eval_nsamples, eval_seqlen: also measure the pruned and the dense model's
+            perplexity on ``eval_nsamples`` windows of ``eval_seqlen`` tokens of the C4 test set.
+        eval_datasets: the evaluation sets of ``do_eval`` (``nlprune.data.EVALUATION_SETS``):
+            ``c4`` (test), ``c4-validation`` (the validation split), ``wikipedia`` and
+            ``lambada`` (text unlike the calibration set), ``wikitext2``.
+        heldout_nsamples: windows of each set other than the test sets (c4, wikitext2).
+        attention_windows: windows (of ``seqlen`` tokens) of the C4 validation split on which
             the per-layer attention error is measured (0: skip it).
         batch_size: windows per forward pass.
         options: the method's options as the command line's flags name them (e.g.
@@ -370,6 +376,10 @@ def prune(
     for name, value, minimum in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--seed", seed, 0),
                                  ("--batch-size", batch_size, 1), ("attention_windows", attention_windows, 0)):
         check_count(name, value, minimum)
+    unknown = [d for d in eval_datasets if d not in EVALUATION_SETS]
+    if unknown:
+        raise ValueError(f"unknown evaluation set(s) {unknown} in --eval-datasets; choose from {', '.join(EVALUATION_SETS)}.")
+    check_count("--heldout-nsamples", heldout_nsamples, 1)
     if do_eval:
         check_count("--eval-nsamples", eval_nsamples, 1)
         check_count("--eval-seqlen", eval_seqlen, 2)
@@ -396,15 +406,18 @@ def prune(
         # is found now, not after the whole prune.
         eval_kwargs = dict(data_dir=data_dir, max_seqlen=config.max_position_embeddings, progress=progress,
                            use_cache=use_cache)
-        held_out = windows = None
-        if attention_windows:  # held-out windows (C4 validation), never the calibration ones
-            held_out, _ = eval_windows(loaded.tokenizer, "c4", attention_windows, seqlen, **eval_kwargs)
+        held_out, eval_sets = None, {}
+        if attention_windows:  # the validation split: neither calibration nor test text
+            held_out, _ = evaluation_windows(loaded.tokenizer, "c4-validation", attention_windows, seqlen, **eval_kwargs)
         if do_eval:
-            windows, eval_prov = eval_windows(loaded.tokenizer, "c4", eval_nsamples, eval_seqlen, **eval_kwargs)
+            for name in eval_datasets:
+                n = eval_nsamples if name in ("c4", "wikitext2") else heldout_nsamples
+                eval_sets[name] = evaluation_windows(loaded.tokenizer, name, n, eval_seqlen, **eval_kwargs)
         args = {
             "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
             "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "options": method.options.as_dict(), "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
+            "eval_datasets": list(eval_datasets), "heldout_nsamples": heldout_nsamples,
             "mesh": parallel.mesh_spec(mesh),
         }
         model_desc = loaded.describe()
@@ -450,17 +463,27 @@ def prune(
         }
         if held_out is not None:
             per_layer = attention_error(loaded.model, pruned, held_out)
-            record["attention_error"] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "windows": attention_windows, "seqlen": seqlen}
+            record["attention_error"] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "windows": attention_windows,
+                                         "seqlen": seqlen, "split": "c4-validation"}
         if do_eval:
-            pruned_ppl = perplexity(pruned, windows, batch_size=batch_size, progress=progress, desc="pruned perplexity")
-            dense = dense_perplexity(loaded, windows, batch_size, progress, use_cache=use_cache)
-            record.update(
-                perplexity=pruned_ppl.perplexity,
-                dense_perplexity=dense.perplexity,
-                dense_perplexity_cache={"cached": dense.cached, "computed": dense.computed, "path": dense.path},
-                eval={"dataset": "c4", "nsamples": len(windows), "seqlen": eval_seqlen, "tokens": pruned_ppl.tokens,
-                      "files": eval_prov["files"], "seconds": pruned_ppl.seconds},
-            )
+            record["perplexities"] = {}
+            for name, (windows, prov) in eval_sets.items():
+                pruned_ppl = perplexity(pruned, windows, batch_size=batch_size, progress=progress,
+                                        desc=f"pruned perplexity ({name})")
+                dense = dense_perplexity(loaded, windows, batch_size, progress, use_cache=use_cache)
+                record["perplexities"][name] = {
+                    "pruned": pruned_ppl.perplexity, "dense": dense.perplexity, "nsamples": len(windows),
+                    "seqlen": eval_seqlen, "tokens": pruned_ppl.tokens, "files": prov["files"],
+                    "seconds": pruned_ppl.seconds,
+                    "dense_cache": {"cached": dense.cached, "computed": dense.computed, "path": dense.path},
+                }
+            if "c4" in eval_sets:  # the test set's numbers at the top level, as before
+                c4 = record["perplexities"]["c4"]
+                record.update(
+                    perplexity=c4["pruned"], dense_perplexity=c4["dense"], dense_perplexity_cache=c4["dense_cache"],
+                    eval={"dataset": "c4", "nsamples": c4["nsamples"], "seqlen": eval_seqlen, "tokens": c4["tokens"],
+                          "files": c4["files"], "seconds": c4["seconds"]},
+                )
         if run is not None:
             run.finish(pruned, record, {"args": args, "model": model_desc})
         return pruned, record

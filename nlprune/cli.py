@@ -63,6 +63,10 @@ def cmd_models(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- eval
 
 
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     _add(
         p,
@@ -232,6 +236,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         do_eval=args.eval,
         eval_nsamples=args.eval_nsamples,
         eval_seqlen=args.eval_seqlen,
+        eval_datasets=args.eval_datasets,
+        heldout_nsamples=args.heldout_nsamples,
         batch_size=args.batch_size,
         options=method_options(args),
         true_sequential=args.true_sequential,
@@ -247,18 +253,17 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for note in record["mesh"]["notes"]:
         print(f"  mesh: {note}")
     if "attention_error" in record:
-        print(f"  attention error (mean over layers, held-out): {record['attention_error']['mean']:.3e}")
-    if "perplexity" in record:
+        print(f"  attention error (mean over layers, C4 validation): {record['attention_error']['mean']:.3e}")
+    for name, p in record.get("perplexities", {}).items():
         print(
-            f"  C4 perplexity ({record['eval']['nsamples']} x {record['eval']['seqlen']}): "
-            f"dense {record['dense_perplexity']:.3f} {_cache_note(record)} -> pruned {record['perplexity']:.3f}"
+            f"  {name} perplexity ({p['nsamples']} x {p['seqlen']}): "
+            f"dense {p['dense']:.3f} {_cache_note(p['dense_cache'])} -> pruned {p['pruned']:.3f}"
         )
     print(f"  wrote {args.output}/results.json")
     return 0
 
 
-def _cache_note(record: dict) -> str:
-    cache = record.get("dense_perplexity_cache") or {}
+def _cache_note(cache: dict) -> str:
     if not cache.get("cached"):
         return "(computed now)"
     return f"(cached, computed {str(cache.get('computed')).replace('T', ' ')[:16]})"
@@ -287,8 +292,13 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
     _add(p, "--no-cache", action="store_true",
          help="recompute the dense perplexity and the evaluation tokens instead of reading their caches")
-    _add(p, "--eval-nsamples", type=int, default=128, help="evaluation windows (default 128)")
+    _add(p, "--eval-nsamples", type=int, default=128, help="C4 test windows (default 128)")
     _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
+    _add(p, "--eval-datasets", type=_comma_list, default=("c4",),
+         help="comma-separated evaluation sets of --eval: c4 (the test set, default), c4-validation (the "
+         "validation split), wikipedia and lambada (text unlike the calibration set), wikitext2")
+    _add(p, "--heldout-nsamples", type=int, default=64,
+         help="windows of each --eval-datasets set other than c4 and wikitext2 (default 64)")
     _add(
         p,
         "--true-sequential",
@@ -387,8 +397,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"--run, else {cards.DEFAULT_MODEL})",
     )
     p.add_argument("--run", default=None, help="evaluate the pruned model of this run directory")
-    p.add_argument("--dataset", choices=("c4", "wikitext2"), default=None,
-                   help="perplexity dataset (default c4; with --tasks, perplexity runs only when given)")
+    from nlprune.data.heldout import EVALUATION_SETS
+
+    p.add_argument("--dataset", choices=EVALUATION_SETS, default=None,
+                   help="perplexity text (default c4, the test set; c4-validation, wikipedia, lambada: the "
+                   "validation split and text unlike the calibration set; with --tasks, perplexity runs only "
+                   "when given)")
     p.add_argument("--nsamples", type=int, default=128, help="evaluation windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     _add(p, "--batch-size", type=int, default=None,

@@ -1,4 +1,5 @@
-"""Calibration and evaluation text: loading (Hub or local folder) and token windows."""
+"""Calibration and evaluation text: loading (Hub or local folder), token windows, and the
+validation and out-of-distribution sets (heldout.py)."""
 
 from .sources import (
     C4,
@@ -21,8 +22,13 @@ from .windows import (
     resolve_cache_dir,
     tokenizer_fingerprint,
 )
+from .heldout import EVALUATION_SETS, HELDOUT, evaluation_windows, heldout_windows
 
 __all__ = [
+    "EVALUATION_SETS",
+    "HELDOUT",
+    "evaluation_windows",
+    "heldout_windows",
     "C4",
     "CACHE_DIR_ENV",
     "DATA_DIR_ENV",

@@ -50,7 +50,7 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
     return int(value)
 
 
-def _check_seqlen(seqlen: Any, max_seqlen: int | None) -> int:
+def check_seqlen(seqlen: Any, max_seqlen: int | None) -> int:
     # Two tokens is the least that gives one next-token prediction.
     seqlen = _check_int("seqlen", seqlen, 2)
     if max_seqlen is not None and seqlen > max_seqlen:
@@ -87,7 +87,7 @@ def calibration_windows(
     start offsets were drawn, the files, the seed).
     """
     nsamples = _check_int("nsamples", nsamples, 1)
-    seqlen = _check_seqlen(seqlen, max_seqlen)
+    seqlen = check_seqlen(seqlen, max_seqlen)
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise DataError(f"seed must be an integer, got {seed!r}.")
     if seed < 0:  # random.Random(-s) draws what random.Random(s) draws
@@ -195,7 +195,7 @@ def eval_windows(
     """
     if nsamples is not None:
         nsamples = _check_int("nsamples", nsamples, 1)
-    seqlen = _check_seqlen(seqlen, max_seqlen)
+    seqlen = check_seqlen(seqlen, max_seqlen)
     spec = get_spec(dataset)
     split = spec.eval_split
     if max_docs is None:
@@ -210,44 +210,9 @@ def eval_windows(
         raise DataError(f"the {spec.title} {split} data holds no documents.")
     used = docs[: len(docs) if limit is None else min(limit, len(docs))]
     text = spec.join.join(used)
-    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
-    tok_id = tokenizer_fingerprint(tokenizer)
-
-    key = _sha256_json(
-        {"format": _CACHE_FORMAT, "tokenizer": tok_id, "text_sha256": text_sha,
-         "join": spec.join, "dataset": spec.name, "split": split}
-    )
-    cache_path = resolve_cache_dir(cache_dir) / f"{spec.name}-{split}-{key[:32]}.npz"
-    ids = _load_cached(cache_path, key) if use_cache else None
-    hit = ids is not None
-    if ids is None:
-        with tqdm(total=len(text), unit="char", unit_scale=True, disable=not progress,
-                  desc=f"tokenizing {spec.title} {split}", leave=False) as bar:
-            # verbose=False: the "longer than the model's maximum" warning is expected here,
-            # the text is cut into windows afterwards.
-            ids = _as_int32(_ids(tokenizer, text, verbose=False))
-            bar.update(len(text))
-        _save_cached(cache_path, ids, key)
-
-    total = int(ids.shape[0])
-    available = total // seqlen
-    if nsamples is None:
-        if available == 0:
-            raise DataError(
-                f"{spec.title} {split} gives {total} tokens, fewer than one window of "
-                f"seqlen={seqlen}. Use a smaller seqlen or more documents."
-            )
-        n = available
-    elif nsamples > available:
-        raise DataError(
-            f"{spec.title} {split} gives {total} tokens, i.e. {available} windows of {seqlen} "
-            f"tokens, but {nsamples} were asked for. Ask for at most {available} windows, a "
-            "shorter seqlen, or more documents (max_docs / more data)."
-        )
-    else:
-        n = nsamples
-    windows = ids[: n * seqlen].reshape(n, seqlen)
-
+    ids, cache = cached_tokens(tokenizer, text, f"{spec.name}-{split}", spec.join, cache_dir=cache_dir,
+                               use_cache=use_cache, progress=progress, desc=f"tokenizing {spec.title} {split}")
+    windows, n, available = cut_windows(ids, nsamples, seqlen, f"{spec.title} {split}")
     prov.update(
         purpose="evaluation",
         protocol="Wanda/SparseGPT: join, tokenize once, non-overlapping windows from the start",
@@ -255,13 +220,62 @@ def eval_windows(
         seqlen=seqlen,
         join=spec.join,
         docs_used=len(used),
-        text_sha256=text_sha,
-        total_tokens=total,
+        text_sha256=cache["text_sha256"],
+        total_tokens=int(ids.shape[0]),
         windows_available=available,
-        tokenizer=tok_id,
-        cache={"path": str(cache_path), "hit": hit},
+        tokenizer=cache["tokenizer"],
+        cache={"path": cache["path"], "hit": cache["hit"]},
     )
     return windows, prov
+
+
+def cached_tokens(
+    tokenizer: Any, text: str, name: str, join: str, *, cache_dir: str | os.PathLike[str] | None = None,
+    use_cache: bool = True, progress: bool = True, desc: str = "tokenizing",
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Token ids of ``text`` (int32), from the token cache when an intact entry exists.
+
+    The entry is keyed by the tokenizer and the exact text (``name`` and ``join`` name it and
+    record how it was joined); it is verified (schema, key, checksum) before use, and a bad
+    one is named and rebuilt. ``use_cache=False`` re-tokenizes (and rewrites the entry).
+    Returns the ids and {path, hit, text_sha256, tokenizer}."""
+    text_sha = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    tok_id = tokenizer_fingerprint(tokenizer)
+    key = _sha256_json({"format": _CACHE_FORMAT, "tokenizer": tok_id, "text_sha256": text_sha, "join": join,
+                        "name": name})
+    cache_path = resolve_cache_dir(cache_dir) / f"{name}-{key[:32]}.npz"
+    ids = _load_cached(cache_path, key) if use_cache else None
+    hit = ids is not None
+    if ids is None:
+        with tqdm(total=len(text), unit="char", unit_scale=True, disable=not progress, desc=desc, leave=False) as bar:
+            # verbose=False: the "longer than the model's maximum" warning is expected here,
+            # the text is cut into windows afterwards.
+            ids = _as_int32(_ids(tokenizer, text, verbose=False))
+            bar.update(len(text))
+        _save_cached(cache_path, ids, key)
+    return ids, {"path": str(cache_path), "hit": hit, "text_sha256": text_sha, "tokenizer": tok_id}
+
+
+def cut_windows(ids: np.ndarray, nsamples: int | None, seqlen: int, what: str) -> tuple[np.ndarray, int, int]:
+    """The first ``nsamples`` non-overlapping ``seqlen``-token windows of ``ids`` (None: every
+    full window), the number taken and the number available; a clear error when too few."""
+    total = int(ids.shape[0])
+    available = total // seqlen
+    if nsamples is None:
+        if available == 0:
+            raise DataError(
+                f"{what} gives {total} tokens, fewer than one window of seqlen={seqlen}. Use a smaller "
+                "seqlen or more documents."
+            )
+        n = available
+    elif nsamples > available:
+        raise DataError(
+            f"{what} gives {total} tokens, i.e. {available} windows of {seqlen} tokens, but {nsamples} "
+            "were asked for. Ask for at most that many windows, a shorter seqlen, or more documents."
+        )
+    else:
+        n = nsamples
+    return ids[: n * seqlen].reshape(n, seqlen), n, available
 
 
 # --------------------------------------------------------------------------------------

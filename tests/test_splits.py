@@ -1,0 +1,71 @@
+"""The three splits kept apart (nlprune.data.heldout): calibration (C4 train draws), test (the
+first windows of the joined C4 validation documents) and validation (the C4 validation
+documents after those the test windows read), and the out-of-distribution sets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nlprune import cards
+from nlprune.data import calibration_windows, eval_windows, evaluation_windows, load_texts
+from nlprune.data.heldout import TEST_TOKENS, ood_documents, documents_read_by_test, validation_documents
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return cards.load_tokenizer(cards.resolve_model("smollm2-135m"))
+
+
+def test_no_calibration_draw_and_no_validation_document_comes_from_the_test_split(tokenizer, shared_data_dir):
+    test_docs_512, _ = documents_read_by_test(tokenizer, shared_data_dir, 128 * 512)
+    test_docs, _ = documents_read_by_test(tokenizer, shared_data_dir)  # the paper protocol: 128 x 2048
+    assert 0 < test_docs_512 <= test_docs
+    docs, _ = load_texts("c4", "validation", shared_data_dir)
+    val_docs, prov = validation_documents(tokenizer, shared_data_dir)
+    assert prov["first_document"] == test_docs and val_docs == docs[test_docs:] and len(val_docs) > 100
+    # the test windows of both protocols end inside the documents before the validation split
+    for seqlen in (512, 2048):
+        test, _ = eval_windows(tokenizer, "c4", 128, seqlen, shared_data_dir, progress=False)
+        text = tokenizer.decode(test.reshape(-1))
+        assert not any(d[:200] in text for d in val_docs), seqlen
+        assert docs[test_docs - 1][-200:] not in text or seqlen == 2048  # 512 stops earlier
+    assert docs[test_docs - 1][:100] in tokenizer.decode(
+        eval_windows(tokenizer, "c4", 128, 2048, shared_data_dir, progress=False)[0].reshape(-1))
+    # calibration draws come from C4 train: none of the drawn documents is a validation document
+    _, cal = calibration_windows(tokenizer, 8, 512, 0, data_dir=shared_data_dir)
+    train, _ = load_texts("c4", "train", shared_data_dir)
+    drawn = {train[i] for i in cal["doc_indices"]}
+    assert drawn and not drawn & set(docs)
+    # validation windows are cut from the validation documents only
+    windows, vprov = evaluation_windows(tokenizer, "c4-validation", 8, 512, shared_data_dir, progress=False)
+    assert windows.shape == (8, 512) and vprov["first_document"] == test_docs
+    assert tokenizer.decode(windows[0][:64]).strip()[:40] in val_docs[0]
+    assert TEST_TOKENS == 128 * 2048
+
+
+def test_out_of_distribution_sets(tokenizer, shared_data_dir):
+    wiki, prov = ood_documents("wikipedia", shared_data_dir)
+    assert len(wiki) == len(set(wiki)) == prov["num_docs"] and 2000 < len(wiki) < 3270  # deduplicated
+    lambada, _ = ood_documents("lambada", shared_data_dir)
+    assert len(lambada) > 5000
+    for name in ("wikipedia", "lambada"):
+        w, p = evaluation_windows(tokenizer, name, 4, 256, shared_data_dir, progress=False)
+        assert w.shape == (4, 256) and p["files"][0]["sha256"]
+    with pytest.raises(ValueError, match="unknown evaluation set 'wiki'"):
+        evaluation_windows(tokenizer, "wiki", 4, 256, shared_data_dir)
+
+
+def test_attention_error_reads_validation_windows(tiny_model_dir, shared_data_dir):
+    from nlprune import api
+    from nlprune.eval.attention_error import attention_error
+
+    loaded = api.load(str(tiny_model_dir))
+    pruned, record = api.prune(loaded, "wanda", 0.5, nsamples=2, seqlen=32, data_dir=shared_data_dir,
+                               attention_windows=2, progress=False)
+    assert record["attention_error"]["split"] == "c4-validation"
+    val, _ = evaluation_windows(loaded.tokenizer, "c4-validation", 2, 32, shared_data_dir, progress=False)
+    test, _ = eval_windows(loaded.tokenizer, "c4", 2, 32, shared_data_dir, progress=False)
+    np.testing.assert_allclose(record["attention_error"]["per_layer"], attention_error(loaded.model, pruned, val),
+                               rtol=1e-6)
+    assert not np.allclose(attention_error(loaded.model, pruned, test), record["attention_error"]["per_layer"])

@@ -349,7 +349,8 @@ def prune(
             perplexity on ``eval_nsamples`` windows of ``eval_seqlen`` tokens of the C4 test set.
         eval_datasets: the evaluation sets of ``do_eval`` (``nlprune.data.EVALUATION_SETS``):
             ``c4`` (test), ``c4-validation`` (the validation split), ``wikipedia`` and
-            ``lambada`` (text unlike the calibration set), ``wikitext2``.
+            ``lambada`` (text unlike the calibration set) and their ``-validation`` halves,
+            ``wikitext2``; ``NAME:N`` takes N windows of that set.
         heldout_nsamples: windows of each set other than the test sets (c4, wikitext2).
         attention_windows: windows (of ``seqlen`` tokens) of the C4 validation split on which
             the per-layer attention error is measured (0: skip it).
@@ -376,6 +377,13 @@ def prune(
     for name, value, minimum in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--seed", seed, 0),
                                  ("--batch-size", batch_size, 1), ("attention_windows", attention_windows, 0)):
         check_count(name, value, minimum)
+    eval_request, eval_counts = [str(x) for x in eval_datasets], {}  # "name" or "name:windows"
+    for item in eval_datasets:
+        name, _, count = str(item).partition(":")
+        if count and not count.isdigit():
+            raise ValueError(f"--eval-datasets entry {item!r}: write NAME or NAME:WINDOWS (e.g. wikipedia:64).")
+        eval_counts[name] = int(count) if count else None
+    eval_datasets = list(eval_counts)
     unknown = [d for d in eval_datasets if d not in EVALUATION_SETS]
     if unknown:
         raise ValueError(f"unknown evaluation set(s) {unknown} in --eval-datasets; choose from {', '.join(EVALUATION_SETS)}.")
@@ -411,13 +419,14 @@ def prune(
             held_out, _ = evaluation_windows(loaded.tokenizer, "c4-validation", attention_windows, seqlen, **eval_kwargs)
         if do_eval:
             for name in eval_datasets:
-                n = eval_nsamples if name in ("c4", "wikitext2") else heldout_nsamples
+                n = eval_counts[name] or (eval_nsamples if name in ("c4", "wikitext2") else heldout_nsamples)
+                check_count(f"--eval-datasets {name}:WINDOWS", n, 1)
                 eval_sets[name] = evaluation_windows(loaded.tokenizer, name, n, eval_seqlen, **eval_kwargs)
         args = {
             "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
             "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "options": method.options.as_dict(), "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
-            "eval_datasets": list(eval_datasets), "heldout_nsamples": heldout_nsamples,
+            "eval_datasets": eval_request, "heldout_nsamples": heldout_nsamples,
             "mesh": parallel.mesh_spec(mesh),
         }
         model_desc = loaded.describe()

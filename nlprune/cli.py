@@ -296,7 +296,8 @@ def add_prune_parser(sub) -> None:
     _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
     _add(p, "--eval-datasets", type=_comma_list, default=("c4",),
          help="comma-separated evaluation sets of --eval: c4 (the test set, default), c4-validation (the "
-         "validation split), wikipedia and lambada (text unlike the calibration set), wikitext2")
+         "validation split), wikipedia and lambada (text unlike the calibration set) and their -validation halves, "
+         "wikitext2; NAME:N takes N windows")
     _add(p, "--heldout-nsamples", type=int, default=64,
          help="windows of each --eval-datasets set other than c4 and wikitext2 (default 64)")
     _add(

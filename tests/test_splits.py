@@ -9,7 +9,7 @@ import pytest
 
 from nlprune import cards
 from nlprune.data import calibration_windows, eval_windows, evaluation_windows, load_texts
-from nlprune.data.heldout import TEST_TOKENS, ood_documents, documents_read_by_test, validation_documents
+from nlprune.data.heldout import TEST_TOKENS, documents_read_by_test, ood_documents, validation_documents
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,10 @@ def test_out_of_distribution_sets(tokenizer, shared_data_dir):
     assert len(lambada) > 5000
     for name in ("wikipedia", "lambada"):
         w, p = evaluation_windows(tokenizer, name, 4, 256, shared_data_dir, progress=False)
-        assert w.shape == (4, 256) and p["files"][0]["sha256"]
+        assert w.shape == (4, 256) and p["files"][0]["sha256"] and p["part"] == "first half"
+        v, q = evaluation_windows(tokenizer, f"{name}-validation", 4, 256, shared_data_dir, progress=False)
+        assert q["part"] == "second half" and p["num_docs"] + q["num_docs"] >= 2000
+        assert not np.array_equal(v, w)  # test and validation halves are different text
     with pytest.raises(ValueError, match="unknown evaluation set 'wiki'"):
         evaluation_windows(tokenizer, "wiki", 4, 256, shared_data_dir)
 

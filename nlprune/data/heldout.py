@@ -13,9 +13,11 @@ The three splits of C4 that nlprune keeps apart (docs/METHOD.md section 5):
 Out of distribution (local files of the zero-shot tasks, ``DIR/tasks``; no hub):
 
   ``"wikipedia"``  the BoolQ validation passages (Wikipedia paragraphs), each once, in file
-                   order, joined by a blank line;
+                   order, joined by a blank line: the first half of them (a test set);
   ``"lambada"``    the LAMBADA test passages (fiction from novels), in file order, joined by a
-                   blank line.
+                   blank line: the first half of them (a test set);
+  ``"wikipedia-validation"``, ``"lambada-validation"``  the second halves, for choosing:
+                   text of the same kinds that the reported sets never show.
 
 Every set is cut like the test set: joined, tokenized once, non-overlapping windows from the
 start (:func:`evaluation_windows` takes any of them by name).
@@ -36,7 +38,8 @@ from nlprune.data.windows import check_seqlen, cached_tokens, cut_windows, eval_
 
 # The largest test protocol (the paper's, 128 x 2048): validation starts after its text.
 TEST_TOKENS = 128 * 2048
-HELDOUT = ("c4-validation", "wikipedia", "lambada")
+HELDOUT = ("c4-validation", "wikipedia", "lambada", "wikipedia-validation", "lambada-validation")
+VALIDATION_SETS = ("c4-validation", "wikipedia-validation", "lambada-validation")  # for every choice
 EVALUATION_SETS = ("c4", "wikitext2", *HELDOUT)
 _OOD_FILES = {"wikipedia": ("boolq", "val.jsonl"), "lambada": ("lambada_openai", "lambada_test.jsonl")}
 
@@ -63,8 +66,13 @@ def heldout_windows(
     seqlen = check_seqlen(seqlen, max_seqlen)
     if dataset == "c4-validation":
         docs, prov = validation_documents(tokenizer, data_dir)
-    elif dataset in _OOD_FILES:
-        docs, prov = ood_documents(dataset, data_dir)
+    elif dataset.removesuffix("-validation") in _OOD_FILES:
+        kind = dataset.removesuffix("-validation")
+        docs, prov = ood_documents(kind, data_dir)
+        half = len(docs) // 2
+        docs = docs[half:] if dataset.endswith("-validation") else docs[:half]
+        prov.update(dataset=dataset, part="second half" if dataset.endswith("-validation") else "first half",
+                    num_docs=len(docs))
     else:
         raise DataError(f"unknown held-out set {dataset!r}; choose from {', '.join(HELDOUT)}.")
     join = C4.join if dataset == "c4-validation" else "\n\n"

@@ -53,20 +53,18 @@ class NonLinear(PruningMethod):
         super().__init__(options)
         o = self.options
         self.fill_in = method_class(o.linear_method).from_options(**o.linear_options)
-        # the least-squares refit damps and blocks as SparseGPT does
-        self.percdamp = 0.01 if o.percdamp is None else o.percdamp
-        self.blocksize = DEFAULT_BLOCKSIZE if o.blocksize is None else o.blocksize
+        self.blocksize = DEFAULT_BLOCKSIZE if o.blocksize is None else o.blocksize  # the refit's blocks
 
     @property
     def uses_hessian(self) -> bool:  # type: ignore[override]
         return self.fill_in.uses_hessian
 
     @property
-    def fits_kept_weights(self) -> bool:  # type: ignore[override]
-        return self.fill_in.fits_kept_weights
+    def kept_weights_damping(self) -> float | None:
+        return self.fill_in.kept_weights_damping
 
-    def refit_damping(self) -> tuple[float, int]:
-        return self.percdamp, self.blocksize
+    def refit_blocksize(self) -> int:
+        return self.blocksize
 
     def refits_itself(self, group: str) -> tuple[str, ...]:
         """q/k (and v under the output objective) are re-fitted by gradient steps on the

@@ -117,7 +117,7 @@ class NonlinearOptions(MethodOptions):
     refit_steps: int = option(10, "nonlinear --refit: gradient steps on the kept q/k weights (10; 0: none)")
     refit_eta: float = option(0.01, "nonlinear --refit: first try of each gradient step, as a fraction of RMS(W) (0.01)")
     blocksize: int | None = option(None, "nonlinear: passed to the --linear-method fill-in (and the refit)", type=int)
-    percdamp: float | None = option(None, "nonlinear: passed to the --linear-method fill-in (and the refit)",
+    percdamp: float | None = option(None, "nonlinear: passed to the --linear-method fill-in",
                                     type=float)
     group: str | None = option(None, "nonlinear: passed to the --linear-method fill-in", type=str,
                                choices=("row", "matrix"))

@@ -95,6 +95,10 @@ class MethodOptions:
     )
     refit_cg: int = option(20, "every method --refit: conjugate-gradient steps polishing towards the row-wise "
                                "least squares (20)")
+    refit_percdamp: float = option(
+        0.01, "every method --refit: damping of the refit's X^T X, a fraction of its mean diagonal: a ridge that "
+        "pulls the re-fitted weights towards the unpruned ones (0.01, SparseGPT's)",
+    )
 
     @classmethod
     def build(cls, method: str, **given: Any) -> MethodOptions:
@@ -124,6 +128,9 @@ class MethodOptions:
         """Raise ValueError naming the flag and the fix when a value cannot be used."""
         if isinstance(self.refit_cg, bool) or not isinstance(self.refit_cg, (int, np.integer)) or self.refit_cg < 0:
             raise ValueError(f"--refit-cg must be an integer >= 0, got {self.refit_cg!r}")
+        damp = self.refit_percdamp
+        if isinstance(damp, bool) or not isinstance(damp, (int, float, np.floating)) or not (np.isfinite(damp) and damp > 0):
+            raise ValueError(f"--refit-percdamp must be a finite number > 0, got {damp!r}")
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -194,7 +201,6 @@ class PruningMethod(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     uses_hessian: ClassVar[bool] = False  # the method itself prunes from X^T X
-    fits_kept_weights: ClassVar[bool] = False  # its kept weights already solve the least squares on the mask
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = self.Options() if options is None else options
@@ -219,9 +225,15 @@ class PruningMethod(abc.ABC):
         (the pipeline's least-squares refit leaves them alone)."""
         return ()
 
-    def refit_damping(self) -> tuple[float, int]:
-        """(percdamp, blocksize) of the least-squares refit: SparseGPT's defaults."""
-        return 0.01, DEFAULT_BLOCKSIZE
+    @property
+    def kept_weights_damping(self) -> float | None:
+        """The damping of the least squares the method's kept weights already solve on their
+        masks (SparseGPT's update), or None: the refit then need not redo it at that damping."""
+        return None
+
+    def refit_blocksize(self) -> int:
+        """Column block width of the least-squares refit."""
+        return DEFAULT_BLOCKSIZE
 
     def needs_inputs(self, group: str) -> bool:
         """Whether ``prune_group`` needs the group's inputs themselves in ``ctx.inputs``."""

@@ -155,9 +155,10 @@ def prune_group(
     if missing:
         raise RuntimeError(f"method {method.name!r} returned no result for {missing} of group {group!r}")
     if method.options.refit:
-        percdamp, blocksize = method.refit_damping()
-        results = refit_group(ctx, results, cg_iters=method.options.refit_cg, percdamp=percdamp, blocksize=blocksize,
-                              skip=method.refits_itself(group), fitted=method.fits_kept_weights)
+        damping = method.options.refit_percdamp
+        results = refit_group(ctx, results, cg_iters=method.options.refit_cg, percdamp=damping,
+                              blocksize=method.refit_blocksize(), skip=method.refits_itself(group),
+                              fitted=method.kept_weights_damping == damping)
     return set_linears(layer, {n: (r.weight, r.mask) for n, r in results.items()})
 
 

@@ -102,10 +102,13 @@ class SparseGPT(PruningMethod):
     name = "sparsegpt"
     Options = SparseGPTOptions
     uses_hessian = True
-    fits_kept_weights = True
 
-    def refit_damping(self) -> tuple[float, int]:
-        return self.options.percdamp, self.options.blocksize
+    @property
+    def kept_weights_damping(self) -> float | None:
+        return self.options.percdamp
+
+    def refit_blocksize(self) -> int:
+        return self.options.blocksize
 
     def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
         return "block", self.options.blocksize

@@ -1,0 +1,146 @@
+"""The ablation that decides the recommendation (issue 14): one batch, every row a whole-model
+prune of SmolLM2-135M (cpu protocol: 8 x 512 calibration tokens from C4 train, seed 0) and its
+perplexity on the C4 test set (128 x 512), on text unlike the calibration set (Wikipedia
+paragraphs, LAMBADA fiction: 64 x 512 each) and on the validation sets (C4 validation and the
+other halves of the Wikipedia and LAMBADA text: 32 x 512 each).
+
+Rows, at 50% unstructured and at 2:4: {magnitude, Wanda, SparseGPT, non-linear q/k
+(straight-through) with the SparseGPT fill-in} x {no refit, --refit}; the paper's recipe as
+Algorithm 1 is written (full-batch steps) and in its earlier one-window-per-step form, and with
+the certified and backtracking step rules (50% only: each full-batch row takes ~10x the others).
+
+    .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/ablation
+    .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/ablation --rows wanda-50 --table
+
+Run directories go under OUT/runs (not committed); each row's record is OUT/results/NAME.json
+(the run's results.json plus the command, the load average and the batch), written when the
+row finishes, so an interrupted batch resumes where it stopped. ``--table`` only rebuilds
+OUT/table.md and OUT/table.json from the records. Prune seconds are compared with SparseGPT's
+(no refit, same pattern) in the same batch: read them with the batch's load averages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import machine_line, write_json
+
+PROTOCOL = ["--nsamples", "8", "--seqlen", "512", "--seed", "0", "--eval", "--eval-seqlen", "512",
+            "--eval-datasets", "c4:128,wikipedia:64,lambada:64,c4-validation:32,wikipedia-validation:32,"
+            "lambada-validation:32"]
+TEST_SETS = ("c4", "wikipedia", "lambada")
+VALIDATION_SETS = ("c4-validation", "wikipedia-validation", "lambada-validation")
+PATTERNS = {"50": ["--sparsity-ratio", "0.5"], "2:4": ["--sparsity-type", "2:4"]}
+NL_QK = ["--prune-method", "nonlinear", "--straight-through", "--linear-method", "sparsegpt"]
+
+
+def rows() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for p, pattern in PATTERNS.items():
+        for name, args in (("magnitude", ["--prune-method", "magnitude"]), ("wanda", ["--prune-method", "wanda"]),
+                           ("sparsegpt", ["--prune-method", "sparsegpt"]), ("nonlinear-qk", NL_QK)):
+            out[f"{name}-{p}"] = args + pattern
+            out[f"{name}+refit-{p}"] = args + pattern + ["--refit"]
+        out[f"paper-{p}"] = ["--prune-method", "nonlinear", *pattern]
+        out[f"paper-1window-{p}"] = ["--prune-method", "nonlinear", "--window-batch", "1", *pattern]
+    out["paper-certified-50"] = ["--prune-method", "nonlinear", "--step-rule", "certified", *PATTERNS["50"]]
+    out["paper-backtracking-50"] = ["--prune-method", "nonlinear", "--step-rule", "backtracking", *PATTERNS["50"]]
+    return out
+
+
+def run_row(name: str, args: list[str], out: Path, data_dir: str, batch: str) -> dict:
+    run = out / "runs" / name.replace(":", "of")
+    cmd = [sys.executable, "-m", "nlprune.cli", "prune", *args, *PROTOCOL, "--data-dir", data_dir,
+           "--output", str(run), "--overwrite"]
+    load_before = os.getloadavg()[0]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    record = json.loads((run / "results.json").read_text())
+    record["row"] = {"name": name, "command": "nlprune prune " + " ".join(args + PROTOCOL), "batch": batch,
+                     "wall_seconds": time.perf_counter() - start,
+                     "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    return record
+
+
+def summary(record: dict) -> dict:
+    ppl = {k: v["pruned"] for k, v in record["perplexities"].items()}
+    dense = {k: v["dense"] for k, v in record["perplexities"].items()}
+
+    def gmean(names):
+        return math.exp(sum(math.log(ppl[n]) for n in names) / len(names))
+
+    return {
+        "name": record["row"]["name"], "command": record["row"]["command"], "batch": record["row"]["batch"],
+        "perplexity": ppl, "dense": dense, "test_mean": gmean(TEST_SETS), "validation_mean": gmean(VALIDATION_SETS),
+        "prune_seconds": record["prune_seconds"], "load_average": record["row"]["load_average"],
+        "attention_error": record.get("attention_error", {}).get("mean"),
+    }
+
+
+def table(out: Path) -> None:
+    recs = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
+    rows_ = [summary(r) for r in recs]
+    order = list(rows())
+    rows_.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    ref = {r["name"].rsplit("-", 1)[1]: r for r in rows_ if r["name"].startswith("sparsegpt-")}
+    lines = [
+        "SmolLM2-135M, cpu protocol (8 x 512 calibration tokens of C4 train, seed 0). Perplexity: C4 test "
+        "128 x 512; Wikipedia and LAMBADA (text unlike the calibration set) 64 x 512 each; validation sets "
+        "(C4 validation, the other halves of Wikipedia and LAMBADA) 32 x 512 each. Means are geometric. "
+        "Time: prune seconds and their ratio to SparseGPT (no refit, same pattern) in the same batch.",
+        "",
+        "| row | C4 test | Wikipedia | LAMBADA | test mean | C4 val | Wiki val | LAMBADA val | val mean | "
+        "attn err (val) | prune s | x SparseGPT | batch, load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    if rows_:
+        d = rows_[0]["dense"]
+        lines.append(f"| dense | {d['c4']:.2f} | {d['wikipedia']:.2f} | {d['lambada']:.2f} | | {d['c4-validation']:.2f} | "
+                     f"{d['wikipedia-validation']:.2f} | {d['lambada-validation']:.2f} | | | | | |")
+    for r in rows_:
+        p = r["perplexity"]
+        base = ref.get(r["name"].rsplit("-", 1)[1])
+        ratio = f"{r['prune_seconds'] / base['prune_seconds']:.2f}" if base and base["batch"] == r["batch"] else "-"
+        attn = f"{r['attention_error']:.2e}" if r["attention_error"] is not None else ""
+        lines.append(
+            f"| {r['name']} | {p['c4']:.2f} | {p['wikipedia']:.2f} | {p['lambada']:.2f} | **{r['test_mean']:.2f}** | "
+            f"{p['c4-validation']:.2f} | {p['wikipedia-validation']:.2f} | {p['lambada-validation']:.2f} | "
+            f"{r['validation_mean']:.2f} | {attn} | {r['prune_seconds']:.1f} | {ratio} | {r['batch']}, "
+            f"{r['load_average'][0]}-{r['load_average'][1]} |"
+        )
+    lines += ["", "Commands: table.json (`command` of each row, with `--data-dir DIR --output RUN_DIR`)."]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    write_json(out / "table.json", {"rows": rows_})
+    print("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-dir", required=True)
+    ap.add_argument("--out", default="benchmarks/ablation")
+    ap.add_argument("--rows", nargs="*", default=None, help="rows to run (default: every row)")
+    ap.add_argument("--batch", default=time.strftime("%Y-%m-%d %H:%M"), help="the batch's name in the records")
+    ap.add_argument("--table", action="store_true", help="only rebuild the table from the records")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if not args.table:
+        todo = rows() if args.rows is None else {n: rows()[n] for n in args.rows}
+        print(f"{len(todo)} rows on {machine_line()}", flush=True)
+        for name, row_args in todo.items():
+            path = out / "results" / f"{name.replace(':', 'of')}.json"
+            if path.exists():
+                print(f"{name}: done before, skipped", flush=True)
+                continue
+            write_json(path, run_row(name, row_args, out, args.data_dir, args.batch))
+    table(out)
+
+
+if __name__ == "__main__":
+    main()

@@ -14,7 +14,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 

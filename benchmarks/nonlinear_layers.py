@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nlprune import api
-from nlprune.data import calibration_windows, eval_windows
+from nlprune.data import calibration_windows, evaluation_windows
 from nlprune.eval.attention_error import layer_attention_error
 from nlprune.modeling.forward import attn_input, embed, rope_tables, run_layer
 from nlprune.methods import get_method
@@ -149,6 +149,21 @@ def bound_vs_eigen(layer, X, cos, sin, lam: float, tokens: int) -> dict[str, flo
     }
 
 
+def study_inputs(args):
+    """What the layer studies share: the model, the calibration windows' and the held-out
+    windows' inputs to each studied layer (the held-out ones from the C4 validation split,
+    never the test windows), and the RoPE tables."""
+    loaded = api.load(args.model)
+    model = loaded.model
+    max_seq = model.config.max_position_embeddings
+    cal, cal_prov = calibration_windows(loaded.tokenizer, args.nsamples, args.seqlen, 0, data_dir=args.data_dir,
+                                        max_seqlen=max_seq)
+    held, _ = evaluation_windows(loaded.tokenizer, "c4-validation", args.eval_windows, args.seqlen,
+                                 data_dir=args.data_dir, max_seqlen=max_seq, progress=False)
+    cos, sin = rope_tables(model, args.seqlen)
+    return loaded, cal_prov, cos, sin, layer_inputs(model, cal, args.layers), layer_inputs(model, held, args.layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -167,14 +182,8 @@ def main() -> None:
     args = parser.parse_args()
 
     pattern = parse_pattern("unstructured", args.sparsity_ratio)
-    loaded = api.load(args.model)
+    loaded, cal_prov, cos, sin, h_cal, h_eval = study_inputs(args)
     model = loaded.model
-    max_seq = model.config.max_position_embeddings
-    cal, cal_prov = calibration_windows(loaded.tokenizer, args.nsamples, args.seqlen, 0, data_dir=args.data_dir, max_seqlen=max_seq)
-    held, _ = eval_windows(loaded.tokenizer, "c4", args.eval_windows, args.seqlen, data_dir=args.data_dir, max_seqlen=max_seq, progress=False)
-    cos, sin = rope_tables(model, args.seqlen)
-    h_cal = layer_inputs(model, cal, args.layers)
-    h_eval = layer_inputs(model, held, args.layers)
 
     rows: list[dict[str, Any]] = []
     for li in args.layers:

@@ -32,14 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from nlprune import api
-from nlprune.data import calibration_windows, eval_windows
-from nlprune.modeling.forward import rope_tables
 from nlprune.methods import get_method
 from nlprune.prune import refit
 from nlprune.prune.pipeline import prune_layer_true_sequential
 from nlprune.sparsity import parse_pattern
 from common import write_json
-from nonlinear_layers import layer_inputs as dense_inputs  # the dense model's inputs to each layer
+from nonlinear_layers import study_inputs  # the dense model's inputs to each studied layer
 
 STE = {"straight_through": True}
 OUT = {"straight_through": True, "objective": "output"}
@@ -105,16 +103,8 @@ def main() -> None:
     args = parser.parse_args()
 
     pattern = parse_pattern(args.sparsity_type, 0.5)
-    loaded = api.load(args.model)
+    loaded, cal_prov, cos, sin, h_cal, h_eval = study_inputs(args)
     model = loaded.model
-    max_seq = model.config.max_position_embeddings
-    cal, cal_prov = calibration_windows(loaded.tokenizer, args.nsamples, args.seqlen, 0, data_dir=args.data_dir,
-                                        max_seqlen=max_seq)
-    held, _ = eval_windows(loaded.tokenizer, "c4", args.eval_windows, args.seqlen, data_dir=args.data_dir,
-                           max_seqlen=max_seq, progress=False)
-    cos, sin = rope_tables(model, args.seqlen)
-    h_cal = dense_inputs(model, cal, args.layers)
-    h_eval = dense_inputs(model, held, args.layers)
 
     rows: list[dict[str, Any]] = []
     for li in args.layers:

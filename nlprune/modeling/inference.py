@@ -37,7 +37,7 @@ TOKEN_CHUNK = 1024
 VOCAB_SLICE = 2048
 
 PIECES = (
-    "norms", "qkv_proj", "rope", "attn_scores", "attn_softmax", "attn_context", "o_proj",
+    "embed", "norms", "qkv_proj", "rope", "attn_scores", "attn_softmax", "attn_context", "o_proj",
     "mlp_gate_up", "mlp_act", "mlp_down", "head_logits", "head_logsumexp", "head_target",
 )
 
@@ -115,8 +115,9 @@ def run_layer(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array)
 @eqx.filter_jit
 def embed_and_rope(model: LlamaForCausalLM, ids: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Token embeddings (batch, seq, hidden) and the cos/sin tables of positions 0..seq-1."""
-    cos, sin = model.rope(jnp.arange(ids.shape[1]))
-    return model.embed(ids), cos, sin
+    with jax.named_scope("embed"):
+        cos, sin = model.rope(jnp.arange(ids.shape[1]))
+        return model.embed(ids), cos, sin
 
 
 def hidden_states(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:

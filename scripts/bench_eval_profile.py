@@ -424,9 +424,16 @@ def print_tables(record: dict, args) -> None:
               f"whole pass {w['wall_s']:.1f} s ({tokens / w['wall_s']:.0f} tok/s), compilation {w['compile_s']:.1f} s, "
               f"median batch {np.median(w['batch_wall_s']):.2f} s ({batch_tokens / np.median(w['batch_wall_s']):.0f} tok/s)")
     fl = record["flops_per_token"]["total_exact"]
+    cores = int(record["machine"].split()[0])
     for lib in ("jax", "torch"):
         best = max(r[lib]["gflops_best"] for r in record["peak_gemm"].values())
-        print(f"  ceiling with {lib}'s best GEMM rate ({best:.0f} GFLOP/s): {best * 1e9 / fl:.0f} tok/s")
+        per_cpu = max(r[lib]["gflops_per_cpu_second"] for r in record["peak_gemm"].values())
+        print(f"  ceiling with {lib}'s GEMM: best wall rate here {best:.0f} GFLOP/s -> {best * 1e9 / fl:.0f} tok/s; "
+              f"{per_cpu:.0f} GFLOP per CPU-second -> {per_cpu * 1e9 / fl:.0f} tok per CPU-second, "
+              f"{cores * per_cpu * 1e9 / fl:.0f} tok/s on {cores} idle cores")
+    for n in ("previous", "current"):
+        cpu = sum(whole[n]["batch_cpu_s"])
+        print(f"  {n}: {tokens / cpu:.0f} tok per CPU-second over the pass")
     print(f"  load average before {record['load_average_before']}, after {record['load_average_after']}")
 
 

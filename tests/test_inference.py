@@ -68,18 +68,20 @@ def test_lm_head_bias_is_used():
     ],
 )
 def test_hidden_states_equal_pruning_forward(overrides):
-    """Several query blocks with a ragged last one, an odd batch (the sequence loop's
-    remainder step), and masks folded into the weights."""
+    """Several query blocks with a ragged last one, a batch that leaves the sequence loop a
+    remainder step (3 sequences of 301 tokens per step, 5 sequences), and masks folded into
+    the weights."""
     model = with_masks(from_transformers(random_hf_model(tiny_hf_config(**overrides))))
     rng = np.random.default_rng(1)
     masks, rest = eqx.partition(model, mask_filter_spec(model))
     masks = jax.tree.map(lambda m: jnp.asarray(rng.random(m.shape) > 0.3, m.dtype), masks)
     model = eqx.combine(masks, rest)
     seq = 2 * inference.QUERY_BLOCK + 45
-    ids = jnp.asarray(rng.integers(0, model.config.vocab_size, (3, seq)), jnp.int32)
+    assert inference.TOKENS_PER_STEP // seq == 3
+    ids = jnp.asarray(rng.integers(0, model.config.vocab_size, (5, seq)), jnp.int32)
     got = inference.hidden_states(model, ids)
     want = pruning_forward_hidden(model, ids)
-    assert got.shape == (3, seq, model.config.hidden_size)
+    assert got.shape == (5, seq, model.config.hidden_size)
     scale = float(jnp.abs(want).max())
     assert float(jnp.abs(got - want).max()) <= 1e-5 * scale
     # the masks mattered

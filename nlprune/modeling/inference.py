@@ -4,9 +4,10 @@ Same maths as ``LlamaForCausalLM.__call__`` followed by a log-softmax, arranged 
 caches (evaluation only: pruning calibrates with :mod:`nlprune.modeling.forward`, whose
 numerics it must keep):
 
-- each decoder layer runs a few sequences at a time (``lax.map``), so a sequence's
-  activations (attention scores, the MLP's intermediate) stay in cache between the
-  GEMMs instead of streaming a whole batch through memory at every op;
+- each decoder layer runs a few sequences at a time (``lax.map``, about
+  ``TOKENS_PER_STEP`` tokens per step), so their activations (attention scores, the MLP's
+  intermediate) stay in cache between the GEMMs instead of streaming a whole batch through
+  memory at every op;
 - attention goes in blocks of queries, each against the keys up to its own end, with the
   query heads of one KV head stacked into the rows of one matrix product;
 - the LM head never materialises a window's logits: tokens go in chunks, and each chunk
@@ -29,9 +30,9 @@ from nlprune.modeling.llama import Attention, DecoderLayer, LlamaForCausalLM, ap
 # to its own end only, so smaller blocks skip more of the causal mask's zeros but make more,
 # smaller matrix products.
 QUERY_BLOCK = 128
-# Sequences per step of the layer loop (``lax.map``): enough rows for efficient GEMMs, few
-# enough that a step's activations stay in cache.
-SEQUENCES_PER_STEP = 2
+# Tokens per step of the layer loop (``lax.map`` over whole sequences): enough rows for
+# efficient GEMMs, few enough that a step's activations stay in cache.
+TOKENS_PER_STEP = 1024
 # LM head + NLL: tokens per chunk, and the largest vocabulary slice of one step.
 TOKEN_CHUNK = 1024
 VOCAB_SLICE = 2048
@@ -107,9 +108,10 @@ def run_layer(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array)
     (cache locality), elsewhere the whole batch at once."""
     layer = fold_masks(layer)
     one = lambda x: decoder_layer(layer, x, cos, sin)
-    if jax.default_backend() != "cpu":
+    per_step = max(1, TOKENS_PER_STEP // h.shape[1])
+    if jax.default_backend() != "cpu" or per_step >= h.shape[0]:
         return jax.vmap(one)(h)
-    return jax.lax.map(one, h, batch_size=SEQUENCES_PER_STEP)
+    return jax.lax.map(one, h, batch_size=per_step)
 
 
 @eqx.filter_jit

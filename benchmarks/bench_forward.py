@@ -5,7 +5,8 @@
 Both run the same weights on the same 8 x 512 token ids, on the same threads, alternating, in
 one process; reported: median seconds and tokens/s of each, and their ratio. Two variants:
 ``hidden`` (the decoder stack only) and ``loss`` (through the LM head to the summed NLL; ours
-computes the head in chunks, transformers materialises all logits).
+is the evaluation forward, nlprune.modeling.inference, whose head never holds a window's
+logits; transformers materialises all logits).
 """
 
 import argparse
@@ -59,7 +60,7 @@ def main():
         times["ours_loss"] += timed(ours_loss, 1)
         times["theirs_loss"] += timed(theirs_loss, 1)
     tokens = args.batch * args.seqlen
-    record = {"machine": machine_line(), "threads": args.threads, "batch": args.batch, "seqlen": args.seqlen,
+    record = {"machine": machine_line(), "load_average": os.getloadavg(), "threads": args.threads, "batch": args.batch, "seqlen": args.seqlen,
               "repeats": args.repeats, "jax": jax.__version__, "torch": torch.__version__, "results": {}}
     print(f"{args.model}, {args.batch} x {args.seqlen} tokens, {record['machine']}, torch threads {args.threads}")
     for variant in ("hidden", "loss"):

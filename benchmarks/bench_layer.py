@@ -4,9 +4,10 @@ transformers, float32, on the same 8 x 512 hidden states.
     .venv/bin/python benchmarks/bench_layer.py --repeats 7 --output benchmarks/layer.json
 
 Pieces: the MLP (post-attention norm + SwiGLU), the attention block (input norm + attention +
-o_proj), the whole layer, and the LM head with the summed NLL. Each piece of ours and of
-transformers alternate, median of ``--repeats`` after a warm-up; the ratio is transformers'
-time / ours.
+o_proj), the whole layer (the pruning pipeline's forward, nlprune.modeling.forward, and the
+evaluation forward, nlprune.modeling.inference), and the LM head with the summed NLL (the
+evaluation forward's). Each piece of ours and of transformers alternate, median of
+``--repeats`` after a warm-up; the ratio is transformers' time / ours.
 """
 
 import argparse
@@ -20,7 +21,7 @@ import torch
 
 from common import load_hf_reference, machine_line, median, timed, write_json
 from nlprune import api
-from nlprune.eval.perplexity import window_nll
+from nlprune.modeling import inference
 from nlprune.modeling.forward import embed, rope_tables, run_layer
 
 
@@ -67,9 +68,12 @@ def main():
                                                  attention_mask=None)[0]),
         "layer": (lambda: run_layer(layer, h, cos, sin).block_until_ready(),
                   lambda: hf_layer(th, position_embeddings=rope, attention_mask=None)),
-        "head_and_nll": (lambda: window_nll(model, h, jnp.asarray(ids)).block_until_ready(), hf_head),
+        "layer_eval": (lambda: inference.run_layer(layer, h, cos, sin).block_until_ready(),
+                       lambda: hf_layer(th, position_embeddings=rope, attention_mask=None)),
+        "head_and_nll": (lambda: jnp.sum(inference.token_nll(model, h, jnp.asarray(ids))).block_until_ready(),
+                         hf_head),
     }
-    record = {"machine": machine_line(), "load_average": os.getloadavg(), "layer": args.layer,
+    record = {"machine": machine_line(), "load_average_before": os.getloadavg(), "layer": args.layer,
               "batch": args.batch, "seqlen": args.seqlen, "repeats": args.repeats, "results": {}}
     print(f"{args.model} layer {args.layer}, {args.batch} x {args.seqlen}, {record['machine']}")
     with torch.no_grad():
@@ -82,6 +86,7 @@ def main():
             a, b = median(t_ours), median(t_theirs)
             record["results"][name] = {"nlprune_s": a, "transformers_s": b, "ratio": b / a}
             print(f"  {name:13s} nlprune {a:.4f} s  transformers {b:.4f} s  ratio {b / a:.2f}x")
+    record["load_average_after"] = os.getloadavg()
     write_json(args.output, record)
 
 

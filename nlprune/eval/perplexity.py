@@ -1,8 +1,8 @@
 """Perplexity of a model on token windows: exp(total NLL / predicted tokens).
 
-The forward runs layer by layer with one jitted, batch-vmapped decoder layer (every layer has
-the same shapes, so it compiles once), and the loss is computed in chunks of positions so the
-(tokens x vocab) logits are never materialised all at once.
+The NLL comes from the evaluation forward (:mod:`nlprune.modeling.inference`): one jitted
+decoder layer run for every layer (they share shapes, so it compiles once), then the LM head
+fused with the loss, which never holds a window's logits.
 """
 
 from __future__ import annotations
@@ -11,13 +11,12 @@ import dataclasses
 import math
 import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from nlprune.modeling.forward import hidden_states
+from nlprune.modeling.inference import batch_token_nll
 from nlprune.modeling.llama import LlamaForCausalLM
 
 
@@ -33,36 +32,9 @@ class PerplexityResult:
         return dataclasses.asdict(self)
 
 
-@eqx.filter_jit
-def window_nll(model: LlamaForCausalLM, h: jax.Array, ids: jax.Array, chunk: int = 256) -> jax.Array:
-    """Summed next-token NLL of a batch, from the last hidden states h (batch, seq, hidden).
-
-    Positions are processed ``chunk`` at a time so the logits held at once are
-    (batch, chunk, vocab), not (batch, seq, vocab).
-    """
-    h = model.final_hidden(h)[:, :-1]
-    targets = ids[:, 1:]
-    b, n, d = h.shape
-    pad = (-n) % chunk
-    h = jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(b, -1, chunk, d).transpose(1, 0, 2, 3)
-    targets = jnp.pad(targets, ((0, 0), (0, pad))).reshape(b, -1, chunk).transpose(1, 0, 2)
-    valid = (jnp.arange(n + pad) < n).reshape(-1, chunk)
-    w = model.head_weight()
-
-    def chunk_nll(args):
-        hc, tc, vc = args
-        logits = hc @ w.T
-        if model.lm_head is not None and model.lm_head.bias is not None:
-            logits = logits + model.lm_head.bias
-        logz = jax.nn.logsumexp(logits, axis=-1)
-        picked = jnp.take_along_axis(logits, tc[..., None], axis=-1)[..., 0]
-        return jnp.sum((logz - picked) * vc[None, :])
-
-    return jnp.sum(jax.lax.map(chunk_nll, (h, targets, valid)))
-
-
 def batch_nll(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
-    return window_nll(model, hidden_states(model, ids), ids)
+    """Summed next-token NLL of a batch of windows (batch, seq)."""
+    return jnp.sum(batch_token_nll(model, ids))
 
 
 def perplexity(
@@ -86,10 +58,16 @@ def perplexity(
     total, count = 0.0, 0
     bar = tqdm(total=len(windows), desc=desc, unit="win", disable=not progress)
     for i in range(0, len(windows), batch_size):
-        batch = jnp.asarray(windows[i : i + batch_size], dtype=jnp.int32)
-        total += float(batch_nll(model, batch))
-        count += batch.shape[0] * (batch.shape[1] - 1)
-        bar.update(batch.shape[0])
+        batch = windows[i : i + batch_size]
+        rows = len(batch)
+        if rows < batch_size and len(windows) > batch_size:
+            # Pad a short last batch with copies of its first window so it reuses the
+            # compiled batch shape; the copies' NLL is dropped.
+            batch = np.concatenate([batch, np.repeat(batch[:1], batch_size - rows, axis=0)])
+        nll = batch_token_nll(model, jnp.asarray(batch, dtype=jnp.int32))
+        total += float(jnp.sum(nll[:rows]))
+        count += rows * (windows.shape[1] - 1)
+        bar.update(rows)
         bar.set_postfix(ppl=f"{math.exp(total / count):.3f}")
     bar.close()
     return PerplexityResult(

@@ -9,6 +9,11 @@ pieces split a layer where pruning needs to look inside it:
 
 ``run_layer`` is the whole layer; ``layer_inputs`` gives the input of every group of linears
 that share one (the calibration statistics of a dense layer).
+
+Evaluation (perplexity, task log-likelihoods) uses the faster forward of
+:mod:`nlprune.modeling.inference`, re-exported here: ``hidden_states(model, ids)`` (the last
+layer's output), ``token_nll(model, h, ids)`` and ``batch_token_nll(model, ids)`` (per-token
+next-token NLL). Its numerics equal these pieces' up to float rounding; pruning keeps these.
 """
 
 from __future__ import annotations
@@ -17,7 +22,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from nlprune.modeling.inference import batch_token_nll, hidden_states, token_nll
 from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+
+__all__ = [
+    "after_attention", "after_mlp", "attn_context", "attn_input", "batch_token_nll", "embed",
+    "hidden_states", "layer_inputs", "mlp_hidden", "mlp_input", "rope_tables", "run_layer",
+    "token_nll",
+]
 
 
 @eqx.filter_jit
@@ -36,15 +48,6 @@ def rope_tables(model: LlamaForCausalLM, seq_len: int) -> tuple[jax.Array, jax.A
 def run_layer(layer: DecoderLayer, h: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """One decoder layer on a batch h (batch, seq, hidden)."""
     return jax.vmap(layer, in_axes=(0, None, None))(h, cos, sin)
-
-
-def hidden_states(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
-    """The last decoder layer's output for a batch of windows, computed layer by layer."""
-    cos, sin = rope_tables(model, ids.shape[1])
-    h = embed(model, ids)
-    for layer in model.model.layers:
-        h = run_layer(layer, h, cos, sin)
-    return h
 
 
 @eqx.filter_jit

@@ -301,9 +301,11 @@ class Attention(eqx.Module):
     def project_qk(self, x, cos, sin):
         """RoPE'd queries (heads, seq, hd) and keys (kv_heads, seq, hd) for x (seq, hidden)."""
         seq = x.shape[0]
-        q = self.q_proj(x).reshape(seq, self.num_heads, self.head_dim).transpose(1, 0, 2)
-        k = self.k_proj(x).reshape(seq, self.num_kv_heads, self.head_dim).transpose(1, 0, 2)
-        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        with jax.named_scope("qkv_proj"):
+            q = self.q_proj(x).reshape(seq, self.num_heads, self.head_dim).transpose(1, 0, 2)
+            k = self.k_proj(x).reshape(seq, self.num_kv_heads, self.head_dim).transpose(1, 0, 2)
+        with jax.named_scope("rope"):
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
 
     def attention_probs(self, q, k):
         """Causal softmax(QK^T / sqrt(hd)) per query head, GQA-grouped: (heads, seq, seq)."""
@@ -323,20 +325,28 @@ class Attention(eqx.Module):
         seq 512 (and more at longer seq) with the same result up to float rounding."""
         seq = x.shape[0]
         q, k = self.project_qk(x, cos, sin)
-        v = self.v_proj(x).reshape(seq, self.num_kv_heads, self.head_dim).transpose(1, 0, 2)
+        with jax.named_scope("qkv_proj"):
+            v = self.v_proj(x).reshape(seq, self.num_kv_heads, self.head_dim).transpose(1, 0, 2)
         rep = self.num_heads // self.num_kv_heads
-        qg = q.reshape(self.num_kv_heads, rep, seq, self.head_dim) / jnp.sqrt(jnp.float32(self.head_dim))
+        with jax.named_scope("rope"):
+            qg = q.reshape(self.num_kv_heads, rep, seq, self.head_dim) / jnp.sqrt(jnp.float32(self.head_dim))
         outs = []
         for start in range(0, seq, QUERY_BLOCK):
             stop = min(start + QUERY_BLOCK, seq)
-            scores = jnp.einsum("grqd,gkd->grqk", qg[:, :, start:stop], k[:, :stop])
-            causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
-            probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
-            outs.append(jnp.einsum("grqk,gkd->qgrd", probs, v[:, :stop]))
-        return jnp.concatenate(outs).reshape(seq, self.num_heads * self.head_dim)
+            with jax.named_scope("attn_scores"):
+                scores = jnp.einsum("grqd,gkd->grqk", qg[:, :, start:stop], k[:, :stop])
+            with jax.named_scope("attn_softmax"):
+                causal = jnp.arange(stop)[None, :] <= jnp.arange(start, stop)[:, None]
+                probs = jax.nn.softmax(jnp.where(causal, scores, jnp.finfo(scores.dtype).min), axis=-1)
+            with jax.named_scope("attn_context"):
+                outs.append(jnp.einsum("grqk,gkd->qgrd", probs, v[:, :stop]))
+        with jax.named_scope("attn_context"):
+            return jnp.concatenate(outs).reshape(seq, self.num_heads * self.head_dim)
 
     def __call__(self, x, cos, sin):
-        return self.o_proj(self.context(x, cos, sin))
+        context = self.context(x, cos, sin)
+        with jax.named_scope("o_proj"):
+            return self.o_proj(context)
 
 
 class MLP(eqx.Module):
@@ -346,10 +356,15 @@ class MLP(eqx.Module):
 
     def hidden(self, x):
         """SwiGLU activations (seq, intermediate): the input of ``down_proj``."""
-        return jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        with jax.named_scope("mlp_gate_up"):
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        with jax.named_scope("mlp_act"):
+            return jax.nn.silu(gate) * up
 
     def __call__(self, x):
-        return self.down_proj(self.hidden(x))
+        act = self.hidden(x)
+        with jax.named_scope("mlp_down"):
+            return self.down_proj(act)
 
 
 class DecoderLayer(eqx.Module):
@@ -359,9 +374,14 @@ class DecoderLayer(eqx.Module):
     mlp: MLP
 
     def __call__(self, h, cos, sin):
-        """One pre-norm block on one sequence h (seq, hidden)."""
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        """One pre-norm block on one sequence h (seq, hidden). The named scopes (also in the
+        attention and MLP) only label the compiled program's ops for profiles."""
+        with jax.named_scope("norms"):
+            x = self.input_layernorm(h)
+        h = h + self.self_attn(x, cos, sin)
+        with jax.named_scope("norms"):
+            x = self.post_attention_layernorm(h)
+        return h + self.mlp(x)
 
     def linear_inputs(self, h, cos, sin) -> dict[str, jax.Array]:
         """The input of each group of linears that share one (calibration statistics)."""

@@ -8,7 +8,7 @@ import pytest
 
 from nlprune.convert.hf import from_transformers
 from nlprune.modeling import forward, inference
-from nlprune.modeling.llama import mask_filter_spec, with_masks
+from nlprune.modeling.masks import mask_filter_spec, with_masks
 
 from test_llama_parity import random_hf_model, tiny_hf_config
 

@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from nlprune import api
 from nlprune.cli import main as cli_main
 from nlprune.convert.hf import from_transformers
-from nlprune.data import DataError, eval_windows
+from nlprune.data import eval_windows
 from nlprune.eval.perplexity import batch_nll, perplexity
 
 from test_llama_parity import random_hf_model, tiny_hf_config

@@ -1,7 +1,6 @@
 """The real SmolLM2-135M through nlprune's GGUF converter vs transformers loading the same GGUF."""
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,7 @@
 """Where perplexity evaluation spends its time, piece by piece, and how close it is to the
 machine's float32 ceiling.
 
-    .venv/bin/python scripts/bench_eval_profile.py --data-dir ../shared/data \\
+    .venv/bin/python benchmarks/bench_eval_profile.py --data-dir ../shared/data \\
         --output benchmarks/eval/profile.json
 
 Four measurements, in one process (plus two child processes for the start-up times):
@@ -323,7 +323,7 @@ def main():
     from tqdm.auto import tqdm
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from _bench import machine_line, write_json
+    from common import machine_line, write_json
     from nlprune import api
     from nlprune.data import eval_windows
     from nlprune.modeling.inference import QUERY_BLOCK
@@ -409,7 +409,6 @@ def print_tables(record: dict, args) -> None:
     for piece in [*order, "compilation (first batch)"]:
         cells = []
         for n in ("previous", "current"):
-            total = whole[n]["wall_s"]
             if piece.startswith("compilation"):
                 v_batch, v_pass = None, whole[n]["compile_s"]
             else:

@@ -111,12 +111,22 @@ def test_wanda_sharded_equals_one_device_exactly(tiny_model_dir, tmp_path):
         got = of_run(arrays, f"{spec}@{bs}")
         assert got.keys() == ref.keys()
         for k in ref:
-            np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{spec} (batch {bs}): {k}")
+            if k == "hidden_out":  # forwards on other batch shapes: equal to float rounding
+                assert_close_outputs(got[k], ref[k], f"{spec} (batch {bs})")
+            else:
+                np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{spec} (batch {bs}): {k}")
     # the arrays really were spread: windows over 'data', weight rows over 'model'
     assert summary["data=4@8"]["hidden_sharding"] == "P('data',)"
     assert summary["model=4@8"]["q_proj_sharding"] == "P('model',)"
     assert summary["data=2,model=2@8"]["q_proj_devices"] == 4
     assert summary["data=2,model=2@8"]["mesh"]["axes"] == {"data": 2, "model": 2}
+
+
+def assert_close_outputs(got, ref, what):
+    """Layer outputs of two runs whose forwards ran on other batch shapes (XLA may block a
+    GEMM's sum differently): equal to float32 rounding accumulated over the layers."""
+    err = np.linalg.norm(got.astype(np.float64) - ref) / np.linalg.norm(ref.astype(np.float64))
+    assert err <= 1e-5, f"{what}: last layer's outputs differ by {err:.2e} (relative)"
 
 
 def assert_same_masks_close_weights(arrays, specs):
@@ -127,7 +137,9 @@ def assert_same_masks_close_weights(arrays, specs):
         got = of_run(arrays, f"{spec}@8")
         assert got.keys() == ref.keys()
         for k in ref:
-            if k.endswith(".mask"):
+            if k == "hidden_out":
+                assert_close_outputs(got[k], ref[k], spec)
+            elif k.endswith(".mask"):
                 np.testing.assert_array_equal(got[k], ref[k], err_msg=f"{spec}: {k}")
             else:
                 np.testing.assert_allclose(got[k], ref[k], rtol=1e-4, atol=1e-5, err_msg=f"{spec}: {k}")

@@ -55,15 +55,15 @@ def rows() -> dict[str, list[str]]:
     return out
 
 
-def run_row(name: str, args: list[str], out: Path, data_dir: str, batch: str) -> dict:
+def run_row(name: str, args: list[str], out: Path, data_dir: str, batch: str, protocol: list[str] = PROTOCOL) -> dict:
     run = out / "runs" / name.replace(":", "of")
-    cmd = [sys.executable, "-m", "nlprune.cli", "prune", *args, *PROTOCOL, "--data-dir", data_dir,
+    cmd = [sys.executable, "-m", "nlprune.cli", "prune", *args, *protocol, "--data-dir", data_dir,
            "--output", str(run), "--overwrite"]
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     record = json.loads((run / "results.json").read_text())
-    record["row"] = {"name": name, "command": "nlprune prune " + " ".join(args + PROTOCOL), "batch": batch,
+    record["row"] = {"name": name, "command": "nlprune prune " + " ".join(args + protocol), "batch": batch,
                      "wall_seconds": time.perf_counter() - start,
                      "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
     return record

@@ -120,7 +120,8 @@ def export_hf(
     check_target(out_dir, overwrite)
     # Everything that can fail on the model or the arguments fails before the disk is touched.
     target = numpy_dtype(dtype)
-    state = {k: v.astype(target) for k, v in to_state_dict(model).items()}
+    with np.errstate(over="ignore"):  # an overflow is refused by name just below
+        state = {k: v.astype(target) for k, v in to_state_dict(model).items()}
     overflow = [k for k, v in state.items() if not np.isfinite(v.astype(np.float32)).all()]
     if overflow:
         raise ExportError(f"{overflow[0]} has values beyond {dtype}'s range; export as float32 or bfloat16.")

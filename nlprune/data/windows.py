@@ -180,7 +180,7 @@ def _check_enough_text(all_ids: list[list[int]], nsamples: int, seqlen: int, tit
     if sum(long_enough) < need:
         total = sum(len(ids) for ids in all_ids)
         raise DataError(
-            f"{title} holds {len(all_ids)} documents, {total} tokens; {len(long_enough)} of them are longer "
+            f"{title} holds {len(all_ids)} document(s), {total} tokens; {len(long_enough)} of them are longer "
             f"than seqlen={seqlen} tokens, {sum(long_enough)} tokens in all: fewer than --nsamples x --seqlen "
             f"= {nsamples} x {seqlen} = {need}. Give more text, or fewer or shorter windows."
         )

@@ -350,17 +350,11 @@ def prune(
         nsamples, seqlen, seed: the calibration windows: ``nsamples`` windows of ``seqlen``
             tokens drawn (seeded) from documents longer than ``seqlen`` (C4 train by default).
         data_dir: a local folder with the C4 shards (else ``$NLPRUNE_DATA_DIR``, else the hub).
-        calib_dataset: ``c4`` (default), ``wikitext2``, or a local ``.jsonl`` / ``.json.gz`` /
-            ``.txt`` file to draw the calibration windows from (its sha256 is recorded).
-        sparsity_profile: ``uniform`` (every linear at ``sparsity_ratio``) or ``owl``: each
-            layer its own unstructured ratio by OWL (``owl_m``, default 5; ``owl_lambda``,
-            default 0.08), the model-wide sparsity the target (:mod:`nlprune.prune.owl`).
-        layer_sparsity: a JSON file (or the list / dict itself): one unstructured ratio per
-            layer, or ratios by Hugging Face linear name (the others at ``sparsity_ratio``).
-        tasks, task_data_dir, limit: also score the pruned model on these zero-shot tasks
-            (:func:`evaluate_tasks`); ``dense_tasks``: the dense model too.
-        run_config: the command line's flags as resolved (recorded as ``config``); None
-            records this call's arguments under the flags' names.
+        calib_dataset: ``c4`` (default), ``wikitext2`` or a local .jsonl / .json.gz / .txt file.
+        sparsity_profile, owl_m, owl_lambda, layer_sparsity: per-layer unstructured ratios by
+            OWL (``"owl"``) or from a JSON file / list / dict (:mod:`nlprune.prune.layerwise`).
+        tasks, task_data_dir, limit, dense_tasks: zero-shot scores (:func:`evaluate_tasks`).
+        run_config: the resolved command-line flags to record as ``config`` (None: this call's).
         output: a run directory to write (results.json, the Orbax model, the packed masks),
             saved after every layer so that the same call resumes an interrupted run; None
             writes nothing.
@@ -388,7 +382,7 @@ def prune(
     from nlprune.prune.layerwise import build_profile, linear_sizes, profile_request
     from nlprune.prune.pipeline import prune_model
     from nlprune.provenance import git_state
-    from nlprune.runconfig import config_of_call
+    from nlprune.runconfig import check_prune_tasks, config_of_call
 
     # Validate everything cheap before loading anything heavy.
     for name, value, minimum in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--seed", seed, 0),
@@ -410,7 +404,7 @@ def prune(
         config_given["layer_sparsity"] = request.plan
     method = get_method(prune_method, **(options or {}))  # options resolved and validated once
     source = calibration_source(calib_dataset)
-    task_names, task_dir = _check_tasks(tasks, task_data_dir, data_dir, limit, dense_tasks)
+    task_names, task_dir = check_prune_tasks(tasks, task_data_dir, data_dir, limit, dense_tasks)
     run = RunDir(output) if output is not None else None
     # Claimed at once (a finished run, another writer or a foreign folder is refused before
     # anything loads); released on every exit, and a failure removes what the claim created.
@@ -513,18 +507,6 @@ def prune(
         if run is not None:
             run.finish(pruned, record, {"args": args, "model": model_desc})
         return pruned, record
-
-
-def _check_tasks(tasks, task_data_dir, data_dir, limit, dense_tasks) -> tuple[list[str] | None, Path | None]:
-    """The zero-shot task names and folder of a prune, every task file read (before any loading)."""
-    if tasks is None or (isinstance(tasks, str) and not tasks.strip()):
-        if limit is not None or task_data_dir is not None or dense_tasks:
-            raise ValueError("--limit, --task-data-dir and --dense-tasks apply only with --tasks.")
-        return None, None
-    from nlprune.eval.tasks.runner import check_task_request
-
-    folder = resolve_task_data_dir(task_data_dir, data_dir)
-    return check_task_request(tasks, folder, limit), folder
 
 
 def export_hf(run_dir: str | Path, output: str | Path, overwrite: bool = False, dtype: str | None = None) -> Path:

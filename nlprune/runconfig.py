@@ -1,4 +1,5 @@
-"""Recipe files for ``nlprune prune --config FILE``, and the configuration a run records.
+"""Recipe files for ``nlprune prune --config FILE``, the configuration a run records, and the
+checks of prune's task flags.
 
 A recipe is TOML, JSON or YAML (YAML when PyYAML is installed): one key per flag of
 ``nlprune prune``, named as the flag with dashes or underscores (``sparsity-ratio`` or
@@ -173,3 +174,17 @@ def config_of_call(arguments: dict[str, Any]) -> dict[str, Any]:
         config["tasks"] = ",".join(config["tasks"])
     config.update(arguments["options"] or {})
     return config
+
+
+def check_prune_tasks(tasks, task_data_dir, data_dir, limit, dense_tasks) -> tuple[list[str] | None, Path | None]:
+    """The zero-shot task names and folder of a prune, every task file read (before any
+    loading); None, None without ``tasks``."""
+    if tasks is None or (isinstance(tasks, str) and not tasks.strip()):
+        if limit is not None or task_data_dir is not None or dense_tasks:
+            raise ValueError("--limit, --task-data-dir and --dense-tasks apply only with --tasks.")
+        return None, None
+    from nlprune.eval.tasks import resolve_task_data_dir
+    from nlprune.eval.tasks.runner import check_task_request
+
+    folder = resolve_task_data_dir(task_data_dir, data_dir)
+    return check_task_request(tasks, folder, limit), folder

@@ -1,15 +1,14 @@
 """Calibration and evaluation text: loading (Hub or local folder) and token windows."""
 
+from .calibration import CalibrationSource, calibration_source
 from .sources import (
     C4,
     DATA_DIR_ENV,
     DATASETS,
     WIKITEXT2,
-    CalibrationSource,
     DataError,
     DatasetSpec,
     Texts,
-    calibration_source,
     get_spec,
     hub_reachable,
     load_texts,

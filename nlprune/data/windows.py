@@ -1,4 +1,4 @@
-"""Token windows for calibration (random C4-train windows) and evaluation (contiguous windows).
+"""Token windows for calibration (random windows of C4 train or any text) and evaluation (contiguous).
 
 Both follow the protocol of Wanda's and SparseGPT's ``get_c4`` so numbers are comparable
 with the literature:
@@ -29,7 +29,8 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from .sources import CalibrationSource, DataError, Texts, calibration_source, get_spec, load_calibration_texts, load_texts
+from .calibration import CalibrationSource, calibration_source, load_calibration_texts
+from .sources import DataError, Texts, get_spec, load_texts
 
 CACHE_DIR_ENV = "NLPRUNE_CACHE_DIR"
 _CACHE_FORMAT = 2  # bump when the cached arrays' meaning changes

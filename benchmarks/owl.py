@@ -83,6 +83,7 @@ def main() -> None:
         raise SystemExit(f"{out} holds rows of another protocol ({record['protocol']}); write elsewhere.")
     record["protocol"] = protocol
     rows = record.setdefault("rows", {})
+    code = git_state()  # the code this process loaded (rows record it, not the tree at their end)
     wanted = None if args.rows is None else set(args.rows.split(","))
     loaded = api.load(args.model)
 
@@ -92,7 +93,7 @@ def main() -> None:
         rows["dense"] = {"mean_acc": zs["mean_acc"], "mean_acc_stderr": zs["mean_acc_stderr"],
                          "tasks": {k: {m: v for m, v in e.items() if m in ("acc", "acc_stderr", "acc_norm", "examples", "subset")}
                                    for k, e in zs["tasks"].items()},
-                         "seconds": time.perf_counter() - start, "git": git_state()}
+                         "seconds": time.perf_counter() - start, "git": code}
         write_json(out, record)
     for method, ratio, profile in ROWS:
         key = row_key(method, ratio, profile)
@@ -105,7 +106,7 @@ def main() -> None:
             sparsity_profile=profile, tasks=DEFAULT_TASKS, limit=args.limit,
         )
         rows[key] = {"method": method, "ratio": ratio, "profile": profile, **summary(result),
-                     "git": git_state(), "load_average": list(os.getloadavg())}
+                     "git": code, "load_average": list(os.getloadavg())}
         record.pop("git", None), record.pop("load_average_end", None)  # refreshed by write_json
         write_json(out, record)
         r = rows[key]

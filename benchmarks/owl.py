@@ -59,6 +59,32 @@ def summary(record: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def table(record: dict[str, Any]) -> str:
+    """The record as a markdown table (what BENCHMARKS.md shows)."""
+    rows, limit = record["rows"], record["protocol"]["limit"]
+    lines = [
+        f"| method | target | profile | C4 perplexity | mean acc, 8 tasks (first {limit} each: a subset) | "
+        "sparsity measured | layers min-max | prune s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    if "dense" in rows:
+        d = rows["dense"]
+        dense_ppl = next((r["dense_perplexity"] for k, r in rows.items() if k != "dense"), None)
+        ppl = f"{dense_ppl:.2f}" if dense_ppl is not None else "-"
+        lines.append(f"| dense | - | - | {ppl} | {d['mean_acc']:.4f} ± {d['mean_acc_stderr']:.4f} | 0 | - | - |")
+    for method, ratio, profile in ROWS:
+        r = rows.get(row_key(method, ratio, profile))
+        if r is None:
+            lines.append(f"| {method} | {ratio:.0%} | {profile} | (not run) | | | | |")
+            continue
+        layers = f"{min(r['per_layer']):.4f}-{max(r['per_layer']):.4f}"
+        lines.append(
+            f"| {method} | {ratio:.0%} | {profile} | {r['perplexity']:.2f} | {r['mean_acc']:.4f} ± {r['mean_acc_stderr']:.4f} "
+            f"| {r['sparsity']:.6f} | {layers} | {r['prune_seconds']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="smollm2-135m")
@@ -69,7 +95,11 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-nsamples", type=int, default=128)
     parser.add_argument("--rows", default=None, help="comma-separated row keys to run (default: all), e.g. wanda-70-owl")
+    parser.add_argument("--table", action="store_true", help="print the record's table and run nothing")
     args = parser.parse_args()
+    if args.table:
+        print(table(json.loads(Path(args.output).read_text())))
+        return
 
     from nlprune import api
     from nlprune.eval.tasks import DEFAULT_TASKS

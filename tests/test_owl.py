@@ -238,3 +238,66 @@ def test_profile_object_checks():
     assert SparsityProfile.uniform(target, 2).pattern(1, "down_proj") is target
     with pytest.raises(PatternError, match="stays uniform"):
         SparsityProfile(SparsityPattern(0.5, 2, 4), 2, (0.5, 0.5))
+
+
+@pytest.mark.slow
+def test_an_interrupted_owl_run_resumes_to_the_same_masks(tiny_model_dir, shared_data_dir, tmp_path):
+    from nlprune.checkpoint import load_packed_masks
+    from nlprune.runs import RunDir
+
+    flags = ["--prune-method", "sparsegpt", "--sparsity-ratio", "0.6", "--sparsity-profile", "owl"]
+    whole = tmp_path / "whole"
+    assert prune_cli(tiny_model_dir, shared_data_dir, whole, *flags) == 0
+    original = RunDir.save_layer
+
+    def save_then_stop(self, index, *args, **kwargs):
+        original(self, index, *args, **kwargs)
+        if index == 2:
+            raise KeyboardInterrupt
+
+    parts = tmp_path / "parts"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(RunDir, "save_layer", save_then_stop)
+        assert prune_cli(tiny_model_dir, shared_data_dir, parts, *flags) == 130
+    assert prune_cli(tiny_model_dir, shared_data_dir, parts, *flags) == 0
+    rec = json.loads((parts / "results.json").read_text())
+    assert rec["resumed_from_layer"] == 3
+    a, b = load_packed_masks(whole / "masks.safetensors"), load_packed_masks(parts / "masks.safetensors")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    # another plan (here another lambda) is not resumed from this one's state
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(RunDir, "save_layer", save_then_stop)
+        assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "other", *flags) == 130
+    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "other", *flags, "--owl-lambda", "0.05") == 2
+
+
+@pytest.mark.slow
+def test_owl_on_a_four_device_mesh_plans_and_prunes_as_one_device(tiny_model_dir, shared_data_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from nlprune.checkpoint import load_packed_masks
+
+    flags = ["--prune-method", "wanda", "--sparsity-ratio", "0.7", "--sparsity-profile", "owl"]
+    one = tmp_path / "one"
+    assert prune_cli(tiny_model_dir, shared_data_dir, one, *flags) == 0
+    env = dict(os.environ, JAX_PLATFORMS="cpu", NLPRUNE_COMPILATION_CACHE="0")
+    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    four = tmp_path / "four"
+    proc = subprocess.run(
+        [sys.executable, "-m", "nlprune.cli", "prune", "--model", str(tiny_model_dir), "--nsamples", "4", "--seqlen", "64",
+         "--data-dir", str(shared_data_dir), "--output", str(four), "--mesh", "data=2,model=2", *flags],
+        env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    a, b = json.loads((one / "results.json").read_text()), json.loads((four / "results.json").read_text())
+    assert b["mesh"]["devices"] == 4
+    size = 36864  # weights per layer of the tiny model
+    np.testing.assert_allclose(a["sparsity"]["planned"]["owl"]["outlier_ratios"],
+                               b["sparsity"]["planned"]["owl"]["outlier_ratios"], atol=1.5 / size)
+    assert a["sparsity"]["planned"]["owl"]["ratios"] == b["sparsity"]["planned"]["owl"]["ratios"]
+    ma, mb = load_packed_masks(one / "masks.safetensors"), load_packed_masks(four / "masks.safetensors")
+    for k in ma:
+        np.testing.assert_array_equal(ma[k], mb[k], err_msg=k)

@@ -6,7 +6,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -66,16 +65,9 @@ def machine_line() -> str:
 
 def git_state() -> dict[str, Any]:
     """The commit the benchmark ran on and whether the tree had uncommitted changes."""
-    root = Path(__file__).resolve().parents[1]
+    from nlprune.provenance import git_state as state
 
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(status)}
+    return state(Path(__file__).resolve().parents[1])
 
 
 def write_json(path: str | Path | None, record: dict[str, Any]) -> None:

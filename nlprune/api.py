@@ -27,6 +27,7 @@ from nlprune.data import EVALUATION_SETS, evaluation_windows
 from nlprune.eval.perplexity import perplexity
 from nlprune.eval.tasks import DEFAULT_TASKS, resolve_task_data_dir
 from nlprune.modeling.llama import LlamaForCausalLM
+from nlprune.plan import config_of
 from nlprune.runs import MODEL, RunDir, RunDirError, note, open_finished, write_json
 
 
@@ -322,6 +323,16 @@ def prune(
     progress: bool = True,
     mesh: str | jax.sharding.Mesh | None = None,
     use_cache: bool = True,
+    calib_dataset: str | Path | None = None,
+    sparsity_profile: str = "uniform",
+    owl_m: float | None = None,
+    owl_lambda: float | None = None,
+    layer_sparsity: str | Path | list | dict | None = None,
+    tasks: str | Sequence[str] | None = None,
+    task_data_dir: str | Path | None = None,
+    limit: int | None = None,
+    dense_tasks: bool = False,
+    run_config: dict[str, Any] | None = None,
 ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Prune a model layer by layer; returns the pruned model and the results record.
 
@@ -339,8 +350,13 @@ def prune(
         sparsity_type: ``unstructured`` or ``N:M`` (keep N of every M consecutive weights of
             a row, e.g. ``2:4``).
         nsamples, seqlen, seed: the calibration windows: ``nsamples`` windows of ``seqlen``
-            tokens drawn (seeded) from C4 train documents longer than ``seqlen``.
+            tokens drawn (seeded) from documents longer than ``seqlen`` (C4 train by default).
         data_dir: a local folder with the C4 shards (else ``$NLPRUNE_DATA_DIR``, else the hub).
+        calib_dataset: ``c4`` (default), ``wikitext2`` or a local .jsonl / .json.gz / .txt file.
+        sparsity_profile, owl_m, owl_lambda, layer_sparsity: per-layer unstructured ratios by
+            OWL (``"owl"``) or from a JSON file / list / dict (:mod:`nlprune.prune.layerwise`).
+        tasks, task_data_dir, limit, dense_tasks: zero-shot scores (:func:`evaluate_tasks`).
+        run_config: the resolved command-line flags to record as ``config`` (None: this call's).
         output: a run directory to write (results.json, the Orbax model, the packed masks),
             saved after every layer so that the same call resumes an interrupted run; None
             writes nothing.
@@ -367,11 +383,13 @@ def prune(
             'data'); None = one device. A run may be resumed on another mesh.
     """
     from nlprune import parallel
-    from nlprune.data import calibration_windows
+    from nlprune.data import calibration_source, calibration_windows
     from nlprune.eval.attention_error import attention_error
     from nlprune.methods import get_method
+    from nlprune.prune.layerwise import build_profile, linear_sizes, profile_request
     from nlprune.prune.pipeline import prune_model
-    from nlprune.sparsity import parse_pattern
+    from nlprune.provenance import git_state
+    from nlprune.runconfig import check_prune_tasks, config_of_call
 
     # Validate everything cheap before loading anything heavy.
     for name, value, minimum in (("--nsamples", nsamples, 1), ("--seqlen", seqlen, 2), ("--seed", seed, 0),
@@ -391,11 +409,20 @@ def prune(
     if do_eval:
         check_count("--eval-nsamples", eval_nsamples, 1)
         check_count("--eval-seqlen", eval_seqlen, 2)
+    config_given = dict(run_config) if run_config is not None else config_of_call(locals())
     if isinstance(mesh, str):
         mesh = parallel.parse_mesh(mesh)
     mesh = parallel.effective(mesh)
-    pattern = parse_pattern(sparsity_type, sparsity_ratio)
+    uniform = (sparsity_profile or "uniform") == "uniform" and layer_sparsity is None
+    model_config = None if uniform else (model.model.config if isinstance(model, Loaded) else config_of(model)[0])
+    request = profile_request(model_config, sparsity_type, sparsity_ratio, sparsity_profile, owl_m, owl_lambda,
+                              layer_sparsity)
+    pattern = request.target
+    if request.plan is not None:  # the plan itself, not the file's name: the run reruns from its config alone
+        config_given["layer_sparsity"] = request.plan
     method = get_method(prune_method, **(options or {}))  # options resolved and validated once
+    source = calibration_source(calib_dataset)
+    task_names, task_dir = check_prune_tasks(tasks, task_data_dir, data_dir, limit, dense_tasks)
     run = RunDir(output) if output is not None else None
     # Claimed at once (a finished run, another writer or a foreign folder is refused before
     # anything loads); released on every exit, and a failure removes what the claim created.
@@ -408,7 +435,8 @@ def prune(
             pattern.check_width(width, f"{loaded.source.name} (a linear layer)")
 
         calibration, calib_prov = calibration_windows(
-            loaded.tokenizer, nsamples, seqlen, seed, data_dir=data_dir, max_seqlen=config.max_position_embeddings
+            loaded.tokenizer, nsamples, seqlen, seed, data_dir=data_dir, dataset=source,
+            max_seqlen=config.max_position_embeddings, progress=progress,
         )
         # The evaluation data too, before the first layer: a missing shard or too short a text
         # is found now, not after the whole prune.
@@ -422,6 +450,7 @@ def prune(
                 n = eval_counts[name] or (eval_nsamples if name in ("c4", "wikitext2") else heldout_nsamples)
                 check_count(f"--eval-datasets {name}:WINDOWS", n, 1)
                 eval_sets[name] = evaluation_windows(loaded.tokenizer, name, n, eval_seqlen, **eval_kwargs)
+        profile, owl_record = build_profile(request, loaded.model, calibration, batch_size, progress, mesh)
         args = {
             "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
             "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
@@ -437,6 +466,9 @@ def prune(
             "calibration_sha256": [f["sha256"] for f in calib_prov["files"]],
             "calibration_windows_sha256": hashlib.sha256(np.ascontiguousarray(calibration, np.int32).tobytes()).hexdigest(),
         }
+        if not profile.is_uniform:  # (a uniform run's fingerprint is as it always was: its state resumes)
+            fingerprint["layer_ratios"] = profile.layer_ratios and list(profile.layer_ratios)
+            fingerprint["linear_ratios"] = dict(profile.linear_ratios)
 
         start_layer, hidden, base, earlier = 0, None, loaded.model, []
         if run is not None:
@@ -452,15 +484,21 @@ def prune(
             last[0] = time.perf_counter()
 
         pruned, report = prune_model(
-            base, calibration, method, pattern, batch_size=batch_size, progress=progress,
+            base, calibration, method, profile, batch_size=batch_size, progress=progress,
             start_layer=start_layer, hidden=hidden, on_layer_done=checkpoint_layer if run else None,
             true_sequential=true_sequential, mesh=mesh,
         )
+        planned = {**request.describe(), **profile.planned(linear_sizes(config))}
+        if owl_record is not None:
+            planned["owl"] = owl_record
         record: dict[str, Any] = {
             "args": args,
+            "config": config_given,
+            "code": git_state(),
             "model": model_desc,
             "calibration": {k: calib_prov.get(k) for k in ("dataset", "split", "files", "seed", "nsamples", "seqlen", "doc_indices", "starts")},
-            "sparsity": {"overall": report.overall_sparsity, "per_linear": report.sparsity},
+            "sparsity": {"overall": report.overall_sparsity, "per_layer": report.layer_sparsity,
+                         "per_linear": report.sparsity, "planned": planned},
             "prune_seconds": sum(earlier) + report.prune_seconds,  # every segment of a resumed run
             "checkpoint_seconds": report.checkpoint_seconds,
             "layer_seconds": earlier + list(report.layer_seconds),
@@ -493,23 +531,20 @@ def prune(
                     eval={"dataset": "c4", "nsamples": c4["nsamples"], "seqlen": eval_seqlen, "tokens": c4["tokens"],
                           "files": c4["files"], "seconds": c4["seconds"]},
                 )
+        if task_names:
+            task_kwargs = dict(tasks=task_names, task_data_dir=task_dir, limit=limit, progress=progress)
+            record["zero_shot"] = evaluate_tasks(loaded, weights=pruned, **task_kwargs)
+            if dense_tasks:
+                record["dense_zero_shot"] = evaluate_tasks(loaded, **task_kwargs)
         if run is not None:
             run.finish(pruned, record, {"args": args, "model": model_desc})
         return pruned, record
 
 
-def export_hf(run_dir: str | Path, output: str | Path, overwrite: bool = False) -> Path:
-    """Write a run's pruned model as a Hugging Face folder (config, safetensors, tokenizer,
-    generation config when the source had one) that ``transformers`` loads as is."""
-    from nlprune.convert.export import check_target
-    from nlprune.convert.export import export_hf as write_folder
+def export_hf(run_dir: str | Path, output: str | Path, overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Write a run's pruned model as a Hugging Face folder that ``transformers`` loads as is
+    (:func:`nlprune.convert.export.export_run`): ``dtype`` float32, bfloat16 or float16,
+    default the source checkpoint's (GGUF: float32); config.json records the sparsity."""
+    from nlprune.convert.export import export_run
 
-    check_target(Path(output), overwrite)  # before loading anything
-    model, record = load_run(run_dir)
-    desc = record["model"]
-    source = cards.resolve_model(desc.get("card") or desc["path"])
-    generation = None
-    gen_path = Path(source.weights_path) / "generation_config.json"
-    if source.kind == "hf" and gen_path.is_file():
-        generation = json.loads(gen_path.read_text())
-    return write_folder(model, output, overwrite=overwrite, tokenizer=cards.load_tokenizer(source), generation_config=generation)
+    return export_run(run_dir, output, overwrite=overwrite, dtype=dtype)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from nlprune import cards
 from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
+from nlprune.cli_prune import add_prune_extras, print_prune_extras, prune_extras
+from nlprune.runconfig import apply_config, config_argument
 
 # Errors that are the user's input, reported as one line without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -243,6 +245,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         true_sequential=args.true_sequential,
         mesh=parallel.parse_mesh(args.mesh),
         use_cache=not args.no_cache,
+        **prune_extras(args),
     )
     a = record["args"]
     print(
@@ -259,6 +262,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
             f"  {name} perplexity ({p['nsamples']} x {p['seqlen']}): "
             f"dense {p['dense']:.3f} {_cache_note(p['dense_cache'])} -> pruned {p['pruned']:.3f}"
         )
+    print_prune_extras(record)
     print(f"  wrote {args.output}/results.json")
     return 0
 
@@ -269,7 +273,7 @@ def _cache_note(cache: dict) -> str:
     return f"(cached, computed {str(cache.get('computed')).replace('T', ' ')[:16]})"
 
 
-def add_prune_parser(sub) -> None:
+def add_prune_parser(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "prune",
         help="prune a model layer by layer and write a run directory",
@@ -286,6 +290,7 @@ def add_prune_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     add_data_args(p)
     p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
+    add_prune_extras(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --output once the new one has finished (only an "
                    "nlprune run is ever replaced)")
@@ -311,6 +316,7 @@ def add_prune_parser(sub) -> None:
         "fits each sublayer towards its dense output on those dense inputs)",
     )
     p.set_defaults(func=cmd_prune)
+    return p
 
 
 # --------------------------------------------------------------------------- plan
@@ -375,7 +381,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``prune_config``: a recipe file whose values become prune's defaults."""
     parser = _Parser(
         prog="nlprune",
         description="Prune LLM weights in JAX and measure what it cost.",
@@ -424,7 +431,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add(p, "--no-cache", action="store_true", help="tokenize the evaluation text again instead of reading the cache")
     p.set_defaults(func=cmd_eval)
 
-    add_prune_parser(sub)
+    prune_parser = add_prune_parser(sub)
+    if prune_config is not None:
+        apply_config(prune_parser, prune_config)
     add_plan_parser(sub)
 
     from nlprune.experiments.synthetic_report import add_parser as add_synthetic_parser
@@ -435,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run", required=True, help="run directory written by `nlprune prune`")
     p.add_argument("--output", required=True, help="folder to write (HF_DIR)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model folder")
+    p.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"),
+                   help="dtype of the exported weights (default: the source checkpoint's; GGUF: float32)")
     p.set_defaults(func=cmd_export_hf)
     return parser
 
@@ -442,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from nlprune.api import export_hf
 
-    out = export_hf(args.run, args.output, overwrite=args.overwrite)
+    out = export_hf(args.run, args.output, overwrite=args.overwrite, dtype=args.dtype)
     print(f"wrote {out} (transformers: AutoModelForCausalLM.from_pretrained({str(out)!r}))")
     return 0
 
@@ -463,7 +474,12 @@ def _one_line(text: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        parser = build_parser(config_argument(argv))
+    except USER_ERRORS as e:  # a recipe file that cannot be used
+        print(f"nlprune prune: error: {_one_line(e)}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

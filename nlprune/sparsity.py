@@ -20,7 +20,9 @@ Conventions (shared by every method):
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
+from pathlib import Path
 
 import chex
 import jax
@@ -265,4 +267,141 @@ def assert_mask(
             f"{want[bad[:5]].tolist()} pruned, got {pruned[bad[:5]].tolist()} in groups "
             f"{bad[:5].tolist()}"
         ),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Profiles: a pattern per (layer, linear)
+# --------------------------------------------------------------------------------------------
+
+# The prunable linears of a decoder layer and the submodule each sits in (Hugging Face names).
+LINEAR_SUBMODULES = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+PROFILE_CHOICES = ("uniform", "owl")
+
+
+def linear_name(layer: int, linear: str) -> str:
+    """The Hugging Face name of a linear, e.g. ``model.layers.3.self_attn.q_proj``."""
+    return f"model.layers.{layer}.{LINEAR_SUBMODULES[linear]}.{linear}"
+
+
+def check_ratio(value: object, what: str) -> float:
+    """A sparsity ratio: a real number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise PatternError(f"{what} must be a number in [0, 1), got {value!r}.")
+    value = float(value)
+    if not (0.0 <= value < 1.0):
+        raise PatternError(f"{what} is {value:g}, outside [0, 1): a ratio is the fraction of weights removed.")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityProfile:
+    """The sparsity pattern of every prunable linear of a model: (layer, linear) -> pattern.
+
+    ``target`` is the run's pattern, kept wherever nothing else is planned. ``layer_ratios``
+    (one unstructured ratio per decoder layer: OWL's plan, or a --layer-sparsity list) and
+    ``linear_ratios`` (ratios by Hugging Face linear name, which win over the layer's) make the
+    profile non-uniform; both are unstructured only (an N:M target stays uniform). ``source``
+    says where the plan came from: ``uniform``, ``owl`` or ``file``.
+    """
+
+    target: SparsityPattern
+    num_layers: int
+    layer_ratios: tuple[float, ...] | None = None
+    linear_ratios: tuple[tuple[str, float], ...] = ()
+    source: str = "uniform"
+
+    def __post_init__(self):
+        if not self.is_uniform and self.target.is_nm:
+            raise PatternError(
+                f"per-layer and per-linear sparsity (--sparsity-profile owl, --layer-sparsity) is unstructured "
+                f"only: {self.target.name} stays uniform; use --sparsity-type unstructured or drop the profile."
+            )
+        if self.layer_ratios is not None:
+            if len(self.layer_ratios) != self.num_layers:
+                raise PatternError(
+                    f"the layer sparsity plan has {len(self.layer_ratios)} ratios but the model has "
+                    f"{self.num_layers} layers; give one ratio per layer."
+                )
+            for i, r in enumerate(self.layer_ratios):
+                check_ratio(r, f"the sparsity ratio of layer {i}")
+        valid = {linear_name(i, n) for i in range(self.num_layers) for n in LINEAR_SUBMODULES}
+        for name, r in self.linear_ratios:
+            if name not in valid:
+                raise PatternError(
+                    f"unknown linear {name!r} in the layer sparsity plan; names are Hugging Face's, e.g. "
+                    f"{linear_name(0, 'q_proj')!r}, for layers 0..{self.num_layers - 1} and linears "
+                    f"{', '.join(LINEAR_SUBMODULES)}."
+                )
+            check_ratio(r, f"the sparsity ratio of {name}")
+
+    @classmethod
+    def uniform(cls, target: SparsityPattern, num_layers: int) -> SparsityProfile:
+        return cls(target, num_layers)
+
+    @property
+    def is_uniform(self) -> bool:
+        return self.layer_ratios is None and not self.linear_ratios
+
+    def ratio(self, layer: int, linear: str) -> float:
+        """The fraction of ``linear`` (short name, e.g. ``q_proj``) of ``layer`` to prune."""
+        by_name = dict(self.linear_ratios)
+        name = linear_name(layer, linear)
+        if name in by_name:
+            return by_name[name]
+        return self.target.ratio if self.layer_ratios is None else self.layer_ratios[layer]
+
+    def pattern(self, layer: int, linear: str) -> SparsityPattern:
+        if self.is_uniform:
+            return self.target
+        ratio = self.ratio(layer, linear)
+        return self.target if ratio == self.target.ratio else SparsityPattern(ratio)
+
+    def layer_patterns(self, layer: int) -> dict[str, SparsityPattern]:
+        """Every prunable linear of ``layer`` (short names) -> its pattern."""
+        return {n: self.pattern(layer, n) for n in LINEAR_SUBMODULES}
+
+    def planned(self, sizes: dict[str, int]) -> dict[str, object]:
+        """The planned ratios, weighted by ``sizes`` (weights per linear, Hugging Face names):
+        per layer, overall, and per linear where the plan names linears."""
+        per_layer, total, removed = [], 0, 0.0
+        for i in range(self.num_layers):
+            n = [sizes[linear_name(i, lin)] for lin in LINEAR_SUBMODULES]
+            r = [self.ratio(i, lin) for lin in LINEAR_SUBMODULES]
+            per_layer.append(float(np.dot(n, r) / sum(n)))
+            total, removed = total + sum(n), removed + float(np.dot(n, r))
+        out: dict[str, object] = {"profile": self.source, "target": self.target.ratio,
+                                  "per_layer": per_layer, "overall": removed / total}
+        if self.linear_ratios:
+            out["per_linear"] = dict(self.linear_ratios)
+        return out
+
+
+def read_layer_sparsity(path: str | Path) -> tuple[list[float] | None, dict[str, float] | None]:
+    """A --layer-sparsity file: a JSON list (one ratio per decoder layer) or a JSON object
+    (Hugging Face linear name -> ratio; a ``.weight`` suffix is allowed). Every ratio must be
+    in [0, 1); the counts and names are checked against the model by :class:`SparsityProfile`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--layer-sparsity file {path} does not exist.")
+    try:
+        value = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as e:
+        raise PatternError(f"--layer-sparsity file {path} is not JSON ({e}); give a list of ratios or an object.") from None
+    if isinstance(value, list):
+        if not value:
+            raise PatternError(f"--layer-sparsity file {path} holds an empty list; give one ratio per layer.")
+        return [check_ratio(r, f"{path}: the ratio of layer {i}") for i, r in enumerate(value)], None
+    if isinstance(value, dict) and value:
+        out = {}
+        for name, r in value.items():
+            key = name[: -len(".weight")] if name.endswith(".weight") else name
+            out[key] = check_ratio(r, f"{path}: the ratio of {name}")
+        return None, out
+    raise PatternError(
+        f"--layer-sparsity file {path} must hold a list of ratios (one per layer) or an object of "
+        f"linear name -> ratio, not {type(value).__name__} {str(value)[:40]!r}."
     )

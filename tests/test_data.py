@@ -428,3 +428,71 @@ def test_bad_arguments(tmp_path, kwargs, pattern):
 def test_unknown_dataset(tmp_path):
     with pytest.raises(DataError, match="unknown dataset 'ptb'"):
         eval_windows(object(), "ptb", 1, 8, tmp_path)
+
+
+# --------------------------------------------------------------------------------------
+# Calibration from a file of one's own (--calib-dataset PATH)
+
+
+def _docs_mixed(tokenizer: Any) -> list[str]:
+    """Documents of which some are shorter than 32 tokens and some longer."""
+    long = " ".join(f"word{i} is followed by number {i * 7} here." for i in range(40))
+    return ["A short one.", long, "Tiny.", long.upper(), "Another short document of a few words.", long[::-1]]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "jsonl.gz", "json.gz", "txt"])
+def test_calibration_file_follows_the_same_protocol(tokenizer, tmp_path, kind):
+    """A file's documents give the windows C4 shards holding the same documents give (same
+    seeded draws), and the record names the file and its sha256."""
+    docs = _docs_mixed(tokenizer) if kind != "txt" else [_docs_mixed(tokenizer)[1] * 3]
+    _write_shard(tmp_path / "c4" / "c4-train.00000-of-00001.json.gz", docs)
+    path = tmp_path / f"calib.{kind}"
+    if kind == "txt":
+        path.write_text(docs[0], encoding="utf-8")
+    else:
+        lines = "".join(json.dumps({"text": d, "source": "test"}) + "\n" + ("\n" if i == 1 else "") for i, d in enumerate(docs))
+        if kind.endswith(".gz"):
+            with gzip.open(path, "wt", encoding="utf-8") as f:
+                f.write(lines)
+        else:
+            path.write_text(lines, encoding="utf-8")
+    ours, prov = calibration_windows(tokenizer, 6, 32, 5, dataset=str(path))
+    c4, c4_prov = calibration_windows(tokenizer, 6, 32, 5, tmp_path / "c4")
+    np.testing.assert_array_equal(ours, c4)
+    assert prov["doc_indices"] == c4_prov["doc_indices"] and prov["starts"] == c4_prov["starts"]
+    import hashlib
+
+    assert prov["dataset"] == "file" and prov["files"] == [
+        {"path": str(path.resolve()), "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    ]
+
+
+def test_calibration_file_with_too_little_text_says_how_much(tokenizer, tmp_path):
+    path = tmp_path / "calib.jsonl"
+    long = _docs_mixed(tokenizer)[1]
+    n_long = len(tokenizer(long).input_ids)
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["Short.", long]))
+    with pytest.raises(DataError, match=rf"holds 2 document\(s\), {n_long + 3} tokens; 1 of them are longer than seqlen=32 "
+                                        rf"tokens, {n_long} tokens in all: fewer than --nsamples x --seqlen = 100 x 32"):
+        calibration_windows(tokenizer, 100, 32, 0, dataset=path)
+    windows, _ = calibration_windows(tokenizer, n_long // 32, 32, 0, dataset=path)  # enough: fine
+    assert windows.shape == (n_long // 32, 32)
+
+
+@pytest.mark.parametrize(
+    "name, content, error, pattern",
+    [
+        ("calib.csv", "text\nhello", DataError, "neither a dataset .* nor a file ending in .jsonl"),
+        ("absent.jsonl", None, FileNotFoundError, "does not exist"),
+        ("calib.jsonl", '{"text": "ok"}\n{"body": "no text"}\n', DataError, "line 2 has no string 'text' field"),
+        ("calib.jsonl", '{"text": "ok"}\nnot json\n', DataError, "line 2 is not JSON"),
+        ("calib.json.gz", "plain bytes, not gzip", DataError, "cannot read"),
+        ("calib.txt", "   \n", DataError, "holds no text"),
+    ],
+)
+def test_bad_calibration_files_are_named(tmp_path, name, content, error, pattern):
+    path = tmp_path / name
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(error, match=pattern):
+        calibration_windows(object(), 2, 8, 0, dataset=str(path))

@@ -181,3 +181,96 @@ def test_truncated_safetensors_raises_weights_error(tmp_path):
     weights.write_bytes(data[: len(data) // 2])
     with pytest.raises(WeightsError, match=r"model\.safetensors.*truncated or corrupt.*re-export"):
         load_hf_folder(out)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def test_bfloat16_export_loads_in_transformers_and_is_half_the_size(tmp_path):
+    """At bfloat16, transformers loads the folder in bfloat16 and its logits agree with
+    nlprune's forward of the same bfloat16-cast weights; the folder is half the float32 one."""
+    import ml_dtypes
+    from safetensors import safe_open
+
+    model = pruned_model(seed=3)
+    full = export_hf(model, tmp_path / "f32")
+    sparsity = {"method": "wanda", "pattern": "unstructured", "ratio": 0.5}
+    half = export_hf(model, tmp_path / "bf16", dtype="bfloat16", sparsity=sparsity)
+    assert 0.45 < folder_bytes(half) / folder_bytes(full) < 0.55
+
+    cfg = json.loads((half / "config.json").read_text())
+    assert cfg["torch_dtype"] == "bfloat16" and cfg["nlprune_sparsity"] == sparsity
+    with safe_open(str(half / "model.safetensors"), framework="numpy") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {np.dtype(ml_dtypes.bfloat16)}
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(half, dtype="auto").eval()
+    assert {p.dtype for p in hf.parameters()} == {torch.bfloat16}
+    assert hf.config.nlprune_sparsity == sparsity  # kept as an attribute, otherwise unused
+
+    # nlprune's model with every float leaf cast to bfloat16 (masks are 0/1: exact)
+    def cast(x):
+        return x.astype(jnp.bfloat16) if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    ours_bf16 = jax.tree.map(cast, model)
+    ids = np.random.default_rng(4).integers(0, 97, size=(2, 24))
+    with torch.no_grad():
+        theirs = hf(torch.tensor(ids)).logits.float().numpy()
+        reference = transformers.AutoModelForCausalLM.from_pretrained(full, dtype=torch.float32).eval()(
+            torch.tensor(ids)).logits.numpy()
+    ours = np.asarray(jax.vmap(ours_bf16)(jnp.asarray(ids)).astype(jnp.float32))
+    scale = np.abs(reference).max()
+    bf16_gap = np.abs(ours - theirs).max() / scale
+    assert bf16_gap < 2e-2, bf16_gap  # a few bfloat16 roundings (8 bits of mantissa) deep
+    assert np.abs(ours - reference).max() / scale < 5e-2  # both near the float32 logits
+
+    # pruned weights stay exact zeros, and nlprune reads back exactly the rounded weights
+    back = to_state_dict(load_hf_folder(half))
+    for k, v in to_state_dict(model).items():
+        np.testing.assert_array_equal(back[k], v.astype(ml_dtypes.bfloat16).astype(np.float32), err_msg=k)
+        assert np.count_nonzero(back[k] == 0) >= np.count_nonzero(v == 0)
+
+
+def test_float16_export_refuses_values_beyond_its_range(tmp_path):
+    model = pruned_model()
+    big = eqx.tree_at(lambda m: m.model.norm.weight, model, model.model.norm.weight.at[0].set(1e6))
+    from nlprune.convert.export import ExportError
+
+    with pytest.raises(ExportError, match="model.norm.weight has values beyond float16's range"):
+        export_hf(big, tmp_path / "f16", dtype="float16")
+    assert not (tmp_path / "f16").exists()
+    export_hf(model, tmp_path / "ok", dtype="float16")
+    with pytest.raises(ExportError, match="unknown export dtype 'int8'"):
+        export_hf(model, tmp_path / "int8", dtype="int8")
+
+
+@pytest.mark.slow
+def test_export_hf_of_a_run_defaults_to_the_source_dtype(tiny_model_dir, shared_data_dir, tmp_path):
+    """A run pruned from a bfloat16 checkpoint exports as bfloat16 unless --dtype says otherwise;
+    config.json records the run's sparsity."""
+    from safetensors import safe_open
+
+    from nlprune import api
+    from nlprune.cli import main as cli_main
+
+    loaded = api.load(str(tiny_model_dir))
+    source = export_hf(loaded.model, tmp_path / "bf16-source", tokenizer=loaded.tokenizer, dtype="bfloat16")
+    run = tmp_path / "run"
+    assert cli_main(["prune", "--model", str(source), "--prune-method", "wanda", "--sparsity-ratio", "0.5",
+                     "--nsamples", "2", "--seqlen", "32", "--data-dir", str(shared_data_dir), "--output", str(run)]) == 0
+    for flag, want in (([], "bfloat16"), (["--dtype", "float32"], "float32")):
+        out = tmp_path / f"export-{want}"
+        assert cli_main(["export-hf", "--run", str(run), "--output", str(out), *flag]) == 0
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["torch_dtype"] == want
+        assert cfg["nlprune_sparsity"]["method"] == "wanda" and cfg["nlprune_sparsity"]["ratio"] == 0.5
+        assert cfg["nlprune_sparsity"]["measured"] == pytest.approx(0.5)
+        with safe_open(str(out / "model.safetensors"), framework="numpy") as f:
+            assert {str(f.get_tensor(k).dtype) for k in f.keys()} == {want}
+    # and from a float32 checkpoint (the tiny model's config says float32): float32
+    out = tmp_path / "from-f32"
+    run32 = tmp_path / "run32"
+    assert cli_main(["prune", "--model", str(tiny_model_dir), "--prune-method", "magnitude", "--sparsity-ratio", "0.5",
+                     "--nsamples", "2", "--seqlen", "32", "--data-dir", str(shared_data_dir), "--output", str(run32)]) == 0
+    assert cli_main(["export-hf", "--run", str(run32), "--output", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"

@@ -1,7 +1,10 @@
 """Export a (pruned) model as a Hugging Face folder that ``transformers`` loads as is.
 
 Masks are folded into the weights, so pruned weights are exact zeros in ``model.safetensors``
-(float32, one file). The folder is built in a temporary sibling and swapped in only when
+(one file; float32, bfloat16 or float16, ``dtype``; config.json's ``torch_dtype`` says which).
+The zeros are stored like any other weight: the folder is as large as a dense one of its dtype
+(the sparsity is simulated; see the README). ``sparsity`` is recorded in config.json under
+``nlprune_sparsity``, a key transformers keeps as an attribute and otherwise ignores. The folder is built in a temporary sibling and swapped in only when
 complete (see :func:`nlprune.atomic.write_atomically`): a failed export leaves nothing
 half-written and never destroys an existing folder first.
 
@@ -18,6 +21,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from nlprune.atomic import creatable_problem, file_mode, os_error_in, write_atomically
 from nlprune.convert.hf import to_state_dict
 from nlprune.modeling.llama import LlamaForCausalLM
@@ -25,6 +30,19 @@ from nlprune.modeling.llama import LlamaForCausalLM
 WEIGHTS_FILE = "model.safetensors"
 MARKER = ".nlprune-export.json"
 MARKER_FORMAT = "nlprune-export"
+EXPORT_DTYPES = ("float32", "bfloat16", "float16")
+SPARSITY_KEY = "nlprune_sparsity"
+
+
+def numpy_dtype(name: str) -> np.dtype:
+    """The numpy dtype of an export dtype name (bfloat16 through ml_dtypes)."""
+    if name not in EXPORT_DTYPES:
+        raise ExportError(f"unknown export dtype {name!r}; choose one of {', '.join(EXPORT_DTYPES)}.")
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 class ExportError(ValueError):
@@ -85,20 +103,32 @@ def export_hf(
     overwrite: bool = False,
     tokenizer: Any = None,
     generation_config: dict[str, Any] | None = None,
+    dtype: str = "float32",
+    sparsity: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``config.json``, ``model.safetensors`` and, when given, ``generation_config.json``
     and the tokenizer's files to ``out_dir``; returns its absolute path.
 
     With tied embeddings the file has no ``lm_head.weight`` and the config says
-    ``tie_word_embeddings: true``, so transformers ties them on load.
+    ``tie_word_embeddings: true``, so transformers ties them on load. ``dtype``: the weights'
+    dtype in the file (float32, bfloat16, float16; rounded to nearest); ``sparsity``: what
+    config.json records under ``nlprune_sparsity`` (ratio, pattern, method, ...).
     """
     from safetensors.numpy import save_file
 
     out_dir = Path(out_dir).absolute()
     check_target(out_dir, overwrite)
     # Everything that can fail on the model or the arguments fails before the disk is touched.
-    state = to_state_dict(model)
-    config_text = json.dumps(model.config.to_hf_dict(), indent=2) + "\n"
+    target = numpy_dtype(dtype)
+    with np.errstate(over="ignore"):  # an overflow is refused by name just below
+        state = {k: v.astype(target) for k, v in to_state_dict(model).items()}
+    overflow = [k for k, v in state.items() if not np.isfinite(v.astype(np.float32)).all()]
+    if overflow:
+        raise ExportError(f"{overflow[0]} has values beyond {dtype}'s range; export as float32 or bfloat16.")
+    hf_config = {**model.config.to_hf_dict(), "torch_dtype": dtype}
+    if sparsity is not None:
+        hf_config[SPARSITY_KEY] = sparsity
+    config_text = json.dumps(hf_config, indent=2) + "\n"
     gen_text = None
     if generation_config is not None:
         try:
@@ -125,3 +155,49 @@ def export_hf(
         check_target(out_dir, overwrite)  # again: nothing foreign may have arrived meanwhile
 
     return write_atomically(out_dir, write)
+
+
+def export_run(run_dir: str | Path, output: str | Path, overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Write a run's pruned model as a Hugging Face folder (config, safetensors, tokenizer,
+    generation config when the source had one).
+
+    ``dtype`` (float32, bfloat16, float16): default the source checkpoint's (its config.json's
+    ``dtype``/``torch_dtype``; a GGUF file: float32). config.json records the run's sparsity
+    under ``nlprune_sparsity``."""
+    from nlprune import cards
+    from nlprune.api import load_run
+
+    if dtype is not None:
+        numpy_dtype(dtype)  # an unknown dtype is refused before anything is loaded
+    check_target(Path(output), overwrite)  # before loading anything
+    model, record = load_run(run_dir)
+    desc = record["model"]
+    source = cards.resolve_model(desc.get("card") or desc["path"])
+    generation, source_dtype = None, None
+    folder = Path(source.weights_path)
+    if source.kind == "hf":
+        if (folder / "generation_config.json").is_file():
+            generation = json.loads((folder / "generation_config.json").read_text())
+        try:
+            source_config = json.loads((folder / "config.json").read_text())
+            source_dtype = source_config.get("dtype") or source_config.get("torch_dtype")
+        except (OSError, ValueError, AttributeError):
+            pass
+    if dtype is None:
+        dtype = source_dtype if source_dtype in EXPORT_DTYPES else "float32"
+    return export_hf(model, output, overwrite=overwrite, tokenizer=cards.load_tokenizer(source),
+                     generation_config=generation, dtype=dtype, sparsity=sparsity_summary(record))
+
+
+def sparsity_summary(record: dict[str, Any]) -> dict[str, Any]:
+    """What an export records about a run's sparsity (config.json's ``nlprune_sparsity``)."""
+    args, sparsity = record["args"], record.get("sparsity", {})
+    planned = sparsity.get("planned") or {}
+    out = {
+        "method": args["prune_method"], "pattern": args["sparsity_type"], "ratio": args["sparsity_ratio"],
+        "measured": sparsity.get("overall"), "profile": planned.get("profile", "uniform"),
+        "storage": "dense: pruned weights are stored as zeros (simulated sparsity)",
+    }
+    if out["profile"] != "uniform":
+        out["per_layer"] = sparsity.get("per_layer")
+    return out

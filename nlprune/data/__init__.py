@@ -1,6 +1,7 @@
 """Calibration and evaluation text: loading (Hub or local folder), token windows, and the
 validation and out-of-distribution sets (heldout.py)."""
 
+from .calibration import CalibrationSource, calibration_source
 from .sources import (
     C4,
     DATA_DIR_ENV,
@@ -31,12 +32,14 @@ __all__ = [
     "heldout_windows",
     "C4",
     "CACHE_DIR_ENV",
+    "CalibrationSource",
     "DATA_DIR_ENV",
     "DATASETS",
     "WIKITEXT2",
     "DataError",
     "DatasetSpec",
     "Texts",
+    "calibration_source",
     "calibration_windows",
     "eval_windows",
     "get_spec",

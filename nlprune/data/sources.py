@@ -414,3 +414,4 @@ def _load_hub(spec: DatasetSpec, split: str, revision: str | None) -> tuple[Text
         "files": [{"path": p, "sha256": None} for p in resolved],
     }
     return _text_column(ds, what=where), prov
+

@@ -1,4 +1,4 @@
-"""Token windows for calibration (random C4-train windows) and evaluation (contiguous windows).
+"""Token windows for calibration (random windows of C4 train or any text) and evaluation (contiguous).
 
 Both follow the protocol of Wanda's and SparseGPT's ``get_c4`` so numbers are comparable
 with the literature:
@@ -22,13 +22,15 @@ import random
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from .sources import C4, DataError, Texts, get_spec, load_texts
+from .calibration import CalibrationSource, calibration_source, load_calibration_texts
+from .sources import DataError, Texts, get_spec, load_texts
 
 CACHE_DIR_ENV = "NLPRUNE_CACHE_DIR"
 _CACHE_FORMAT = 2  # bump when the cached arrays' meaning changes
@@ -76,15 +78,20 @@ def calibration_windows(
     seed: int,
     data_dir: str | os.PathLike[str] | None = None,
     *,
+    dataset: str | os.PathLike[str] | CalibrationSource | None = None,
     max_seqlen: int | None = None,
     revision: str | None = None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """``nsamples`` random windows of ``seqlen`` tokens from C4 train documents longer than ``seqlen``.
+    """``nsamples`` random windows of ``seqlen`` tokens from documents longer than ``seqlen``.
 
     Wanda/SparseGPT's protocol, draw for draw: for the same documents, tokenizer, seed,
     nsamples and seqlen the windows are identical on every machine and in every process.
-    Returns an int32 array (nsamples, seqlen) and a provenance dict (which documents and
-    start offsets were drawn, the files, the seed).
+    ``dataset``: C4 train (default), ``wikitext2`` (its train rows as one document), or a
+    local ``.jsonl`` / ``.json.gz`` / ``.txt`` file (:func:`~nlprune.data.sources.calibration_source`);
+    a file or WikiText-2 must hold at least ``nsamples * seqlen`` tokens in documents longer
+    than ``seqlen``. Returns an int32 array (nsamples, seqlen) and a provenance dict (which
+    documents and start offsets were drawn, the files and their sha256, the seed).
     """
     nsamples = _check_int("nsamples", nsamples, 1)
     seqlen = check_seqlen(seqlen, max_seqlen)
@@ -93,9 +100,34 @@ def calibration_windows(
     if seed < 0:  # random.Random(-s) draws what random.Random(s) draws
         raise DataError(f"seed must be >= 0, got {seed} (a negative seed would repeat seed {-seed}'s windows).")
     seed = int(seed)
-    docs, prov = load_texts(C4.name, "train", data_dir, revision=revision)
-    _check_some_doc_can_be_long_enough(tokenizer, docs, seqlen)
+    source = dataset if isinstance(dataset, CalibrationSource) else calibration_source(dataset)
+    docs, prov = load_calibration_texts(source, data_dir, revision=revision)
+    if source.name == "c4":  # documents are tokenized as they are drawn
+        _check_some_doc_can_be_long_enough(tokenizer, docs, seqlen)
+        ids_of = lambda i: _ids(tokenizer, docs[i], verbose=False)  # noqa: E731
+    else:  # tokenized up front: too little text is refused before any draw, saying how much there is
+        all_ids = _tokenize_all(tokenizer, docs, source.title, progress)
+        _check_enough_text(all_ids, nsamples, seqlen, source.title)
+        ids_of = all_ids.__getitem__
+    windows, drawn = _draw_windows(ids_of, len(docs), nsamples, seqlen, seed, source.title)
+    prov.update(
+        purpose="calibration",
+        protocol="Wanda/SparseGPT get_c4: random doc with > seqlen tokens, random start",
+        seed=seed,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        join=prov.get("join"),
+        **drawn,
+        tokenizer=tokenizer_fingerprint(tokenizer),
+    )
+    return windows, prov
 
+
+def _draw_windows(
+    ids_of: Callable[[int], list[int]], n_docs: int, nsamples: int, seqlen: int, seed: int, title: str,
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """The seeded draws: a random document until one has more than ``seqlen`` tokens, then a
+    random start in it; ``nsamples`` times."""
     rng = random.Random(seed)  # same stream as random.seed(seed) + random.randint
     too_short: set[int] = set()  # memo: redrawing a known-short document skips tokenizing it
     longest = 0
@@ -106,19 +138,19 @@ def calibration_windows(
     draws = 0
     for k in range(nsamples):  # fast (a few docs tokenized per window): no progress bar
         while True:
-            i = rng.randint(0, len(docs) - 1)
+            i = rng.randint(0, n_docs - 1)
             draws += 1
             if i in too_short:
                 continue
-            ids = _ids(tokenizer, docs[i], verbose=False)
+            ids = ids_of(i)
             if len(ids) > seqlen:
                 break
             too_short.add(i)
             longest = max(longest, len(ids))
-            if len(too_short) == len(docs):
+            if len(too_short) == n_docs:
                 raise DataError(
-                    f"no C4 train document is longer than seqlen={seqlen} tokens (all "
-                    f"{len(docs)} checked; the longest has {longest}). Use a smaller seqlen "
+                    f"no {title} document is longer than seqlen={seqlen} tokens (all "
+                    f"{n_docs} checked; the longest has {longest}). Use a smaller seqlen "
                     "or more/longer training documents."
                 )
         start = rng.randint(0, len(ids) - seqlen - 1)
@@ -126,22 +158,33 @@ def calibration_windows(
         doc_indices.append(i)
         starts.append(start)
         doc_tokens.append(len(ids))
+    drawn = dict(doc_indices=doc_indices, starts=starts, doc_tokens=doc_tokens,
+                 total_tokens=int(sum(doc_tokens)),  # tokens in the drawn documents
+                 draws=draws)
+    return windows, drawn
 
-    prov.update(
-        purpose="calibration",
-        protocol="Wanda/SparseGPT get_c4: random doc with > seqlen tokens, random start",
-        seed=seed,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        join=None,
-        doc_indices=doc_indices,
-        starts=starts,
-        doc_tokens=doc_tokens,
-        total_tokens=int(sum(doc_tokens)),  # tokens in the drawn documents
-        draws=draws,
-        tokenizer=tokenizer_fingerprint(tokenizer),
-    )
-    return windows, prov
+
+def _tokenize_all(tokenizer: Any, docs: Texts, title: str, progress: bool, chunk: int = 256) -> list[list[int]]:
+    out: list[list[int]] = []
+    with tqdm(total=len(docs), unit="doc", disable=not progress, desc=f"tokenizing {title}", leave=False) as bar:
+        for start in range(0, len(docs), chunk):
+            texts = docs[start : start + chunk]
+            out.extend(list(ids) for ids in tokenizer(texts, verbose=False).input_ids)
+            bar.update(len(texts))
+    return out
+
+
+def _check_enough_text(all_ids: list[list[int]], nsamples: int, seqlen: int, title: str) -> None:
+    """Refuse a source with fewer than nsamples x seqlen tokens in documents longer than seqlen."""
+    long_enough = [len(ids) for ids in all_ids if len(ids) > seqlen]
+    need = nsamples * seqlen
+    if sum(long_enough) < need:
+        total = sum(len(ids) for ids in all_ids)
+        raise DataError(
+            f"{title} holds {len(all_ids)} document(s), {total} tokens; {len(long_enough)} of them are longer "
+            f"than seqlen={seqlen} tokens, {sum(long_enough)} tokens in all: fewer than --nsamples x --seqlen "
+            f"= {nsamples} x {seqlen} = {need}. Give more text, or fewer or shorter windows."
+        )
 
 
 def _check_some_doc_can_be_long_enough(tokenizer: Any, docs: Texts, seqlen: int) -> None:

@@ -86,6 +86,7 @@ class LlamaConfig:
             "task_specific_params", "finetuning_task", "torchscript", "use_bfloat16",
             "bad_words_ids", "num_beams", "max_length", "min_length", "do_sample",
             "temperature", "top_k", "top_p", "repetition_penalty", "generation_config",
+            "nlprune_sparsity",  # what an nlprune export records about its pruning
         }
     )
     _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -47,7 +47,10 @@ from nlprune.modeling.masks import set_linears
 from nlprune.prune.base import INPUT_GROUPS, GroupContext, PruneResult, PruningMethod
 from nlprune.prune.refit import refit_group
 from nlprune.prune.stats import LayerStats
-from nlprune.sparsity import SparsityPattern
+from nlprune.sparsity import LINEAR_SUBMODULES, SparsityPattern, SparsityProfile, linear_name
+
+# A layer's pattern: one for every linear, or each linear's own (short names, e.g. q_proj).
+LayerPatterns = SparsityPattern | Mapping[str, SparsityPattern]
 
 SUBMODULE = {n: ("self_attn" if g in ("qkv", "o") else "mlp") for g, ns in INPUT_GROUPS.items() for n in ns}
 
@@ -123,6 +126,13 @@ def group_inputs(layer: DecoderLayer, hidden: jax.Array, cos, sin, group: str, b
     return _batched(lambda h: mlp_hidden(layer, h), batch_size, mid)
 
 
+def patterns_by_linear(pattern: LayerPatterns) -> dict[str, SparsityPattern]:
+    """Each prunable linear's pattern (short names): ``pattern`` for all, or as mapped."""
+    if isinstance(pattern, SparsityPattern):
+        return dict.fromkeys(LINEAR_SUBMODULES, pattern)
+    return dict(pattern)
+
+
 def placed_weights(method: PruningMethod, pattern: SparsityPattern, weights) -> tuple[jax.Array, ...]:
     """The weights of a group placed for pruning: rows over the mesh's 'model' axis (if any)
     when each row's mask is chosen on its own (per-row ranking, N:M). A ranking over whole
@@ -138,22 +148,32 @@ def placed_weights(method: PruningMethod, pattern: SparsityPattern, weights) -> 
 
 def prune_group(
     method: PruningMethod, group: str, layer: DecoderLayer, dense: DecoderLayer, stats: LayerStats,
-    pattern: SparsityPattern, hidden: jax.Array, cos, sin, batch_size: int, sequential: bool,
+    pattern: LayerPatterns, hidden: jax.Array, cos, sin, batch_size: int, sequential: bool,
     inputs: jax.Array | None,
 ) -> DecoderLayer:
     """The one dispatch path: build the group's context, let the method prune it, put the
-    results into the layer. ``hidden`` is the layer's calibration inputs."""
+    results into the layer. ``hidden`` is the layer's calibration inputs.
+
+    When the group's linears have different patterns (a per-linear profile), the method prunes
+    the group once per pattern, in a context carrying that pattern, and each linear is taken
+    from the pass at its own pattern."""
     lins = layer.linears()
-    ctx = GroupContext(
-        group=group, layer=layer, dense_layer=dense,
-        weights=placed_weights(method, pattern, [lins[n].weight for n in INPUT_GROUPS[group]]),
-        stats=stats, pattern=pattern, hidden=hidden, cos=cos, sin=sin, batch_size=batch_size,
-        sequential=sequential, inputs=inputs,
-    )
-    results: dict[str, PruneResult] = method.prune_group(ctx)
-    missing = [n for n in INPUT_GROUPS[group] if n not in results]
-    if missing:
-        raise RuntimeError(f"method {method.name!r} returned no result for {missing} of group {group!r}")
+    names = INPUT_GROUPS[group]
+    patterns = patterns_by_linear(pattern)
+    results: dict[str, PruneResult] = {}
+    for each in dict.fromkeys(patterns[n] for n in names):  # every distinct pattern once, in order
+        ctx = GroupContext(
+            group=group, layer=layer, dense_layer=dense,
+            weights=placed_weights(method, each, [lins[n].weight for n in names]),
+            stats=stats, pattern=each, hidden=hidden, cos=cos, sin=sin, batch_size=batch_size,
+            sequential=sequential, inputs=inputs,
+        )
+        out: dict[str, PruneResult] = method.prune_group(ctx)
+        missing = [n for n in names if n not in out]
+        if missing:
+            raise RuntimeError(f"method {method.name!r} returned no result for {missing} of group {group!r}")
+        results.update({n: out[n] for n in names if patterns[n] == each})
+    results = {n: results[n] for n in names}
     if method.options.refit:
         damping = method.options.refit_percdamp
         results = refit_group(ctx, results, cg_iters=method.options.refit_cg, percdamp=damping,
@@ -163,7 +183,7 @@ def prune_group(
 
 
 def prune_layer(
-    layer: DecoderLayer, hidden: jax.Array, cos, sin, method: PruningMethod, pattern: SparsityPattern,
+    layer: DecoderLayer, hidden: jax.Array, cos, sin, method: PruningMethod, pattern: LayerPatterns,
     batch_size: int,
 ) -> tuple[DecoderLayer, jax.Array]:
     """Wanda's reference order: every group's statistics from the dense layer first, then
@@ -179,7 +199,7 @@ def prune_layer(
 
 
 def prune_layer_true_sequential(
-    layer: DecoderLayer, hidden: jax.Array, cos, sin, method: PruningMethod, pattern: SparsityPattern,
+    layer: DecoderLayer, hidden: jax.Array, cos, sin, method: PruningMethod, pattern: LayerPatterns,
     batch_size: int,
 ) -> tuple[DecoderLayer, jax.Array]:
     """Prune q/k/v, then o, then gate/up, then down, each calibrated on the outputs of the
@@ -218,6 +238,7 @@ class PruneReport:
     layer_seconds: list[float]
     sparsity: dict[str, float]  # per linear, HF names
     overall_sparsity: float  # over all prunable linears
+    layer_sparsity: list[float] = dataclasses.field(default_factory=list)  # per decoder layer
     mesh: dict[str, Any] | None = None  # parallel.describe: axes, devices, fallbacks taken
 
     def as_dict(self) -> dict[str, Any]:
@@ -226,21 +247,30 @@ class PruneReport:
 
 def measured_sparsity(model: LlamaForCausalLM) -> tuple[dict[str, float], float]:
     """Fraction of exact zeros in each prunable linear's effective weight, and overall."""
-    per, zeros, total = {}, 0, 0
+    per, overall, _ = measured_sparsity_by_layer(model)
+    return per, overall
+
+
+def measured_sparsity_by_layer(model: LlamaForCausalLM) -> tuple[dict[str, float], float, list[float]]:
+    """Fraction of exact zeros per prunable linear, overall, and per decoder layer."""
+    per, per_layer, zeros, total = {}, [], 0, 0
     for i, layer in enumerate(model.model.layers):
+        layer_zeros, layer_total = 0, 0
         for name, lin in layer.linears().items():
             w = parallel.to_host(lin.effective_weight)
             z = int(w.size - np.count_nonzero(w))
-            per[f"model.layers.{i}.{SUBMODULE[name]}.{name}"] = z / w.size
-            zeros, total = zeros + z, total + w.size
-    return per, zeros / total
+            per[linear_name(i, name)] = z / w.size
+            layer_zeros, layer_total = layer_zeros + z, layer_total + w.size
+        per_layer.append(layer_zeros / layer_total)
+        zeros, total = zeros + layer_zeros, total + layer_total
+    return per, zeros / total, per_layer
 
 
 def prune_model(
     model: LlamaForCausalLM,
     calibration: np.ndarray,
     method: PruningMethod,
-    pattern: SparsityPattern,
+    pattern: SparsityPattern | SparsityProfile,
     batch_size: int = 8,
     progress: bool = True,
     start_layer: int = 0,
@@ -251,7 +281,9 @@ def prune_model(
 ) -> tuple[LlamaForCausalLM, PruneReport]:
     """Prune every decoder layer of ``model`` in order on calibration windows (n, seqlen).
 
-    ``method`` is a configured method (``nlprune.methods.get_method(name, **options)``).
+    ``method`` is a configured method (``nlprune.methods.get_method(name, **options)``);
+    ``pattern`` the sparsity of every linear, or a :class:`~nlprune.sparsity.SparsityProfile`
+    giving each layer (or linear) its own.
     ``start_layer`` with ``hidden`` (the inputs of that layer) resumes a run;
     ``on_layer_done(i, model, outputs_of_layer_i)`` is called after each layer (checkpoints);
     its time is not counted in ``prune_seconds``.
@@ -263,6 +295,10 @@ def prune_model(
     """
     if not isinstance(method, PruningMethod):
         raise TypeError(f"prune_model takes a configured method (nlprune.methods.get_method), not {method!r}")
+    if isinstance(pattern, SparsityPattern):
+        pattern = SparsityProfile.uniform(pattern, len(model.model.layers))
+    elif pattern.num_layers != len(model.model.layers):
+        raise ValueError(f"the sparsity profile is for {pattern.num_layers} layers, the model has {len(model.model.layers)}.")
     with parallel.use_mesh(mesh):
         return _prune_model(
             model, calibration, method, pattern, batch_size, progress, start_layer, hidden, on_layer_done,
@@ -271,7 +307,7 @@ def prune_model(
 
 
 def _prune_model(
-    model, calibration, method, pattern, batch_size, progress, start_layer, hidden, on_layer_done, true_sequential,
+    model, calibration, method, profile, batch_size, progress, start_layer, hidden, on_layer_done, true_sequential,
 ) -> tuple[LlamaForCausalLM, PruneReport]:
     calibration = jnp.asarray(calibration, jnp.int32)
     cos, sin = parallel.replicate(rope_tables(model, calibration.shape[1]))
@@ -282,11 +318,14 @@ def _prune_model(
     layers = list(model.model.layers)
     seconds, checkpoint_seconds = [], 0.0
     prune_one = prune_layer_true_sequential if true_sequential else prune_layer
-    bar = tqdm(range(start_layer, len(layers)), desc=f"{method.name} {pattern.name}", unit="layer", disable=not progress)
+    target = profile.target
+    name = target.name if profile.is_uniform else f"{target.name} ({profile.source} profile)"
+    bar = tqdm(range(start_layer, len(layers)), desc=f"{method.name} {name}", unit="layer", disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
         bar.set_postfix_str(f"layer {i}: " + ("sublayers in order" if true_sequential else "dense statistics first"))
-        layers[i], hidden = prune_one(parallel.place_layer(layers[i]), hidden, cos, sin, method, pattern, batch_size)
+        patterns = target if profile.is_uniform else profile.layer_patterns(i)
+        layers[i], hidden = prune_one(parallel.place_layer(layers[i]), hidden, cos, sin, method, patterns, batch_size)
         hidden.block_until_ready()
         seconds.append(time.perf_counter() - t0)
         if on_layer_done is not None:
@@ -296,10 +335,10 @@ def _prune_model(
             checkpoint_seconds += time.perf_counter() - t1
     model = eqx.tree_at(lambda m: m.model.layers, model, layers)
     elapsed = time.perf_counter() - start - checkpoint_seconds
-    per, overall = measured_sparsity(model)
+    per, overall, per_layer = measured_sparsity_by_layer(model)
     mesh = parallel.current_mesh()
     report = PruneReport(
-        method.name, pattern.name, pattern.ratio, true_sequential, elapsed, checkpoint_seconds, seconds, per, overall,
-        None if mesh is None else parallel.describe(mesh),
+        method.name, target.name, target.ratio, true_sequential, elapsed, checkpoint_seconds, seconds, per, overall,
+        per_layer, None if mesh is None else parallel.describe(mesh),
     )
     return model, report

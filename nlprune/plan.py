@@ -14,10 +14,17 @@ up, per device, what each stage holds in float32:
   method work   the temporaries of pruning one group of weights (scores, sort keys, OBS);
   attention n x n
                 the non-linear step: the dense target attention of every KV group (all
-                windows) and the gradient's working set for the groups solved at once.
+                windows) and the gradient's working set for the groups solved at once;
+                after the last layer, the held-out attention error's full n x n attention
+                of the dense and the pruned layer (one metric window at a time).
+
+On a CPU the device's memory is the process's, which also holds the runtime (JAX, the
+tokenizer, the loaders' leftovers) and, while the run directory is written, Orbax's host
+copies of the pruned model's arrays: ``cpu_process_bytes`` adds both (one device).
 
 The per-stage multipliers (how many copies of a buffer XLA keeps alive) were measured on CPU
-against the peak resident memory of real runs (tests/test_plan.py checks one within 30%);
+against the peak resident memory of real runs (tests/test_plan.py checks one within 30%, and
+the committed Llama-3.2-1B-shaped and SmolLM2 runs of benchmarks/llama1b.py within 20%);
 an accelerator's allocator may keep more or fewer. ``suggestions`` re-plans with each option
 that lowers the peak: smaller forward batches, chunked windows in the non-linear gradient
 (no stored targets), more devices on 'data' or 'model'.
@@ -41,8 +48,14 @@ FACTOR_COPIES = 4.5  # SparseGPT: X^T X's block temporaries (on CPU not yet rele
 OBS_COPIES = 4.0  # SparseGPT: W^T, errors, keep mask, the updated weights
 TARGET_BUILD_COPIES = 4.0  # non-linear: scores, masked scores, exponentials, the stacked targets
 SOLVE_COPIES = 8.0  # non-linear: forward and backward n x n buffers per group and window
+ATTN_ERROR_COPIES = 4.0  # held-out attention error: scores, probabilities of the dense and the pruned layer
+ATTN_ERROR_BATCH = 1  # windows per call of the metric (nlprune.eval.attention_error, as api.prune calls it)
+# CPU process only (device memory elsewhere is not the process's):
+RUNTIME_BYTES = 1.1 * 2**30  # JAX, XLA's compiled code, the tokenizer, the calibration text
+LOADER_RESIDUE = 0.1  # of the dense weights: what loading them leaves allocated (GGUF, random init)
+WRITE_COPIES = 0.5  # of the pruned model's weights: Orbax's host copies while the run is written
 
-STAGES = ("q/k/v", "attention forward", "o", "gate/up", "mlp forward", "down", "layer output")
+STAGES = ("q/k/v", "attention forward", "o", "gate/up", "mlp forward", "down", "layer output", "attention error")
 CATEGORIES = ("weights", "hidden states", "activations", "Hessians", "method work", "attention n x n")
 
 
@@ -62,6 +75,7 @@ class PlanSettings:
     window_batch: int | None = None  # nonlinear: windows per step (None = all: full batch)
     window_chunk: int | None = None  # nonlinear: windows per gradient chunk (None = all)
     mask_init: str = "ones"
+    attention_windows: int = 4  # held-out windows of the attention-error metric (api.prune's default)
 
 
 @dataclasses.dataclass
@@ -82,6 +96,8 @@ class MemoryPlan:
     dense_weight_bytes: int  # what the loaded model holds before pruning starts
     notes: list[str]
     suggestions: list[Suggestion] = dataclasses.field(default_factory=list)
+    cpu_process_bytes: int | None = None  # one device on a CPU: the process's peak resident set
+    cpu_process_at: str | None = None  # where that peak is: a stage, or writing the run
 
     @property
     def devices(self) -> int:
@@ -106,6 +122,8 @@ class MemoryPlan:
             f"{self.model}: {s.method} on {s.nsamples} x {s.seqlen} calibration tokens, mesh data={s.data},"
             f"model={s.model} ({self.devices} device{'s' if self.devices > 1 else ''}), float32",
             f"peak per device: {gib(self.peak_bytes)} (stage: {self.peak_stage}, last layer)",
+            *([f"on a CPU (its memory is the process's): {gib(self.cpu_process_bytes)} at {self.cpu_process_at}, "
+               "with the runtime and the run directory's writing"] if self.cpu_process_bytes else []),
             "",
             "| per device | at the peak | " + " | ".join(STAGES) + " |",
             "|---|---|" + "---|" * len(STAGES),
@@ -172,6 +190,8 @@ def _validate(s: PlanSettings) -> None:
         v = getattr(s, k)
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"plan: {k} must be an integer >= 1, got {v!r}")
+    if not isinstance(s.attention_windows, int) or s.attention_windows < 0:
+        raise ValueError(f"plan: attention_windows must be an integer >= 0, got {s.attention_windows!r}")
     from nlprune.methods import available_methods
 
     if s.method not in available_methods():
@@ -292,6 +312,13 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     h_, w_ = prune_work("down")
     stage("down", dense + pruned_before("down"), 2 * hid + act, 0, h_, w_)
     stage("layer output", dense + pruned_before("layer output"), 3 * hid + act)
+    final_weights = dense + pruned_before("layer output")
+    if s.attention_windows:  # after the last layer: the dense and the pruned model side by side
+        b = min(s.attention_windows, ATTN_ERROR_BATCH)
+        stage("attention error", final_weights, 2 * F32 * b * seq * H, 0, 0, 0,
+              F32 * ATTN_ERROR_COPIES * b * nh * seq * seq)
+    else:
+        stage("attention error", 0, 0)
     if not hessian:
         notes.append(f"{fill} needs no Hessian (only ||x_j||^2 per input feature)")
     elif s.refit and fill != "sparsegpt":
@@ -305,7 +332,15 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         "linears so far, each a weight and a float mask"
     )
     peak = max(stages, key=lambda k: sum(stages[k].values()))
-    return MemoryPlan(name, s, stages, peak, dense, notes)
+    plan = MemoryPlan(name, s, stages, peak, dense, notes)
+    if s.data * s.model == 1:
+        runtime = RUNTIME_BYTES + LOADER_RESIDUE * dense
+        pruned_model_weights = F32 * (other + L * layer_pruned)
+        writing = final_weights + WRITE_COPIES * pruned_model_weights
+        at = "writing the run" if writing > plan.peak_bytes else f"stage {peak}"
+        plan.cpu_process_bytes = int(runtime + max(writing, plan.peak_bytes))
+        plan.cpu_process_at = at
+    return plan
 
 
 def _group_shards(groups: int, data: int, model: int) -> int:

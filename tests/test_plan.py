@@ -13,6 +13,7 @@ from nlprune.cli import main as cli_main
 from nlprune.plan import F32, plan_memory
 
 WORKER = Path(__file__).with_name("_plan_worker.py")
+GPU_PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_paper_protocol.py"
 LLAMA_1B = cards.card_config(cards.get_card("llama-3.2-1b"))
 
 
@@ -134,3 +135,40 @@ def test_plan_matches_a_measured_peak(method, options, config, seqlen, tmp_path)
     measured = measured_added_bytes(tmp_path, config, method, options, seqlen=seqlen)
     print(f"{method}: planned {planned / 2**20:.1f} MiB (peak at {plan.peak_stage}), measured {measured / 2**20:.1f} MiB")
     assert abs(planned - measured) <= 0.3 * measured, (planned, measured, plan.table())
+
+
+def test_gpu_paper_protocol_dry_run(tmp_path):
+    """benchmarks/gpu_paper_protocol.py --dry-run: every command of the paper protocol on the
+    1B config parses (with --random-weights too), and each method's plan, stage by stage, is
+    printed and written; no weights, data or GPU needed."""
+    proc = subprocess.run(
+        [sys.executable, str(GPU_PROTOCOL), "--dry-run", "--random-weights", "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    commands = [line for line in out.splitlines() if line.startswith("$ nlprune prune")]
+    assert len(commands) == 10  # 5 methods x (50% unstructured, 2:4)
+    assert all("--model llama-3.2-1b" in c and "--random-weights 0" in c and "--seqlen 2048" in c for c in commands)
+    assert sum("--recipe best" in c for c in commands) == 2 and sum("--recipe paper" in c for c in commands) == 2
+    assert out.count("peak per device:") == 5 and out.count("| **total** |") == 5
+    assert "| per device | at the peak | q/k/v | attention forward |" in out
+    plans = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "plans").glob("*.json")}
+    assert set(plans) == {"magnitude-unstructured", "wanda-unstructured", "sparsegpt-unstructured",
+                          "nonlinear-paper-unstructured", "nonlinear-best-unstructured"}
+    best, paper = plans["nonlinear-best-unstructured"], plans["nonlinear-paper-unstructured"]
+    assert best["settings"]["linear_method"] == "sparsegpt" and best["settings"]["refit"]
+    assert paper["settings"]["window_batch"] is None  # the paper's full-batch steps
+    assert paper["stages"]["q/k/v"]["attention n x n"] > best["stages"]["q/k/v"]["attention n x n"]
+    # the printed verdicts are the plans' own peaks, and the 1B's dense weights are in each
+    for name, plan in plans.items():
+        assert plan["dense_weight_bytes"] == pytest.approx(1.236e9 * F32, rel=0.01)
+        assert plan["settings"]["nsamples"] == 8 and plan["settings"]["seqlen"] == 2048
+    assert f"{paper['peak_bytes'] / 2**30:6.2f} GiB per device" in out
+    assert "nothing was run" in out
+
+
+def test_gpu_paper_protocol_refuses_an_unknown_method(tmp_path):
+    proc = subprocess.run([sys.executable, str(GPU_PROTOCOL), "--dry-run", "--methods", "obs", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "unknown --methods ['obs']" in proc.stderr

@@ -172,7 +172,7 @@ def export_run(run_dir: str | Path, output: str | Path, overwrite: bool = False,
     check_target(Path(output), overwrite)  # before loading anything
     model, record = load_run(run_dir)
     desc = record["model"]
-    source = cards.resolve_model(desc.get("card") or desc["path"])
+    source = cards.resolve_model(desc.get("card") or desc["path"], (desc.get("random_weights") or {}).get("seed"))
     generation, source_dtype = None, None
     folder = Path(source.weights_path)
     if source.kind == "hf":

@@ -22,7 +22,7 @@ from typing import Any
 
 # Values a recipe may give in a richer form than the flag's text.
 INLINE_PLAN_KEYS = ("layer_sparsity",)  # a list of ratios or a dict of linear ratios, inline
-LIST_KEYS = ("tasks",)  # a list of task names, joined with commas
+LIST_KEYS = ("tasks", "eval_datasets")  # lists of names, joined with commas
 
 
 class ConfigError(ValueError):
@@ -95,9 +95,9 @@ def _value(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
         value = float(value)
     elif kind is int and isinstance(value, float) and value.is_integer():
         value = int(value)
-    elif not isinstance(value, kind):
+    elif not (isinstance(kind, type) and isinstance(value, kind)):  # kind may be a parsing function
         if not isinstance(value, str):
-            raise ConfigError(f"{where} takes {kind.__name__}, not {value!r}.")
+            raise ConfigError(f"{where} takes {getattr(kind, '__name__', 'text')}, not {value!r}.")
         try:
             value = kind(value)
         except (TypeError, ValueError) as e:
@@ -152,6 +152,7 @@ CONFIG_OF_ARGUMENT = {
     "true_sequential": "true_sequential", "calib_dataset": "calib_dataset", "sparsity_profile": "sparsity_profile",
     "owl_m": "owl_m", "owl_lambda": "owl_lambda", "layer_sparsity": "layer_sparsity", "tasks": "tasks",
     "task_data_dir": "task_data_dir", "limit": "limit", "dense_tasks": "dense_tasks",
+    "eval_datasets": "eval_datasets", "heldout_nsamples": "heldout_nsamples", "random_weights": "random_weights",
 }
 
 
@@ -170,8 +171,9 @@ def config_of_call(arguments: dict[str, Any]) -> dict[str, Any]:
     for key in ("model", "data_dir", "output", "calib_dataset", "task_data_dir", "layer_sparsity"):
         if isinstance(config[key], Path):
             config[key] = str(config[key])
-    if config["tasks"] is not None and not isinstance(config["tasks"], str):
-        config["tasks"] = ",".join(config["tasks"])
+    for key in LIST_KEYS:
+        if config[key] is not None and not isinstance(config[key], str):
+            config[key] = ",".join(config[key])
     config.update(arguments["options"] or {})
     return config
 

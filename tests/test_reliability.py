@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from nlprune import api
+from nlprune.eval import dense_cache
 from nlprune.cli import main as cli_main
 from nlprune.data import eval_windows
 from nlprune.runs import RunDir, RunDirError
@@ -382,7 +383,7 @@ def counted_dense(tiny_and_windows, tmp_path, monkeypatch):
         calls.append(np.asarray(w).shape)
         return real(model, w, **kwargs)
 
-    monkeypatch.setattr(api, "perplexity", counting)
+    monkeypatch.setattr(dense_cache, "perplexity", counting)
     return loaded, windows, calls
 
 

@@ -188,9 +188,10 @@ def test_eval_output_file_needs_overwrite(finished_run, tmp_path, capsys):
     target.write_text("keep\n")
     rc, _, err = run_cli(capsys, "eval", "--run", finished_run, "--output", target, "--nsamples", "1", "--seqlen", "64")
     assert rc == 2 and "--overwrite" in err and target.read_text() == "keep\n"
-    rc, _, _ = run_cli(capsys, "eval", "--run", finished_run, "--output", target, "--nsamples", "1",
-                       "--seqlen", "64", "--overwrite")
-    assert rc == 0 and json.loads(target.read_text())["windows"] == 1
+    rc, _, err = run_cli(capsys, "eval", "--run", finished_run, "--output", target, "--nsamples", "1",
+                         "--seqlen", "64", "--overwrite")
+    assert rc == 0, err
+    assert json.loads(target.read_text())["windows"] == 1
 
 
 # --------------------------------------------------------------------------- 4. failed --overwrite
@@ -402,7 +403,7 @@ def test_dense_cache_is_keyed_by_model_windows_and_code(counted_dense, monkeypat
     api.dense_perplexity(dataclasses.replace(loaded, source=other_source), windows, progress=False)
     assert len(calls) == 3
     with monkeypatch.context() as m:  # other code
-        m.setattr(api, "forward_code_version", lambda: "other-code")
+        m.setattr(dense_cache, "forward_code_version", lambda: "other-code")
         assert not api.dense_perplexity(loaded, windows, progress=False).cached and len(calls) == 4
     assert api.dense_perplexity(loaded, windows, progress=False).cached and len(calls) == 4
     assert not api.dense_perplexity(loaded, windows, progress=False, use_cache=False).cached  # --no-cache
@@ -528,6 +529,8 @@ SIGNAL_DURING_SAVE = textwrap.dedent(
     from nlprune.cli import main
 
     sig, calls, real = getattr(signal, sys.argv[1]), [], atomic.fsync_tree
+    # a shell's background job starts with SIGINT ignored, and nlprune rightly keeps it so
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def fsync_then_signal(root):
         calls.append(root)

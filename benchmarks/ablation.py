@@ -120,7 +120,38 @@ def table(out: Path) -> None:
     lines += ["", "Commands: table.json (`command` of each row, with `--data-dir DIR --output RUN_DIR`)."]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     write_json(out / "table.json", {"rows": rows_})
+    plot(rows_, out / "table.png")
     print("\n".join(lines))
+
+
+def plot(rows_: list[dict], path: Path) -> None:
+    """Per pattern, each row's perplexity on the three test sets and its validation mean
+    (log scale: the failed rows sit orders of magnitude above the rest)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    patterns = [p for p in PATTERNS if any(r["name"].endswith("-" + p) for r in rows_)]
+    fig, axes = plt.subplots(len(patterns), 1, figsize=(11, 4.2 * len(patterns)), squeeze=False)
+    sets = [("c4", "C4 test"), ("wikipedia", "Wikipedia"), ("lambada", "LAMBADA")]
+    for ax, p in zip(axes[:, 0], patterns):
+        rs = [r for r in rows_ if r["name"].endswith("-" + p)]
+        width = 0.2
+        for i, (key, label) in enumerate(sets):
+            ax.bar([j + i * width for j in range(len(rs))], [r["perplexity"][key] for r in rs], width, label=label)
+        ax.bar([j + 3 * width for j in range(len(rs))], [r["validation_mean"] for r in rs], width,
+               label="validation mean", color="0.4")
+        ax.set_xticks([j + 1.5 * width for j in range(len(rs))], [r["name"].rsplit("-", 1)[0] for r in rs],
+                      rotation=20, ha="right", fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("perplexity")
+        ax.set_title(f"SmolLM2-135M, {p}{'% unstructured' if p.isdigit() else ''}: lower is better")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:

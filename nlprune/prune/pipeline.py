@@ -161,6 +161,7 @@ def prune_group(
     names = INPUT_GROUPS[group]
     patterns = patterns_by_linear(pattern)
     results: dict[str, PruneResult] = {}
+    extras: set[str] = set()
     for each in dict.fromkeys(patterns[n] for n in names):  # every distinct pattern once, in order
         ctx = GroupContext(
             group=group, layer=layer, dense_layer=dense,
@@ -172,8 +173,14 @@ def prune_group(
         missing = [n for n in names if n not in out]
         if missing:
             raise RuntimeError(f"method {method.name!r} returned no result for {missing} of group {group!r}")
-        results.update({n: out[n] for n in names if patterns[n] == each})
-    results = {n: results[n] for n in names}
+        # a method may also set linears outside the group (the output objective: o_proj's mask
+        # is chosen with q/k/v); each is taken from the pass at its own pattern
+        results.update({n: r for n, r in out.items() if patterns.get(n, each) == each})
+        extras.update(n for n in out if n not in names)
+    unset = sorted(extras - results.keys())
+    if unset:
+        raise ValueError(f"method {method.name!r} chooses {unset} together with {list(names)}: give them the same ratio.")
+    results = {n: results[n] for n in (*names, *sorted(extras))}
     if method.options.refit:
         damping = method.options.refit_percdamp
         results = refit_group(ctx, results, cg_iters=method.options.refit_cg, percdamp=damping,

@@ -31,6 +31,7 @@ VARIANTS = {
     "refit": ["--refit"],
     "refit-damp0.1": ["--refit", "--refit-percdamp", "0.1"],
     "refit-damp1": ["--refit", "--refit-percdamp", "1.0"],
+    "refit-damp10": ["--refit", "--refit-percdamp", "10.0"],
     "refit-cg0": ["--refit", "--refit-cg", "0"],
     "refit-32windows": ["--refit", "--nsamples-override", "32"],
 }

@@ -459,8 +459,14 @@ def prune(
 
 def export_hf(run_dir: str | Path, output: str | Path, overwrite: bool = False, dtype: str | None = None) -> Path:
     """Write a run's pruned model as a Hugging Face folder that ``transformers`` loads as is
-    (:func:`nlprune.convert.export.export_run`): ``dtype`` float32, bfloat16 or float16,
+    (:func:`nlprune.convert.export.export_run_model`): ``dtype`` float32, bfloat16 or float16,
     default the source checkpoint's (GGUF: float32); config.json records the sparsity."""
-    from nlprune.convert.export import export_run
+    from nlprune.convert.export import check_target, export_run_model, numpy_dtype
 
-    return export_run(run_dir, output, overwrite=overwrite, dtype=dtype)
+    if dtype is not None:
+        numpy_dtype(dtype)  # an unknown dtype is refused before anything is loaded
+    check_target(Path(output), overwrite)  # before loading anything
+    model, record = load_run(run_dir)
+    desc = record["model"]
+    source = cards.resolve_model(desc.get("card") or desc["path"], (desc.get("random_weights") or {}).get("seed"))
+    return export_run_model(model, record, source, cards.load_tokenizer(source), output, overwrite=overwrite, dtype=dtype)

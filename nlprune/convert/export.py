@@ -157,22 +157,15 @@ def export_hf(
     return write_atomically(out_dir, write)
 
 
-def export_run(run_dir: str | Path, output: str | Path, overwrite: bool = False, dtype: str | None = None) -> Path:
-    """Write a run's pruned model as a Hugging Face folder (config, safetensors, tokenizer,
-    generation config when the source had one).
+def export_run_model(model: Any, record: dict[str, Any], source: Any, tokenizer: Any, output: str | Path,
+                     overwrite: bool = False, dtype: str | None = None) -> Path:
+    """Write a run's pruned model (``record``: its results.json) as a Hugging Face folder
+    (config, safetensors, tokenizer, generation config when the source had one).
 
     ``dtype`` (float32, bfloat16, float16): default the source checkpoint's (its config.json's
     ``dtype``/``torch_dtype``; a GGUF file: float32). config.json records the run's sparsity
-    under ``nlprune_sparsity``."""
-    from nlprune import cards
-    from nlprune.api import load_run
-
-    if dtype is not None:
-        numpy_dtype(dtype)  # an unknown dtype is refused before anything is loaded
-    check_target(Path(output), overwrite)  # before loading anything
-    model, record = load_run(run_dir)
-    desc = record["model"]
-    source = cards.resolve_model(desc.get("card") or desc["path"], (desc.get("random_weights") or {}).get("seed"))
+    under ``nlprune_sparsity``. ``source`` is the run's model source (``cards.ModelSource``)
+    and ``tokenizer`` its tokenizer; :func:`nlprune.api.export_hf` loads the run and calls this."""
     generation, source_dtype = None, None
     folder = Path(source.weights_path)
     if source.kind == "hf":
@@ -185,7 +178,7 @@ def export_run(run_dir: str | Path, output: str | Path, overwrite: bool = False,
             pass
     if dtype is None:
         dtype = source_dtype if source_dtype in EXPORT_DTYPES else "float32"
-    return export_hf(model, output, overwrite=overwrite, tokenizer=cards.load_tokenizer(source),
+    return export_hf(model, output, overwrite=overwrite, tokenizer=tokenizer,
                      generation_config=generation, dtype=dtype, sparsity=sparsity_summary(record))
 
 

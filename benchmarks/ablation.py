@@ -5,7 +5,8 @@ paragraphs, LAMBADA fiction: 64 x 512 each) and on the validation sets (C4 valid
 other halves of the Wikipedia and LAMBADA text: 32 x 512 each).
 
 Rows, at 50% unstructured and at 2:4: {magnitude, Wanda, SparseGPT, non-linear q/k
-(straight-through) with the SparseGPT fill-in} x {no refit, --refit}; `--recipe fast` (the
+(straight-through) with the SparseGPT fill-in} x {no refit, --refit, --refit with the ridge
+--refit-percdamp 1.0 (chosen on validation by benchmarks/refit_study.py)}; `--recipe fast` (the
 non-linear q/k with refit at fewer steps); the paper's recipe as
 Algorithm 1 is written (full-batch steps) and in its earlier one-window-per-step form, and with
 the certified and backtracking step rules (50% only: each full-batch row takes ~10x the others).
@@ -49,7 +50,9 @@ def rows() -> dict[str, list[str]]:
                            ("sparsegpt", ["--prune-method", "sparsegpt"]), ("nonlinear-qk", NL_QK)):
             out[f"{name}-{p}"] = args + pattern
             out[f"{name}+refit-{p}"] = args + pattern + ["--refit"]
+            out[f"{name}+refit-damp1-{p}"] = args + pattern + ["--refit", "--refit-percdamp", "1.0"]
         out[f"fast-{p}"] = ["--prune-method", "nonlinear", "--recipe", "fast", *pattern]
+        out[f"fast-damp1-{p}"] = ["--prune-method", "nonlinear", "--recipe", "fast", "--refit-percdamp", "1.0", *pattern]
         out[f"paper-{p}"] = ["--prune-method", "nonlinear", *pattern]
         out[f"paper-1window-{p}"] = ["--prune-method", "nonlinear", "--window-batch", "1", *pattern]
     out["paper-certified-50"] = ["--prune-method", "nonlinear", "--step-rule", "certified", *PATTERNS["50"]]

@@ -149,8 +149,9 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys, monkeypatch, text, na
 def test_shipped_recipes_resolve_to_the_main_table_rows():
     recipes = sorted((REPO / "recipes").glob("*.toml"))
     names = {p.stem for p in recipes}
+    recommended = {"wanda-refit-50"}  # README's "What to use"
     assert names == {f"{m}-{p}" for m in ("magnitude", "wanda", "sparsegpt", "nonlinear-paper", "nonlinear-best")
-                     for p in ("50", "2of4")}
+                     for p in ("50", "2of4")} | recommended
     for path in recipes:
         args = parsed(path, "--data-dir", "../shared/data")
         method = get_method(args.prune_method, **method_options(args))  # the options validate
@@ -160,6 +161,8 @@ def test_shipped_recipes_resolve_to_the_main_table_rows():
         assert path.stem.startswith(method.name) and args.output == f"runs/{path.stem}"
         if method.name == "nonlinear":
             assert args.recipe == path.stem.split("-")[1]
+        if path.stem in recommended:
+            assert method.options.refit and method.options.refit_percdamp == 1.0
 
 
 @pytest.mark.slow

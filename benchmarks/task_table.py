@@ -1,0 +1,161 @@
+"""Zero-shot accuracy of the main table's methods on SmolLM2-135M: the eight tasks on a subset.
+
+Each row prunes SmolLM2-135M with the cpu protocol (8 x 512 C4-train calibration windows,
+seed 0) exactly as the ablation's row of the same name (benchmarks/ablation.py), then scores
+the pruned run with lm-evaluation-harness on the first ``--limit`` examples of each of
+boolq, rte, hellaswag, winogrande, arc_easy, openbookqa, piqa and lambada_openai (a subset:
+the record and the table say so). Two command lines per row, both in the record:
+
+    nlprune prune --model smollm2-135m <the row's flags> --nsamples 8 --seqlen 512 --seed 0 \\
+        --data-dir ../shared/data --output benchmarks/tasks/runs/<row>
+    nlprune eval --run benchmarks/tasks/runs/<row> --tasks <the eight> --limit 250 \\
+        --data-dir ../shared/data --output benchmarks/tasks/runs/<row>/tasks.json
+
+The record is rewritten after every row and a rerun skips the rows it holds, so an
+interrupted run resumes:
+
+    nice -n 10 .venv/bin/python benchmarks/task_table.py --data-dir ../shared/data
+    .venv/bin/python benchmarks/task_table.py --table     # the markdown table BENCHMARKS.md shows
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.ablation import rows as ablation_rows  # noqa: E402
+from benchmarks.common import git_state, write_json  # noqa: E402
+
+TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa", "lambada_openai")
+# (row key, ablation row, what it is). The recommended recipe of each pattern, then the
+# plain baselines and the non-linear method with refit (--recipe best).
+ROWS = [
+    ("recommended-50", "wanda+refit-damp1-50", "Wanda --refit --refit-percdamp 1.0 (recommended at 50%)"),
+    ("wanda-50", "wanda-50", "Wanda"),
+    ("sparsegpt-50", "sparsegpt-50", "SparseGPT"),
+    ("nonlinear-best-50", "nonlinear-qk+refit-50", "non-linear q/k + refit (--recipe best)"),
+    ("dense", None, "dense"),
+    ("recommended-2:4", "sparsegpt+refit-2:4", "SparseGPT --refit (recommended at 2:4)"),
+    ("wanda-2:4", "wanda-2:4", "Wanda"),
+    ("sparsegpt-2:4", "sparsegpt-2:4", "SparseGPT"),
+    ("nonlinear-best-2:4", "nonlinear-qk+refit-2:4", "non-linear q/k + refit (--recipe best)"),
+]
+
+
+def nlprune_cmd() -> list[str]:
+    exe = Path(sys.executable).with_name("nlprune")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nlprune.cli"]
+
+
+def run(cmd: list[str]) -> float:
+    print("$", " ".join(cmd), flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    return time.perf_counter() - start
+
+
+def summary(zs: dict[str, Any]) -> dict[str, Any]:
+    keep = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "examples", "subset")
+    return {"mean_acc": zs["mean_acc"], "mean_acc_stderr": zs["mean_acc_stderr"], "seconds": zs.get("seconds"),
+            "tasks": {k: {m: v for m, v in e.items() if m in keep} for k, e in zs["tasks"].items()}}
+
+
+def table(record: dict[str, Any]) -> str:
+    rows, limit = record["rows"], record["protocol"]["limit"]
+    head = " | ".join(t.replace("_openai", "") for t in TASKS)
+    lines = [
+        f"| pattern | method | {head} | mean ± s.e. | tasks s | prune s |",
+        "|---|---|" + "---|" * (len(TASKS) + 3),
+    ]
+    for key, _, label in ROWS:
+        r = rows.get(key)
+        pattern = "-" if key == "dense" else ("50%" if key.endswith("-50") else "2:4")
+        if r is None:
+            lines.append(f"| {pattern} | {label} | " + " | " * len(TASKS) + "(not run) | | |")
+            continue
+        accs = " | ".join(f"{r['tasks'][t]['acc']:.3f}" for t in TASKS)
+        prune_s = "-" if r.get("prune_seconds") is None else f"{r['prune_seconds']:.0f}"
+        lines.append(f"| {pattern} | {label} | {accs} | {r['mean_acc']:.4f} ± {r['mean_acc_stderr']:.4f} "
+                     f"| {r['seconds']:.0f} | {prune_s} |")
+    lines.append(f"\nFirst {limit} examples of each task (a subset; lm-eval's acc, standard errors in the record).")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data-dir", default=os.environ.get("NLPRUNE_DATA_DIR"))
+    parser.add_argument("--output", default="benchmarks/tasks/task_table.json")
+    parser.add_argument("--runs", default="benchmarks/tasks/runs", help="where the pruned runs go (git-ignored)")
+    parser.add_argument("--limit", type=int, default=250, help="examples per task (a subset)")
+    parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all), e.g. wanda-50,dense")
+    parser.add_argument("--keep-runs", action="store_true", help="keep each pruned run (default: delete after scoring)")
+    parser.add_argument("--table", action="store_true", help="print the record's table and run nothing")
+    args = parser.parse_args()
+    out = Path(args.output)
+    if args.table:
+        print(table(json.loads(out.read_text())))
+        return
+    if not args.data_dir:
+        raise SystemExit("give --data-dir (the shared data folder with c4/ and tasks/) or set NLPRUNE_DATA_DIR")
+
+    record: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
+    protocol = {"model": "smollm2-135m", "nsamples": 8, "seqlen": 512, "seed": 0, "tasks": list(TASKS),
+                "limit": args.limit}
+    if record.get("protocol", protocol) != protocol:
+        raise SystemExit(f"{out} holds rows of another protocol ({record['protocol']}); write elsewhere.")
+    record["protocol"] = protocol
+    rows = record.setdefault("rows", {})
+    flags = ablation_rows()
+    wanted = None if args.rows is None else set(args.rows.split(","))
+    code = git_state()
+    common = ["--data-dir", args.data_dir]
+    for key, ablation_key, label in ROWS:
+        if key in rows or (wanted is not None and key not in wanted):
+            continue
+        print(f"--- {key}: {label}", flush=True)
+        run_dir = Path(args.runs) / key.replace(":", "of")
+        eval_cmd = [*nlprune_cmd(), "eval", "--tasks", ",".join(TASKS), "--limit", str(args.limit), *common]
+        row: dict[str, Any] = {"label": label, "ablation_row": ablation_key}
+        if ablation_key is None:
+            tasks_json = run_dir / "tasks.json"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            eval_cmd += ["--model", "smollm2-135m", "--output", str(tasks_json), "--overwrite"]
+            row["prune_seconds"] = None
+        else:
+            prune_cmd = [*nlprune_cmd(), "prune", "--model", "smollm2-135m", *flags[ablation_key], "--nsamples", "8",
+                         "--seqlen", "512", "--seed", "0", *common, "--output", str(run_dir), "--overwrite"]
+            run(prune_cmd)
+            pruned = json.loads((run_dir / "results.json").read_text())
+            row.update(prune_command=prune_cmd[len(nlprune_cmd()) - 1:], prune_seconds=pruned["prune_seconds"],
+                       sparsity=pruned["sparsity"]["overall"])
+            tasks_json = run_dir / "tasks.json"
+            eval_cmd += ["--run", str(run_dir), "--output", str(tasks_json), "--overwrite"]
+        wall = run(eval_cmd)
+        zs = json.loads(tasks_json.read_text())
+        zs = zs.get("zero_shot", zs)
+        row.update(summary(zs), eval_command=eval_cmd[len(nlprune_cmd()) - 1:], eval_wall_seconds=wall,
+                   git=code, load_average=list(os.getloadavg()))
+        if row["seconds"] is None or (isinstance(row["seconds"], float) and math.isnan(row["seconds"])):
+            row["seconds"] = wall
+        rows[key] = row
+        record.pop("git", None), record.pop("load_average_end", None)  # refreshed by write_json
+        write_json(out, record)
+        print(f"{key}: mean acc {row['mean_acc']:.4f} ± {row['mean_acc_stderr']:.4f}", flush=True)
+        if not args.keep_runs:
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

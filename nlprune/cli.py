@@ -408,15 +408,17 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
     return 0
 
 
-def _enable_compilation_cache() -> None:
+def enable_compilation_cache() -> None:
     """Reuse XLA compilations across runs (the first layer of a run otherwise compiles for
-    seconds every time); NLPRUNE_COMPILATION_CACHE=0 turns it off."""
+    seconds every time); NLPRUNE_COMPILATION_CACHE=0 turns it off. Every program is cached,
+    however quick its compilation: a small model's run compiles ~30 programs of ~0.1 s each,
+    3-4 s per process that a cache read saves."""
     if os.environ.get("NLPRUNE_COMPILATION_CACHE", "1") == "0":
         return
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(cards.cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _one_line(text: object) -> str:
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.addHandler(notes)
     logger.propagate = False
     try:
-        _enable_compilation_cache()
+        enable_compilation_cache()
         return args.func(args)
     except USER_ERRORS as e:
         print(f"{command}: error: {_one_line(e)}", file=sys.stderr)

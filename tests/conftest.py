@@ -10,6 +10,15 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config) -> None:
+    """The test processes share the command line's XLA compilation cache (in
+    NLPRUNE_CACHE_DIR), so a program compiled by one test worker or `nlprune` subprocess is
+    read, not compiled again, by the others."""
+    from nlprune.cli import enable_compilation_cache
+
+    enable_compilation_cache()
+
+
 @pytest.fixture(scope="session")
 def shared_data_dir() -> Path:
     """The project's shared real-text folder (C4 samples).

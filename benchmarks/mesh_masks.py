@@ -29,7 +29,8 @@ MESHES = {"one-device": None, "data=4": "", "data=2,model=2": "data=2,model=2"}
 
 
 def prune(method: str, mesh: str | None, out: Path, data_dir: str, evaluate: bool) -> dict:
-    run = out / "runs" / f"{method}-{(mesh or 'one').replace(',', '_').replace('=', '') or 'default'}"
+    name = "one" if mesh is None else (mesh.replace(",", "_").replace("=", "") or "default")
+    run = out / "runs" / f"{method}-{name}"
     env = dict(os.environ)
     cmd = [sys.executable, "-m", "nlprune.cli", "prune", "--prune-method", method, "--sparsity-ratio", "0.5",
            "--nsamples", "8", "--seqlen", "512", "--seed", "0", "--data-dir", data_dir, "--output", str(run),

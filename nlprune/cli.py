@@ -19,7 +19,7 @@ from pathlib import Path
 from nlprune import cards
 from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
 from nlprune.cli_methods import add_method_args, method_options
-from nlprune.cli_prune import add_flag as _add
+from nlprune.cli_prune import add_flag
 from nlprune.cli_prune import add_prune_extras, print_prune_extras, prune_extras
 from nlprune.runconfig import apply_config, config_argument
 
@@ -65,13 +65,13 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 
 def add_random_weights_arg(p: argparse.ArgumentParser) -> None:
-    _add(p, "--random-weights", type=int, default=None, metavar="SEED",
+    add_flag(p, "--random-weights", type=int, default=None, metavar="SEED",
          help="seeded random weights of --model's exact config (card, folder with config.json, or .gguf) "
          "with its tokenizer, instead of its own weights: nothing is downloaded; the record says so")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    _add(
+    add_flag(
         p,
         "--data-dir",
         default=None,
@@ -143,15 +143,15 @@ def add_run_args(p: argparse.ArgumentParser, *, required_method: bool) -> None:
     from nlprune.methods import available_methods
 
     p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
-    _add(p, "--prune-method", required=required_method, default=None if required_method else "wanda",
+    add_flag(p, "--prune-method", required=required_method, default=None if required_method else "wanda",
          choices=available_methods(), help="pruning method" + ("" if required_method else " (wanda)"))
-    _add(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
-    _add(p, "--sparsity-type", default="unstructured",
+    add_flag(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
+    add_flag(p, "--sparsity-type", default="unstructured",
          help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
          "sparse, 1:4 is 75%%)")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    _add(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_flag(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     add_mesh_args(p)
     add_method_args(p)
 
@@ -244,17 +244,17 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
                    help="replace the run already in --output once the new one has finished (only an "
                    "nlprune run is ever replaced)")
     p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
-    _add(p, "--no-cache", action="store_true",
+    add_flag(p, "--no-cache", action="store_true",
          help="recompute the dense perplexity and the evaluation tokens instead of reading their caches")
-    _add(p, "--eval-nsamples", type=int, default=128, help="C4 test windows (default 128)")
-    _add(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
-    _add(p, "--eval-datasets", type=_comma_list, default=("c4",),
+    add_flag(p, "--eval-nsamples", type=int, default=128, help="C4 test windows (default 128)")
+    add_flag(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
+    add_flag(p, "--eval-datasets", type=_comma_list, default=("c4",),
          help="comma-separated evaluation sets of --eval: c4 (the test set, default), c4-validation (the "
          "validation split), wikipedia and lambada (text unlike the calibration set) and their -validation halves, "
          "wikitext2; NAME:N takes N windows")
-    _add(p, "--heldout-nsamples", type=int, default=64,
+    add_flag(p, "--heldout-nsamples", type=int, default=64,
          help="windows of each --eval-datasets set other than c4 and wikitext2 (default 64)")
-    _add(
+    add_flag(
         p,
         "--true-sequential",
         action=argparse.BooleanOptionalAction,
@@ -363,7 +363,7 @@ def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
                    "when given)")
     p.add_argument("--nsamples", type=int, default=128, help="evaluation windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
-    _add(p, "--batch-size", type=int, default=None,
+    add_flag(p, "--batch-size", type=int, default=None,
          help="windows per forward pass for perplexity (default 8); most sequences per forward for tasks (default 32)")
     add_data_args(p)
     from nlprune.eval.tasks import DEFAULT_TASKS, LOCAL_TASKS
@@ -371,14 +371,14 @@ def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, metavar="LIST",
                    help=f"comma-separated zero-shot tasks scored through lm-evaluation-harness: {', '.join(LOCAL_TASKS)} "
                    f"(the usual suite: {','.join(DEFAULT_TASKS)})")
-    _add(p, "--task-data-dir", default=None, metavar="DIR",
+    add_flag(p, "--task-data-dir", default=None, metavar="DIR",
          help="folder of the task files, laid out as DIR/boolq/val.jsonl.gz, ... (default: DATA_DIR/tasks, "
          "else $NLPRUNE_DATA_DIR/tasks; never the hub)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="score only the first N examples of each task (the record says it is a subset)")
     p.add_argument("--output", default=None, help="write the JSON record here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
-    _add(p, "--no-cache", action="store_true", help="tokenize the evaluation text again instead of reading the cache")
+    add_flag(p, "--no-cache", action="store_true", help="tokenize the evaluation text again instead of reading the cache")
     p.set_defaults(func=cmd_eval)
 
     prune_parser = add_prune_parser(sub)

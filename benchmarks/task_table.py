@@ -15,7 +15,7 @@ The record is rewritten after every row and a rerun skips the rows it holds, so 
 interrupted run resumes:
 
     nice -n 10 .venv/bin/python benchmarks/task_table.py --data-dir ../shared/data
-    .venv/bin/python benchmarks/task_table.py --table     # the markdown table BENCHMARKS.md shows
+    .venv/bin/python benchmarks/task_table.py --table     # the markdown table BENCHMARKS.md shows, and the plot
 """
 
 from __future__ import annotations
@@ -76,8 +76,8 @@ def table(record: dict[str, Any]) -> str:
     rows, limit = record["rows"], record["protocol"]["limit"]
     head = " | ".join(t.replace("_openai", "") for t in TASKS)
     lines = [
-        f"| pattern | method | {head} | mean ± s.e. | tasks s | prune s |",
-        "|---|---|" + "---|" * (len(TASKS) + 3),
+        f"| pattern | method | {head} | mean ± s.e. | mean without boolq | tasks s | prune s |",
+        "|---|---|" + "---|" * (len(TASKS) + 4),
     ]
     for key, _, label in ROWS:
         r = rows.get(key)
@@ -87,10 +87,48 @@ def table(record: dict[str, Any]) -> str:
             continue
         accs = " | ".join(f"{r['tasks'][t]['acc']:.3f}" for t in TASKS)
         prune_s = "-" if r.get("prune_seconds") is None else f"{r['prune_seconds']:.0f}"
+        rest = [t for t in TASKS if t != "boolq"]
+        m7 = sum(r["tasks"][t]["acc"] for t in rest) / len(rest)
+        se7 = math.sqrt(sum(r["tasks"][t]["acc_stderr"] ** 2 for t in rest)) / len(rest)
         lines.append(f"| {pattern} | {label} | {accs} | {r['mean_acc']:.4f} ± {r['mean_acc_stderr']:.4f} "
-                     f"| {r['seconds']:.0f} | {prune_s} |")
-    lines.append(f"\nFirst {limit} examples of each task (a subset; lm-eval's acc, standard errors in the record).")
+                     f"| {m7:.4f} ± {se7:.4f} | {r['seconds']:.0f} | {prune_s} |")
+    lines.append(f"\nFirst {limit} examples of each task (a subset; lm-eval's acc, standard errors in the record). "
+                 "The mean without boolq is shown because boolq's first examples are 62% 'yes' and every row "
+                 "scores below that majority rate, so its accuracy tracks the model's yes/no bias.")
     return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Per-task accuracy of each row, one panel per pattern, the dense model as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    rows = record["rows"]
+    dense = rows.get("dense")
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.5), sharey=True)
+    for ax, suffix, title in ((axes[0], "-50", "50% unstructured"), (axes[1], "-2:4", "2:4")):
+        keys = [k for k, _, _ in ROWS if k.endswith(suffix) and k in rows]
+        x = np.arange(len(TASKS) + 1)
+        width = 0.8 / max(len(keys), 1)
+        for i, key in enumerate(keys):
+            r = rows[key]
+            acc = [r["tasks"][t]["acc"] for t in TASKS] + [r["mean_acc"]]
+            err = [r["tasks"][t]["acc_stderr"] for t in TASKS] + [r["mean_acc_stderr"]]
+            label = next(lab for k, _, lab in ROWS if k == key)
+            ax.bar(x + (i - (len(keys) - 1) / 2) * width, acc, width, yerr=err, capsize=2, label=label)
+        if dense is not None:
+            d = [dense["tasks"][t]["acc"] for t in TASKS] + [dense["mean_acc"]]
+            ax.scatter(x, d, marker="_", s=400, color="black", zorder=3, label="dense")
+        ax.set_xticks(x, [t.replace("_openai", "") for t in TASKS] + ["mean"], rotation=30)
+        ax.set_title(f"SmolLM2-135M, {title}")
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel(f"accuracy (first {record['protocol']['limit']} examples)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -101,11 +139,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=250, help="examples per task (a subset)")
     parser.add_argument("--rows", default=None, help="comma-separated row keys (default: all), e.g. wanda-50,dense")
     parser.add_argument("--keep-runs", action="store_true", help="keep each pruned run (default: delete after scoring)")
-    parser.add_argument("--table", action="store_true", help="print the record's table and run nothing")
+    parser.add_argument("--table", action="store_true", help="print the record's table, draw its plot, run nothing")
     args = parser.parse_args()
     out = Path(args.output)
     if args.table:
-        print(table(json.loads(out.read_text())))
+        record = json.loads(out.read_text())
+        print(table(record))
+        plot(record, out.with_suffix(".png"))
         return
     if not args.data_dir:
         raise SystemExit("give --data-dir (the shared data folder with c4/ and tasks/) or set NLPRUNE_DATA_DIR")

@@ -54,21 +54,17 @@ ROWS = [
 ]
 
 
-def nlprune_cmd() -> list[str]:
-    exe = Path(sys.executable).with_name("nlprune")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "nlprune.cli"]
-
-
-def run(cmd: list[str]) -> float:
-    print("$", " ".join(cmd), flush=True)
+def run(args: list[str]) -> float:
+    """Run `nlprune ARGS` in a fresh process; its wall seconds."""
+    print("$ nlprune", " ".join(args), flush=True)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    subprocess.run([sys.executable, "-m", "nlprune.cli", *args], check=True)
     return time.perf_counter() - start
 
 
 def summary(zs: dict[str, Any]) -> dict[str, Any]:
     keep = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "examples", "subset")
-    return {"mean_acc": zs["mean_acc"], "mean_acc_stderr": zs["mean_acc_stderr"], "seconds": zs.get("seconds"),
+    return {"mean_acc": zs["mean_acc"], "mean_acc_stderr": zs["mean_acc_stderr"], "seconds": zs["seconds"],
             "tasks": {k: {m: v for m, v in e.items() if m in keep} for k, e in zs["tasks"].items()}}
 
 
@@ -168,29 +164,24 @@ def main() -> None:
             continue
         print(f"--- {key}: {label}", flush=True)
         run_dir = Path(args.runs) / key.replace(":", "of")
-        eval_cmd = [*nlprune_cmd(), "eval", "--tasks", ",".join(TASKS), "--limit", str(args.limit), *common]
-        row: dict[str, Any] = {"label": label, "ablation_row": ablation_key}
+        tasks_json = run_dir / "tasks.json"
+        eval_args = ["eval", "--tasks", ",".join(TASKS), "--limit", str(args.limit), *common,
+                     "--output", str(tasks_json), "--overwrite"]
+        row: dict[str, Any] = {"label": label, "ablation_row": ablation_key, "prune_seconds": None}
         if ablation_key is None:
-            tasks_json = run_dir / "tasks.json"
             run_dir.mkdir(parents=True, exist_ok=True)
-            eval_cmd += ["--model", "smollm2-135m", "--output", str(tasks_json), "--overwrite"]
-            row["prune_seconds"] = None
+            eval_args += ["--model", "smollm2-135m"]
         else:
-            prune_cmd = [*nlprune_cmd(), "prune", "--model", "smollm2-135m", *flags[ablation_key], "--nsamples", "8",
-                         "--seqlen", "512", "--seed", "0", *common, "--output", str(run_dir), "--overwrite"]
-            run(prune_cmd)
+            prune_args = ["prune", "--model", "smollm2-135m", *flags[ablation_key], "--nsamples", "8",
+                          "--seqlen", "512", "--seed", "0", *common, "--output", str(run_dir), "--overwrite"]
+            run(prune_args)
             pruned = json.loads((run_dir / "results.json").read_text())
-            row.update(prune_command=prune_cmd[len(nlprune_cmd()) - 1:], prune_seconds=pruned["prune_seconds"],
+            row.update(prune_command=prune_args, prune_seconds=pruned["prune_seconds"],
                        sparsity=pruned["sparsity"]["overall"])
-            tasks_json = run_dir / "tasks.json"
-            eval_cmd += ["--run", str(run_dir), "--output", str(tasks_json), "--overwrite"]
-        wall = run(eval_cmd)
-        zs = json.loads(tasks_json.read_text())
-        zs = zs.get("zero_shot", zs)
-        row.update(summary(zs), eval_command=eval_cmd[len(nlprune_cmd()) - 1:], eval_wall_seconds=wall,
+            eval_args += ["--run", str(run_dir)]
+        wall = run(eval_args)
+        row.update(summary(json.loads(tasks_json.read_text())), eval_command=eval_args, eval_wall_seconds=wall,
                    git=code, load_average=list(os.getloadavg()))
-        if row["seconds"] is None or (isinstance(row["seconds"], float) and math.isnan(row["seconds"])):
-            row["seconds"] = wall
         rows[key] = row
         record.pop("git", None), record.pop("load_average_end", None)  # refreshed by write_json
         write_json(out, record)

@@ -66,8 +66,8 @@ def _comma_list(text: str) -> tuple[str, ...]:
 
 def add_random_weights_arg(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--random-weights", type=int, default=None, metavar="SEED",
-         help="seeded random weights of --model's exact config (card, folder with config.json, or .gguf) "
-         "with its tokenizer, instead of its own weights: nothing is downloaded; the record says so")
+             help="seeded random weights of --model's exact config (card, folder with config.json, or .gguf) "
+             "with its tokenizer, instead of its own weights: nothing is downloaded; the record says so")
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
@@ -144,11 +144,11 @@ def add_run_args(p: argparse.ArgumentParser, *, required_method: bool) -> None:
 
     p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
     add_flag(p, "--prune-method", required=required_method, default=None if required_method else "wanda",
-         choices=available_methods(), help="pruning method" + ("" if required_method else " (wanda)"))
+             choices=available_methods(), help="pruning method" + ("" if required_method else " (wanda)"))
     add_flag(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
     add_flag(p, "--sparsity-type", default="unstructured",
-         help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
-         "sparse, 1:4 is 75%%)")
+             help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
+             "sparse, 1:4 is 75%%)")
     p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
     add_flag(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
@@ -245,15 +245,15 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
                    "nlprune run is ever replaced)")
     p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
     add_flag(p, "--no-cache", action="store_true",
-         help="recompute the dense perplexity and the evaluation tokens instead of reading their caches")
+             help="recompute the dense perplexity and the evaluation tokens instead of reading their caches")
     add_flag(p, "--eval-nsamples", type=int, default=128, help="C4 test windows (default 128)")
     add_flag(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
     add_flag(p, "--eval-datasets", type=_comma_list, default=("c4",),
-         help="comma-separated evaluation sets of --eval: c4 (the test set, default), c4-validation (the "
-         "validation split), wikipedia and lambada (text unlike the calibration set) and their -validation halves, "
-         "wikitext2; NAME:N takes N windows")
+             help="comma-separated evaluation sets of --eval: c4 (the test set, default), c4-validation (the "
+             "validation split), wikipedia and lambada (text unlike the calibration set) and their -validation halves, "
+             "wikitext2; NAME:N takes N windows")
     add_flag(p, "--heldout-nsamples", type=int, default=64,
-         help="windows of each --eval-datasets set other than c4 and wikitext2 (default 64)")
+             help="windows of each --eval-datasets set other than c4 and wikitext2 (default 64)")
     add_flag(
         p,
         "--true-sequential",
@@ -364,7 +364,7 @@ def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--nsamples", type=int, default=128, help="evaluation windows (default 128)")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window (default 512)")
     add_flag(p, "--batch-size", type=int, default=None,
-         help="windows per forward pass for perplexity (default 8); most sequences per forward for tasks (default 32)")
+             help="windows per forward pass for perplexity (default 8); most sequences per forward for tasks (default 32)")
     add_data_args(p)
     from nlprune.eval.tasks import DEFAULT_TASKS, LOCAL_TASKS
 
@@ -372,8 +372,8 @@ def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
                    help=f"comma-separated zero-shot tasks scored through lm-evaluation-harness: {', '.join(LOCAL_TASKS)} "
                    f"(the usual suite: {','.join(DEFAULT_TASKS)})")
     add_flag(p, "--task-data-dir", default=None, metavar="DIR",
-         help="folder of the task files, laid out as DIR/boolq/val.jsonl.gz, ... (default: DATA_DIR/tasks, "
-         "else $NLPRUNE_DATA_DIR/tasks; never the hub)")
+             help="folder of the task files, laid out as DIR/boolq/val.jsonl.gz, ... (default: DATA_DIR/tasks, "
+             "else $NLPRUNE_DATA_DIR/tasks; never the hub)")
     p.add_argument("--limit", type=int, default=None, metavar="N",
                    help="score only the first N examples of each task (the record says it is a subset)")
     p.add_argument("--output", default=None, help="write the JSON record here")

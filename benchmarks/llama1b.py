@@ -230,7 +230,7 @@ def write_table(out: Path) -> None:
         "| 1B / 135M peak | plan's peak at | measured peak at | load avg before, after |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    points = []
+    points, times = [], {}
     for setting in SETTINGS:
         for model in MODELS:
             r = rows.get((setting, model))
@@ -250,6 +250,8 @@ def write_table(out: Path) -> None:
                 f"{r['sampled_peak']['at']} | {r['load_average_before'][0]:.1f}, {r['load_average_after'][0]:.1f} |"
             )
             points.append((f"{setting}\n{'1B' if model == '1b' else '135M'}", peak / GIB, plan / GIB))
+            if secs and r["returncode"] == 0:
+                times.setdefault(setting, {})[model] = secs
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if points:
@@ -258,17 +260,35 @@ def write_table(out: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(points)), 4))
+        fig, (ax_t, ax) = plt.subplots(1, 2, figsize=(6 + 1.1 * len(points), 4.2),
+                                       gridspec_kw={"width_ratios": [max(1, len(times)), max(1, len(points))]})
+        # time: one pair of bars per setting, log scale (the 1B shape is 5-10x), ratio written above
+        names = list(times)
+        for offset, model, label in ((-0.2, "135m", "SmolLM2-135M"), (0.2, "1b", "Llama-3.2-1B shape")):
+            ax_t.bar([i + offset for i, n in enumerate(names) if model in times[n]],
+                     [times[n][model] for n in names if model in times[n]], 0.4, label=label)
+        for i, n in enumerate(names):
+            if {"135m", "1b"} <= times[n].keys():
+                ax_t.annotate(f"{times[n]['1b'] / times[n]['135m']:.1f}x", (i + 0.2, times[n]["1b"]),
+                              ha="center", va="bottom", fontsize=7)
+        ax_t.set_yscale("log")
+        ax_t.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax_t.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_t.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax_t.set_xticks(range(len(names)), names, fontsize=7)
+        ax_t.set_ylabel("prune seconds (log)")
+        ax_t.set_title("Prune time, 135M -> 1B shape")
+        ax_t.legend(fontsize=7)
         xs = range(len(points))
         ax.bar([x - 0.2 for x in xs], [p[1] for p in points], 0.4, label="measured peak RSS")
         ax.bar([x + 0.2 for x in xs], [p[2] for p in points], 0.4, label="nlprune plan")
         ax.set_xticks(list(xs), [p[0] for p in points], fontsize=7)
         ax.set_ylabel("GiB")
-        ax.set_title("Peak memory of a prune: measured vs planned (CPU, float32)")
-        ax.legend()
+        ax.set_title("Peak memory: measured vs planned (CPU, float32)")
+        ax.legend(fontsize=7)
         fig.tight_layout()
-        fig.savefig(out / "memory.png", dpi=120)
-        print(f"wrote {out / 'table.md'} and {out / 'memory.png'}")
+        fig.savefig(out / "cost.png", dpi=120)
+        print(f"wrote {out / 'table.md'} and {out / 'cost.png'}")
 
 
 def main() -> None:

@@ -134,6 +134,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare_tasks(args: argparse.Namespace) -> int:
+    from nlprune.eval.tasks.paired import compare, format_comparison
+    from nlprune.runs import check_output_file
+
+    if args.output is not None:
+        check_output_file(args.output, args.overwrite)
+    result = compare(args.a, args.b)
+    for side, path in (("a", args.a), ("b", args.b)):
+        info = result[side]
+        print(f"{side}: {path} ({info['model']}{', run ' + info['run'] if info['run'] else ''})")
+    print(format_comparison(result))
+    if args.output:
+        _write_json(args.output, {**result, "a_path": str(args.a), "b_path": str(args.b)})
+        print(f"wrote {args.output}")
+    return 0
+
+
 # --------------------------------------------------------------------------- prune
 
 
@@ -380,6 +397,18 @@ def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_flag(p, "--no-cache", action="store_true", help="tokenize the evaluation text again instead of reading the cache")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "compare-tasks", help="paired test of two zero-shot evaluations on the same examples",
+        description="Per task: examples only A or only B answers correctly, the accuracy difference A - B "
+        "with its paired standard error, and McNemar's exact p-value; the mean difference over tasks. "
+        "A and B are `nlprune eval --tasks ... --output` files or run folders pruned with --tasks.",
+    )
+    p.add_argument("a", metavar="A", help="first record (eval --output file, or run folder / results.json)")
+    p.add_argument("b", metavar="B", help="second record, scored on the same examples (same --limit)")
+    p.add_argument("--output", default=None, help="write the comparison as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    p.set_defaults(func=cmd_compare_tasks)
 
     prune_parser = add_prune_parser(sub)
     if prune_config is not None:

@@ -350,6 +350,11 @@ def test_limit_scores_a_subset(task_dir, tiny):
         assert entry["examples"] == 3 and entry["subset"] and entry["total_examples"] == EXPECTED_COUNTS[name]
         assert 0 <= entry["acc"] <= 1 and entry["acc_stderr"] >= 0
     assert record["subset"] and record["limit"] == 3
+    for name in ("rte", "winogrande"):  # each example's outcome, as lm-eval scored it
+        from nlprune.eval.tasks.paired import decode_examples
+
+        ids, ok = decode_examples(record["tasks"][name]["examples_correct"])
+        assert ids == [0, 1, 2] and np.mean(ok) == pytest.approx(record["tasks"][name]["acc"])
     assert record["mean_acc"] == pytest.approx((record["tasks"]["rte"]["acc"] + record["tasks"]["winogrande"]["acc"]) / 2)
     se = [record["tasks"][n]["acc_stderr"] for n in ("rte", "winogrande")]
     assert record["mean_acc_stderr"] == pytest.approx(np.hypot(*se) / 2)

@@ -3,7 +3,8 @@
 ``run_tasks`` runs lm-eval's ``evaluate`` task by task (zero-shot, lm-eval's own metrics and
 standard errors) on ``NlpruneLM`` or any other lm-eval model, and returns a JSON-ready
 record: per task acc (and acc_norm, perplexity where lm-eval reports them) with standard
-errors, the examples scored, whether that is a subset, seconds; the mean accuracy.
+errors, the examples scored, whether that is a subset, seconds, and each example's outcome
+(``examples_correct``, which ``paired.compare`` pairs across two records); the mean accuracy.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from lm_eval.api.model import LM
 from nlprune.cards import file_sha256
 from nlprune.eval.harness import NlpruneLM
 from nlprune.eval.tasks import load_task_docs, parse_task_list, task_manager
+from nlprune.eval.tasks.paired import encode_examples
 from nlprune.modeling.llama import LlamaForCausalLM
 
 # Metrics the record keeps (lm-eval's names), with their standard errors.
@@ -88,6 +90,13 @@ def predictions(samples: list[dict], task: Any) -> list[dict[str, Any]]:
             entry["greedy"] = bool(resps[0][1])
         out.append(entry)
     return out
+
+
+def example_outcomes(samples: list[dict]) -> dict[str, Any]:
+    """lm-eval's per-example ``acc`` in doc order, compactly (``paired.compare`` pairs two
+    records on them)."""
+    ordered = sorted(samples, key=lambda s: s["doc_id"])
+    return encode_examples([int(s["doc_id"]) for s in ordered], [bool(s["acc"]) for s in ordered])
 
 
 def task_entry(out: dict, name: str, seconds: float) -> dict[str, Any]:
@@ -159,6 +168,7 @@ def run_tasks(
             entries[name].update(
                 split=docs[name].split,
                 files=[{"path": str(p), "sha256": file_sha256(p)} for p in docs[name].files],
+                examples_correct=example_outcomes(out["samples"][name]),
             )
             if keep_predictions:
                 kept[name] = predictions(out["samples"][name], task)

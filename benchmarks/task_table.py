@@ -11,8 +11,10 @@ the record and the table say so). Two command lines per row, both in the record:
     nlprune eval --run benchmarks/tasks/runs/<row> --tasks <the eight> --limit 250 \\
         --data-dir ../shared/data --output benchmarks/tasks/runs/<row>/tasks.json
 
-The record is rewritten after every row and a rerun skips the rows it holds, so an
-interrupted run resumes:
+The record is rewritten after every row and a rerun skips the rows it holds (rows recorded
+before each example's outcome was kept are scored again, the earlier scores kept under
+``previous``), so an interrupted run resumes. ``--table`` also pairs rows on the same
+examples (``nlprune compare-tasks``: paired differences, McNemar) into TABLE_paired.json:
 
     nice -n 10 .venv/bin/python benchmarks/task_table.py --data-dir ../shared/data
     .venv/bin/python benchmarks/task_table.py --table     # the markdown table BENCHMARKS.md shows, and the plot
@@ -63,7 +65,8 @@ def run(args: list[str]) -> float:
 
 
 def summary(zs: dict[str, Any]) -> dict[str, Any]:
-    keep = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "examples", "subset")
+    # the per-example outcomes and the files' hashes let --table pair two rows (compare-tasks)
+    keep = ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "examples", "subset", "files", "examples_correct")
     return {"mean_acc": zs["mean_acc"], "mean_acc_stderr": zs["mean_acc_stderr"], "seconds": zs["seconds"],
             "tasks": {k: {m: v for m, v in e.items() if m in keep} for k, e in zs["tasks"].items()}}
 
@@ -93,6 +96,39 @@ def table(record: dict[str, Any]) -> str:
                  "model scores 0.416 (below answering 'yes' always) and pruned rows 0.40-0.63, so boolq moves "
                  "with the yes/no tilt pruning gives the model, not with its reading.")
     return "\n".join(lines)
+
+
+# Paired comparisons the table reports: the recommended recipe of each pattern against the
+# other rows of that pattern, and every pruned row against the dense model.
+PAIRS = [("recommended-50", "wanda-50"), ("recommended-50", "sparsegpt-50"), ("recommended-50", "nonlinear-best-50"),
+         ("nonlinear-best-50", "wanda-50"), ("sparsegpt-50", "wanda-50"),
+         ("recommended-2:4", "wanda-2:4"), ("recommended-2:4", "sparsegpt-2:4"),
+         ("recommended-2:4", "nonlinear-best-2:4")]
+
+
+def paired_table(record: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Each pair's mean difference (A - B) with its paired s.e. and p, and the tasks whose McNemar
+    p is below 0.05; pairs whose rows were recorded without per-example outcomes are listed as such."""
+    from nlprune.eval.tasks.paired import compare
+
+    rows = record["rows"]
+    pairs = PAIRS + [(k, "dense") for k, _, _ in ROWS if k != "dense"]
+    lines = ["| A | B | mean acc A - B ± paired s.e. | p (normal) | tasks with McNemar p < 0.05 (A - B) |",
+             "|---|---|---|---|---|"]
+    results = {}
+    for a, b in pairs:
+        if a not in rows or b not in rows:
+            continue
+        if not all("examples_correct" in t for k in (a, b) for t in rows[k]["tasks"].values()):
+            lines.append(f"| {a} | {b} | (recorded without per-example outcomes) | | |")
+            continue
+        res = compare(rows[a], rows[b])
+        results[f"{a} vs {b}"] = res
+        sig = ", ".join(f"{t.replace('_openai', '')} {r['difference']:+.3f} (p {r['mcnemar_p']:.3f})"
+                        for t, r in res["tasks"].items() if r["mcnemar_p"] < 0.05) or "none"
+        lines.append(f"| {a} | {b} | {res['mean_difference']:+.4f} ± {res['mean_difference_stderr']:.4f} "
+                     f"| {res['mean_p']:.3f} | {sig} |")
+    return "\n".join(lines), results
 
 
 def plot(record: dict[str, Any], path: Path) -> None:
@@ -143,6 +179,9 @@ def main() -> None:
     if args.table:
         record = json.loads(out.read_text())
         print(table(record))
+        text, results = paired_table(record)
+        print("\nPaired on the same examples (`nlprune compare-tasks`):\n" + text)
+        out.with_name(out.stem + "_paired.json").write_text(json.dumps(results, indent=1) + "\n")
         plot(record, out.with_suffix(".png"))
         return
     if not args.data_dir:
@@ -160,8 +199,10 @@ def main() -> None:
     code = git_state()
     common = ["--data-dir", args.data_dir]
     for key, ablation_key, label in ROWS:
-        if key in rows or (wanted is not None and key not in wanted):
+        if wanted is not None and key not in wanted:
             continue
+        if key in rows and all("examples_correct" in t for t in rows[key]["tasks"].values()):
+            continue  # rows recorded before the outcomes were kept are scored again
         print(f"--- {key}: {label}", flush=True)
         run_dir = Path(args.runs) / key.replace(":", "of")
         tasks_json = run_dir / "tasks.json"
@@ -182,6 +223,10 @@ def main() -> None:
         wall = run(eval_args)
         row.update(summary(json.loads(tasks_json.read_text())), eval_command=eval_args, eval_wall_seconds=wall,
                    git=code, load_average=list(os.getloadavg()))
+        if key in rows:  # the same protocol again: say whether its scores moved
+            before = rows[key]
+            row["previous"] = {"mean_acc": before["mean_acc"], "git": before.get("git"),
+                               "same_accuracies": all(before["tasks"][t]["acc"] == row["tasks"][t]["acc"] for t in TASKS)}
         rows[key] = row
         record.pop("git", None), record.pop("load_average_end", None)  # refreshed by write_json
         write_json(out, record)

@@ -25,7 +25,7 @@ from nlprune.eval.dense_cache import DensePerplexity, dense_perplexity, forward_
 from nlprune.eval.perplexity import perplexity
 from nlprune.eval.tasks import DEFAULT_TASKS, resolve_task_data_dir
 from nlprune.modeling.llama import LlamaForCausalLM
-from nlprune.plan import config_of
+from nlprune.plan import ATTN_ERROR_BATCH, config_of
 from nlprune.runs import MODEL, RunDir, RunDirError, open_finished
 
 
@@ -425,7 +425,9 @@ def prune(
             "machine": machine(),
         }
         if held_out is not None:
-            per_layer = attention_error(loaded.model, pruned, held_out)
+            # one window per call, as plan.py counts it: at seqlen 2048 each window's dense and pruned
+            # n x n probabilities (and their scores) are GBs for a 1B model
+            per_layer = attention_error(loaded.model, pruned, held_out, batch_size=ATTN_ERROR_BATCH)
             record["attention_error"] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)), "windows": attention_windows,
                                          "seqlen": seqlen, "split": "c4-validation"}
         if do_eval:

@@ -59,14 +59,26 @@ def test_out_of_distribution_sets(tokenizer, shared_data_dir):
         evaluation_windows(tokenizer, "wiki", 4, 256, shared_data_dir)
 
 
-def test_attention_error_reads_validation_windows(tiny_model_dir, shared_data_dir):
+def test_attention_error_reads_validation_windows(tiny_model_dir, shared_data_dir, monkeypatch):
     from nlprune import api
+    from nlprune.eval import attention_error as module
     from nlprune.eval.attention_error import attention_error
+    from nlprune.plan import ATTN_ERROR_BATCH
 
+    windows_per_call = []
+    original = module.layer_attention_error
+
+    def spy(dense, pruned, h, cos, sin):
+        windows_per_call.append(h.shape[0])
+        return original(dense, pruned, h, cos, sin)
+
+    monkeypatch.setattr(module, "layer_attention_error", spy)
     loaded = api.load(str(tiny_model_dir))
     pruned, record = api.prune(loaded, "wanda", 0.5, nsamples=2, seqlen=32, data_dir=shared_data_dir,
                                attention_windows=2, progress=False)
     assert record["attention_error"]["split"] == "c4-validation"
+    # the n x n matrices of as many windows at once as nlprune plan counts (its memory)
+    assert windows_per_call and max(windows_per_call) == ATTN_ERROR_BATCH
     val, _ = evaluation_windows(loaded.tokenizer, "c4-validation", 2, 32, shared_data_dir, progress=False)
     test, _ = eval_windows(loaded.tokenizer, "c4", 2, 32, shared_data_dir, progress=False)
     np.testing.assert_allclose(record["attention_error"]["per_layer"], attention_error(loaded.model, pruned, val),

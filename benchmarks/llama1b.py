@@ -220,6 +220,21 @@ def cpu_plan(row: dict) -> tuple[int, str, str]:
     return fresh["cpu_process_bytes"], fresh["cpu_process_at"], "re-planned"
 
 
+def stopped_note(row: dict) -> str:
+    """For a row stopped before the end: the layers it finished, their median seconds, and
+    the prune time that rate gives for every layer (an extrapolation, said as one)."""
+    starts = sorted((int(k), v) for k, v in row["layer_started_at_seconds"].items())
+    done = [b - a for (_, a), (_, b) in zip(starts, starts[1:])]  # layers with a next layer's start
+    layers = 16 if row["model"] == "1b" else 30
+    what = f"{row['setting']} on {MODELS[row['model']][0]}: stopped ({row['stopped'] or 'rc ' + str(row['returncode'])})"
+    if not done:
+        return f"- {what}, before finishing its first layer (started at {starts[0][1]:.0f} s)."
+    per = sorted(done)[len(done) // 2]
+    return (f"- {what} after {len(done)} of {layers} layers; a layer took {per:.0f} s (median of "
+            f"{', '.join(f'{d:.0f}' for d in done)}), so all {layers} would take about {per * layers / 60:.0f} min "
+            f"(extrapolated, not measured); its peak RSS is that of the layers it ran.")
+
+
 def write_table(out: Path) -> None:
     rows = {}
     for f in sorted((out / "rows").glob("*.json")):
@@ -249,9 +264,13 @@ def write_table(out: Path) -> None:
                 f"{fmt_gib(peak)} | {fmt_gib(plan)}{'' if how == 'recorded' else ' (re-planned)'} | {plan / peak:.2f} | {ratio_m} | {plan_at} | "
                 f"{r['sampled_peak']['at']} | {r['load_average_before'][0]:.1f}, {r['load_average_after'][0]:.1f} |"
             )
-            points.append((f"{setting}\n{'1B' if model == '1b' else '135M'}", peak / GIB, plan / GIB))
+            stopped = "" if r["returncode"] == 0 else " (stopped)"
+            points.append((f"{setting}\n{'1B' if model == '1b' else '135M'}{stopped}", peak / GIB, plan / GIB))
             if secs and r["returncode"] == 0:
                 times.setdefault(setting, {})[model] = secs
+    notes = [stopped_note(r) for r in rows.values() if r["returncode"] != 0 and r.get("layer_started_at_seconds")]
+    if notes:
+        lines += ["", *notes]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if points:

@@ -24,6 +24,7 @@ OUT/rows/NAME.json, written as each row finishes (rows already finished are skip
 from __future__ import annotations
 
 import argparse
+import codecs
 import json
 import os
 import re
@@ -104,18 +105,24 @@ def wait_for_memory(need: int, minutes: float) -> int:
 
 def run_prune(cmd: list[str], timeout: float, reserve: int) -> dict:
     """Run one prune; sample its resident set, the layer its progress bar is on, and its peak."""
-    proc = subprocess.Popen(["nice", "-n", "5", *exe(cmd)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, errors="replace")
+    proc = subprocess.Popen(["nice", "-n", "5", *exe(cmd)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     start = time.time()
     state = {"layer": "load", "stderr": [], "stdout": []}
     layer_start: dict[str, float] = {}
 
     def read_stderr():
-        buf = ""
-        while chunk := proc.stderr.read(256):
+        # os.read returns what the pipe holds now (a text read(n) would wait for n characters,
+        # several bar updates: the stage would lag behind the process)
+        buf, decoder = "", codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while raw := os.read(proc.stderr.fileno(), 4096):
+            chunk = decoder.decode(raw)
             buf = (buf + chunk)[-4000:]
-            # the pruning bar's last complete update (tqdm rewrites its line after a \r)
-            bars = [seg for seg in re.split(r"[\r\n]", buf)[:-1] if re.search(r"layer \d+: ", seg)]
+            # the pruning bar's last complete update: tqdm starts each update with a \r, so the
+            # newest one is the last segment, complete once it ends with its closing bracket
+            segs = re.split(r"[\r\n]", buf)
+            if not segs[-1].rstrip().endswith("]"):
+                segs = segs[:-1]
+            bars = [seg for seg in segs if re.search(r"layer \d+: ", seg)]
             if bars:
                 m = re.search(r"layer (\d+): ([a-z ]+)", bars[-1])
                 layer_start.setdefault(m.group(1), round(time.time() - start, 2))
@@ -126,7 +133,7 @@ def run_prune(cmd: list[str], timeout: float, reserve: int) -> dict:
 
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
-    out_reader = threading.Thread(target=lambda: state["stdout"].append(proc.stdout.read()), daemon=True)
+    out_reader = threading.Thread(target=lambda: state["stdout"].append(proc.stdout.read().decode(errors="replace")), daemon=True)
     out_reader.start()
     samples, peak_seen, guard, killed = [], (0, None, None), None, False
     status = None

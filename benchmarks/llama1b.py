@@ -227,19 +227,41 @@ def cpu_plan(row: dict) -> tuple[int, str, str]:
     return fresh["cpu_process_bytes"], fresh["cpu_process_at"], "re-planned"
 
 
+def bar_layer_starts(stderr: str) -> tuple[dict[int, float], float]:
+    """Each layer's start on the progress bar's own clock (its elapsed time at the first update
+    that names the layer), and the last update's elapsed time."""
+    def seconds(text: str) -> float:
+        parts = [int(x) for x in text.split(":")]
+        return float(sum(v * 60**i for i, v in enumerate(reversed(parts))))
+
+    starts, last = {}, 0.0
+    for m in re.finditer(r"\[(\d+(?::\d+)+)[<,\]][^\]]*?layer (\d+): ", stderr):
+        t = seconds(m.group(1))
+        starts.setdefault(int(m.group(2)), t)
+        last = max(last, t)
+    return starts, last
+
+
 def stopped_note(row: dict) -> str:
-    """For a row stopped before the end: the layers it finished, their median seconds, and
-    the prune time that rate gives for every layer (an extrapolation, said as one)."""
-    starts = sorted((int(k), v) for k, v in row["layer_started_at_seconds"].items())
-    done = [b - a for (_, a), (_, b) in zip(starts, starts[1:])]  # layers with a next layer's start
+    """For a row stopped before the end: the layers it finished, their seconds (the progress
+    bar's clock), and the prune time that rate gives for every layer (an extrapolation, said)."""
+    starts, last = bar_layer_starts(row["stderr_tail"])
     layers = 16 if row["model"] == "1b" else 30
     what = f"{row['setting']} on {MODELS[row['model']][0]}: stopped ({row['stopped'] or 'rc ' + str(row['returncode'])})"
+    if not starts:
+        return f"- {what} before its first layer's progress."
+    order = sorted(starts)
+    done = [starts[b] - starts[a] for a, b in zip(order, order[1:])]
+    if order[0] != 0:  # the record keeps the stderr's tail: its first layer's start is cut off
+        done = done[1:]
+    running = f"layer {order[-1]} still running after {last - starts[order[-1]]:.0f} s"
     if not done:
-        return f"- {what}, before finishing its first layer (started at {starts[0][1]:.0f} s)."
+        return f"- {what} in its first layer ({running})."
     per = sorted(done)[len(done) // 2]
-    return (f"- {what} after {len(done)} of {layers} layers; a layer took {per:.0f} s (median of "
-            f"{', '.join(f'{d:.0f}' for d in done)}), so all {layers} would take about {per * layers / 60:.0f} min "
-            f"(extrapolated, not measured); its peak RSS is that of the layers it ran.")
+    return (f"- {what} after {order[-1]} of {layers} layers ({running}); a finished layer took {per:.0f} s "
+            f"(median of {', '.join(f'{d:.0f}' for d in done)}, the layers the record's stderr tail shows), so all "
+            f"{layers} would take about "
+            f"{per * layers / 60:.0f} min (extrapolated, not measured); its peak RSS is that of the layers it ran.")
 
 
 def write_table(out: Path) -> None:
@@ -275,7 +297,7 @@ def write_table(out: Path) -> None:
             points.append((f"{setting}\n{'1B' if model == '1b' else '135M'}{stopped}", peak / GIB, plan / GIB))
             if secs and r["returncode"] == 0:
                 times.setdefault(setting, {})[model] = secs
-    notes = [stopped_note(r) for r in rows.values() if r["returncode"] != 0 and r.get("layer_started_at_seconds")]
+    notes = [stopped_note(r) for r in rows.values() if r["returncode"] != 0]
     if notes:
         lines += ["", *notes]
     (out / "table.md").write_text("\n".join(lines) + "\n")

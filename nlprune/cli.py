@@ -309,7 +309,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     )
     if args.prune_method == "nonlinear":
         o = method.options
-        settings.update(window_batch=o.window_batch, window_chunk=o.window_chunk, linear_method=o.linear_method)
+        settings.update(window_batch=o.window_batch, window_chunk=o.window_chunk, linear_method=o.linear_method,
+                        qk_refit_steps=o.refit_steps if o.refit and o.objective == "probs" else 0)
     if args.output:
         from nlprune.runs import check_output_file
 

@@ -74,6 +74,7 @@ class PlanSettings:
     refit: bool = False  # --refit: the least-squares refit holds each group's Hessian and OBS work
     window_batch: int | None = None  # nonlinear: windows per step (None = all: full batch)
     window_chunk: int | None = None  # nonlinear: windows per gradient chunk (None = all)
+    qk_refit_steps: int = 0  # nonlinear --refit: gradient steps on the kept q/k weights (stored targets, unchunked)
     mask_init: str = "ones"
     attention_windows: int = 4  # held-out windows of the attention-error metric (api.prune's default)
 
@@ -288,6 +289,12 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
             nn = max(build, solve)
         else:  # no stored targets: each chunk recomputes its dense attention
             nn = (SOLVE_COPIES + 2) * g_dev * chunk * per_group_window
+        if s.qk_refit_steps:
+            # --refit's gradient steps on the kept q/k weights store every window's dense targets
+            # and step on window_batch windows at once, whatever --window-chunk says
+            g_build = G // s.model if G % s.model == 0 else G
+            nn = max(nn, TARGET_BUILD_COPIES * g_build * (n // d) * per_group_window,
+                     G * n * per_group_window / g_axes + SOLVE_COPIES * g_dev * wb * per_group_window)
         # the solve holds every window on every device (it slices windows per step), plus the
         # per-group copies of W_Q/W_K and their masks
         x_all = F32 * n * seq * H if d > 1 else 0
@@ -366,6 +373,11 @@ def _suggest(c: LlamaConfig, name: str, s: PlanSettings, peak: int) -> list[Sugg
             tries.append((f"{flag}--window-chunk 1", {"window_batch": wb, "window_chunk": 1},
                           "no stored dense targets; one window's n x n attention per KV group at a time"
                           + (" (steps see all windows: more compute per step)" if flag else "")))
+            if s.qk_refit_steps:  # the q/k refit stores the targets whatever the chunking
+                tries.append((f"{flag}--window-chunk 1 --refit-steps 0",
+                              {"window_batch": wb, "window_chunk": 1, "qk_refit_steps": 0},
+                              "no stored dense targets (steps see all windows, one at a time) and no gradient "
+                              "refit of the kept q/k weights, which stores them: a different method, as --recipe fast"))
         for m in (2, 4, 8):
             if c.num_key_value_heads % (m * s.model) == 0:
                 tries.append((f"--mesh data={s.data},model={m * s.model}", {"model": m * s.model},

@@ -310,7 +310,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.prune_method == "nonlinear":
         o = method.options
         settings.update(window_batch=o.window_batch, window_chunk=o.window_chunk, linear_method=o.linear_method,
-                        qk_refit_steps=o.refit_steps if o.refit and o.objective == "probs" else 0)
+                        qk_refit_steps=o.refit_steps if o.refit and o.objective == "probs" else 0,
+                        recompute_targets=o.recompute_targets)
     if args.output:
         from nlprune.runs import check_output_file
 

@@ -14,7 +14,8 @@ up, per device, what each stage holds in float32:
   method work   the temporaries of pruning one group of weights (scores, sort keys, OBS);
   attention n x n
                 the non-linear step: the dense target attention of every KV group (all
-                windows) and the gradient's working set for the groups solved at once;
+                windows, unless recomputed per step) and the gradient's working set for
+                the groups solved at once;
                 after the last layer, the held-out attention error's full n x n attention
                 of the dense and the pruned layer (one metric window at a time).
 
@@ -26,8 +27,8 @@ The per-stage multipliers (how many copies of a buffer XLA keeps alive) were mea
 against the peak resident memory of real runs (tests/test_plan.py checks one within 30%, and
 the committed Llama-3.2-1B-shaped and SmolLM2 runs of benchmarks/llama1b.py within 20%);
 an accelerator's allocator may keep more or fewer. ``suggestions`` re-plans with each option
-that lowers the peak: smaller forward batches, chunked windows in the non-linear gradient
-(no stored targets), more devices on 'data' or 'model'.
+that lowers the peak: smaller forward batches, no stored targets in the non-linear gradient
+(recomputed per step, or chunked windows), more devices on 'data' or 'model'.
 """
 
 from __future__ import annotations
@@ -75,6 +76,7 @@ class PlanSettings:
     window_batch: int | None = None  # nonlinear: windows per step (None = all: full batch)
     window_chunk: int | None = None  # nonlinear: windows per gradient chunk (None = all)
     qk_refit_steps: int = 0  # nonlinear --refit: gradient steps on the kept q/k weights (stored targets, unchunked)
+    recompute_targets: bool = False  # nonlinear: each step builds its windows' dense targets (none stored)
     mask_init: str = "ones"
     attention_windows: int = 4  # held-out windows of the attention-error metric (api.prune's default)
 
@@ -279,7 +281,9 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         per_group_window = F32 * rep * seq * seq
         wb = n if s.window_batch is None else s.window_batch
         chunk = s.window_chunk if s.window_chunk is not None and s.window_chunk < wb else None
-        if chunk is None:
+        # one step's windows, each chunk (or the step's batch) recomputing its dense attention
+        recomputed = (SOLVE_COPIES + 2) * g_dev * (chunk or wb) * per_group_window
+        if chunk is None and not s.recompute_targets:
             # the dense targets of every group and window: built where the q/k rows live (KV
             # groups over 'model' when it divides them, windows over 'data'), then resharded
             # over the solve's group axes
@@ -287,9 +291,11 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
             build = TARGET_BUILD_COPIES * g_build * (n // d) * per_group_window
             solve = G * n * per_group_window / g_axes + SOLVE_COPIES * g_dev * wb * per_group_window
             nn = max(build, solve)
-        else:  # no stored targets: each chunk recomputes its dense attention
-            nn = (SOLVE_COPIES + 2) * g_dev * chunk * per_group_window
-        if s.qk_refit_steps:
+        else:  # no stored targets
+            nn = recomputed
+        if s.qk_refit_steps and s.recompute_targets:  # unchunked steps on window_batch windows
+            nn = max(nn, (SOLVE_COPIES + 2) * g_dev * wb * per_group_window)
+        elif s.qk_refit_steps:
             # --refit's gradient steps on the kept q/k weights store every window's dense targets
             # and step on window_batch windows at once, whatever --window-chunk says
             g_build = G // s.model if G % s.model == 0 else G
@@ -365,7 +371,11 @@ def _suggest(c: LlamaConfig, name: str, s: PlanSettings, peak: int) -> list[Sugg
         tries.append((f"--batch-size {max(1, s.batch_size // 4)}", {"batch_size": max(1, s.batch_size // 4)},
                       "fewer windows per forward pass: smaller attention and MLP temporaries"))
     if s.method == "nonlinear":
-        if s.window_chunk is None or s.window_chunk > 1:
+        if not s.recompute_targets:
+            tries.append(("--recompute-targets", {"recompute_targets": True},
+                          "no stored dense targets: each step builds its own windows' (the same method, one more "
+                          "dense forward a step)"))
+        if not s.recompute_targets and (s.window_chunk is None or s.window_chunk > 1):
             # the solver stores the dense targets unless a step's windows are chunked, so
             # chunking needs steps of more than one window
             wb = s.window_batch if s.window_batch not in (None, 1) else s.nsamples

@@ -19,7 +19,7 @@ from nlprune.nonlinear import groups, output
 from nlprune.nonlinear.options import NonlinearOptions
 from nlprune.prune.wanda import wanda_scores
 from nlprune.sparsity import assert_mask, mask_from_scores, parse_pattern
-from test_nonlinear_qk import prune_cli, tiny_layer  # tests/ is on sys.path (pytest's rootdir conftest)
+from test_nonlinear_qk import prune_cli, tiny_layer, to_float64  # tests/ is on sys.path (pytest's rootdir conftest)
 
 PATTERN = parse_pattern("unstructured", 0.5)
 NM = parse_pattern("2:4")
@@ -127,6 +127,44 @@ def test_gradient_refit_keeps_sparsity_and_lowers_the_objective(objective, names
     before = output.attention_loss(attn, X, cos, sin, masks, objective)
     after = output.attention_loss(attn, X, cos, sin, masks, objective, weights)
     assert after < 0.97 * before
+
+
+@pytest.mark.parametrize("objective, names", [("probs", ("q_proj", "k_proj")), ("output", ("q_proj", "k_proj", "v_proj"))])
+def test_refit_and_masks_with_recomputed_targets_match_stored_ones(objective, names, monkeypatch):
+    """--recompute-targets in the gradient refit and the output objective's mask descent:
+    each round's targets come from the dense group as it was before the descent (not the
+    weights being re-fitted), never all windows' at once, and the steps are those of the
+    stored targets (float64)."""
+    stacked, recompute = output.stacked_response, False
+
+    def stored_only(*args, **kwargs):
+        assert not recompute, "every window's dense targets were built"
+        return stacked(*args, **kwargs)
+
+    monkeypatch.setattr(output, "stacked_response", stored_only)
+    with jax.enable_x64(True):
+        layer, X, cos, sin = (to_float64(t) for t in tiny_layer())
+        attn = layer.self_attn
+        masks = wanda_masks(attn, X, cos, sin, PATTERN)
+        if objective == "probs":
+            masks = {n: masks[n] for n in ("q_proj", "k_proj")}
+        init = wanda_init(attn, X, cos, sin)
+        runs, mask_runs = [], []
+        for recompute in (False, True):
+            runs.append(output.refit_attention(attn, X, cos, sin, masks, names, objective=objective, steps=6,
+                                               eta=0.01, window_batch=2, recompute_targets=recompute))
+            if objective == "output":
+                mask_runs.append(output.solve_attention_masks(attn, X, cos, sin, PATTERN, init, steps=4,
+                                                              recompute_targets=recompute))
+        (w0, s0), (w1, s1) = runs
+        assert int(np.sum(s0.step_sizes > 0)) > 0
+        np.testing.assert_allclose(s1.losses, s0.losses, rtol=1e-10)
+        for n in names:
+            np.testing.assert_allclose(w1[n], w0[n], rtol=1e-9, atol=1e-12)
+        if mask_runs:
+            (m0, t0), (m1, t1) = mask_runs
+            np.testing.assert_allclose(t1.losses, t0.losses, rtol=1e-10)
+            assert all(bool(jnp.all(m0[n] == m1[n])) for n in groups.ATTN_LINEARS)
 
 
 # ----------------------------------------------------------------------------- the command line

@@ -150,6 +150,40 @@ def test_vmap_over_groups_equals_a_loop_over_groups(kwargs):
         assert bool(jnp.all(binarize(a.mask_k, None, PATTERN) == binarize(b.mask_k, None, PATTERN)))
 
 
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(step_rule="fixed", eta=0.05, steps=6),  # full batch: the one round's targets
+        dict(step_rule="backtracking", steps=6, window_batch=2),  # each round its own windows'
+        dict(step_rule="certified_local", steps=4, window_batch=1),
+        "straight-through",
+    ],
+)
+def test_recomputed_targets_solve_the_same_problem_as_stored_ones(kwargs, monkeypatch):
+    """--recompute-targets builds each round's dense targets instead of storing every
+    window's (never all windows' at once): the same losses, step sizes and masks (float64,
+    where both orders are exact)."""
+    with jax.enable_x64(True):
+        layer, X, cos, sin = (to_float64(t) for t in tiny_layer())
+        attn = layer.self_attn
+        if kwargs == "straight-through":
+            norms = jnp.sqrt(jnp.sum(X.reshape(-1, X.shape[-1]) ** 2, 0))
+            init = tuple(wanda_init(w, norms, PATTERN, True) for w in (attn.q_proj.weight, attn.k_proj.weight))
+            kwargs = dict(init=init, straight_through=PATTERN, step_rule="backtracking", eta=0.1,
+                          eta_relative=True, steps=8, window_batch=1)
+        stored = qk.solve_qk(attn, X, cos, sin, **kwargs)
+        def all_windows_targets(*args):
+            raise AssertionError("every window's dense targets were built")
+
+        monkeypatch.setattr(qk, "stacked_probs", all_windows_targets)
+        recomputed = qk.solve_qk(attn, X, cos, sin, recompute_targets=True, **kwargs)
+        np.testing.assert_allclose(recomputed.losses, stored.losses, rtol=1e-10)
+        np.testing.assert_allclose(recomputed.step_sizes, stored.step_sizes, rtol=1e-10)
+        np.testing.assert_allclose(recomputed.mask_q, stored.mask_q, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(recomputed.mask_k, stored.mask_k, rtol=1e-10, atol=1e-12)
+        assert np.ptp(stored.losses) > 1e-6  # the descent moved
+
+
 @pytest.mark.parametrize("rule", ["certified", "certified_local", "backtracking"])
 def test_guaranteed_rules_never_increase_the_loss(rule):
     layer, X, cos, sin = tiny_layer()

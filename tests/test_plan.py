@@ -76,6 +76,25 @@ def test_plan_recipe_best_counts_the_fill_ins_hessians(capsys, tmp_path):
     assert json.loads(out.read_text())["stages"]["down"]["Hessians"] > 0
 
 
+def test_recompute_targets_is_suggested_and_fits_best_at_2048_on_the_1b_shape(capsys, tmp_path):
+    """best at 2048 stores every window's dense targets (solve and q/k refit): over 24 GiB for
+    Llama 3.2-1B. Plan suggests --recompute-targets (the same method) and re-planned with it
+    the n x n term is one step's windows, not all of them."""
+    base = ["plan", "--model", "llama-3.2-1b", "--prune-method", "nonlinear", "--recipe", "best",
+            "--seqlen", "2048", "--batch-size", "2"]
+    plans = {}
+    for name, extra in (("stored", []), ("recomputed", ["--recompute-targets"])):
+        out = tmp_path / f"{name}.json"
+        assert cli_main([*base, *extra, "--output", str(out)]) == 0
+        plans[name] = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert "--recompute-targets          ->" in printed.split("llama-3.2-1b: nonlinear")[1]  # the first plan's suggestion
+    assert plans["recomputed"]["settings"]["recompute_targets"] is True
+    nn = {k: p["stages"]["q/k/v"]["attention n x n"] for k, p in plans.items()}
+    assert nn["recomputed"] < nn["stored"] / 3
+    assert plans["stored"]["cpu_process_bytes"] > 24 * 2**30 > plans["recomputed"]["cpu_process_bytes"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -119,6 +138,8 @@ WIDE = {**SMALL, "hidden_size": 512, "intermediate_size": 2048, "head_dim": 64}
 # The q/k gradient refit of --refit stores every window's dense targets even when the descent
 # chunks its windows (plan.py counts it since a 2048-token 135M run measured 10.3 GiB, planned 3.9).
 CHUNKED_REFIT = {"steps": 2, "refit": True, "refit_steps": 2, "window_batch": 8, "window_chunk": 1}
+# --recompute-targets: one window's targets a step, in the descent and in the q/k refit.
+RECOMPUTED = {"steps": 2, "refit": True, "refit_steps": 2, "window_batch": 1, "recompute_targets": True}
 
 
 @pytest.mark.parametrize(
@@ -128,6 +149,7 @@ CHUNKED_REFIT = {"steps": 2, "refit": True, "refit_steps": 2, "window_batch": 8,
         pytest.param("sparsegpt", {}, WIDE, 256, marks=pytest.mark.slow),  # peak: down_proj's Hessian
         pytest.param("nonlinear", {"steps": 5}, SMALL, 1024, marks=pytest.mark.slow),  # peak: the n x n targets
         pytest.param("nonlinear", CHUNKED_REFIT, SMALL, 1024, marks=pytest.mark.slow),  # peak: the q/k refit
+        pytest.param("nonlinear", RECOMPUTED, SMALL, 1024, marks=pytest.mark.slow),  # peak: one step's windows
     ],
 )
 def test_plan_matches_a_measured_peak(method, options, config, seqlen, tmp_path):
@@ -136,7 +158,7 @@ def test_plan_matches_a_measured_peak(method, options, config, seqlen, tmp_path)
     CPU device buffers are host memory; compilation happens in a warm-up run first)."""
     from nlprune.modeling.llama import LlamaConfig
 
-    settings = {k: options[k] for k in ("refit", "window_batch", "window_chunk") if k in options}
+    settings = {k: options[k] for k in ("refit", "window_batch", "window_chunk", "recompute_targets") if k in options}
     if options.get("refit"):
         settings["qk_refit_steps"] = options["refit_steps"]
     plan = plan_memory(LlamaConfig.from_hf_dict(config), method=method, nsamples=8, seqlen=seqlen, **settings)

@@ -187,13 +187,18 @@ def gd_core(
     return p_T, jnp.concatenate([loss0[None], losses]), etas
 
 
-def minibatch_rounds(run, params, X: jax.Array, target, batch: int, rounds: int):
+def minibatch_rounds(run, params, X: jax.Array, target, batch: int, rounds: int, make_target=None):
     """Algorithm 1 on mini-batches: ``rounds`` calls of ``run(params, X_b, target_b)`` (each a
     :func:`gd_core` of a few steps) on the next ``batch`` windows, cycling; one call on all
     windows when ``batch`` is their number. Returns (params, losses (rounds, steps + 1),
-    step sizes (rounds, steps)); ``target`` may be None (recomputed by ``run``)."""
+    step sizes (rounds, steps)). ``target`` may be None: then ``make_target(X_b)`` builds each
+    round's targets when given (memory of one batch, not of every window), else ``run``
+    recomputes them itself."""
+    def targets_of(Xb, Tb):
+        return make_target(Xb) if Tb is None and make_target is not None else Tb
+
     if batch == X.shape[0]:  # full batch: one gd_core call of all the steps
-        p, losses, etas = run(params, X, target)
+        p, losses, etas = run(params, X, targets_of(X, target))
         return p, losses[None], etas[None]
     n_batches = X.shape[0] // batch
 
@@ -201,7 +206,7 @@ def minibatch_rounds(run, params, X: jax.Array, target, batch: int, rounds: int)
         start = (r % n_batches) * batch
         Xb = jax.lax.dynamic_slice_in_dim(X, start, batch)
         Tb = None if target is None else jax.lax.dynamic_slice_in_dim(target, start, batch)
-        p, losses, etas = run(p, Xb, Tb)
+        p, losses, etas = run(p, Xb, targets_of(Xb, Tb))
         return p, (losses, etas)
 
     p, (losses, etas) = jax.lax.scan(round_, params, jnp.arange(rounds))

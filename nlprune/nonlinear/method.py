@@ -127,6 +127,7 @@ class NonLinear(PruningMethod):
             attn, inputs, cos, sin, lam=o.lam, steps=o.steps, step_rule=o.step_rule, eta=o.eta, init=init,
             project=o.project, window_batch=o.window_batch, window_chunk=o.window_chunk,
             eta_relative=o.eta_relative, straight_through=pattern if o.straight_through else None,
+            recompute_targets=o.recompute_targets,
         )
         group = "matrix" if o.binarize == "matrix" else "row"
         masks = {
@@ -139,6 +140,7 @@ class NonLinear(PruningMethod):
             weights, rsol = refit_attention(
                 attn, inputs, cos, sin, masks, ("q_proj", "k_proj"), objective="probs",
                 steps=o.refit_steps, eta=o.refit_eta, window_batch=o.window_batch,
+                recompute_targets=o.recompute_targets,
             )
             refit_report = rsol.report()
         results = {}
@@ -159,7 +161,7 @@ class NonLinear(PruningMethod):
         out, report = prune_attention_output(
             attn, ctx.inputs, ctx.cos, ctx.sin, pattern, steps=o.steps, eta=o.eta, window_batch=o.window_batch,
             step_rule=o.step_rule, refit=o.refit and o.refit_steps > 0, refit_steps=o.refit_steps,
-            refit_eta=o.refit_eta,
+            refit_eta=o.refit_eta, recompute_targets=o.recompute_targets,
         )
         results = {}
         for name, (mask, weight) in out.items():

@@ -100,6 +100,11 @@ class NonlinearOptions(MethodOptions):
     window_chunk: int | None = option(
         None, "nonlinear: windows per gradient chunk, to bound memory at long seqlen (default: all at once)", type=int,
     )
+    recompute_targets: bool = option(
+        False, "nonlinear: build each step's dense target attention from its own windows instead of storing "
+        "every window's (memory of --window-batch windows, not --nsamples; the same loss, one more dense forward "
+        "a step); also for --refit's gradient steps",
+    )
     eta_relative: bool = option(
         False, "nonlinear: eta in units of 1/RMS of each KV group's initial gradient (fixed or backtracking; "
         "needs --mask-init wanda)",

@@ -67,6 +67,7 @@ class _Static:
     objective: str
     ste: SparsityPattern | None  # params are scores whose top-k the forward sees; None: weights
     relative_to_params: bool  # step unit RMS(param)/RMS(g0) (weights) instead of 1/RMS(g0)
+    round_targets: bool = False  # targets built per round from the dense group, not stored
 
 
 def _loss(params, rest, X, cos, sin, target, st: _Static):
@@ -80,10 +81,18 @@ def _rms(a):
     return jnp.sqrt(jnp.mean(jnp.square(a)))
 
 
-def _solve_one(params, rest, target, eta, X, cos, sin, st: _Static):
-    """One group: per-tensor step units from the first mini-batch, then ``rounds`` of gd_core."""
+def _solve_one(params, rest, target, dense, eta, X, cos, sin, st: _Static):
+    """One group: per-tensor step units from the first mini-batch, then ``rounds`` of gd_core.
+    ``target`` is every window's dense response, or None: then each round's is built from
+    ``dense`` (the group as it was before the descent)."""
+    make_target = None
+    if st.round_targets:
+        def make_target(Xb):
+            return jax.lax.stop_gradient(response(st.objective)(dense, Xb, cos, sin))
+
     raw = jax.value_and_grad(_loss)
-    _, g0 = raw(params, rest, X[: st.batch], cos, sin, target[: st.batch], st)
+    t0 = make_target(X[: st.batch]) if target is None else target[: st.batch]
+    _, g0 = raw(params, rest, X[: st.batch], cos, sin, t0, st)
     tiny = jnp.finfo(X.dtype).tiny
 
     def unit(p, g):
@@ -101,13 +110,13 @@ def _solve_one(params, rest, target, eta, X, cos, sin, st: _Static):
     def run(p, Xb, Tb):
         return descent.gd_core(vg, p, (Xb, Tb), eta, st.config)
 
-    return descent.minibatch_rounds(run, params, X, target, st.batch, st.rounds)
+    return descent.minibatch_rounds(run, params, X, target, st.batch, st.rounds, make_target)
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
-def _solve_vmapped(params, rest, targets, eta, X, cos, sin, st: _Static):
-    return jax.vmap(_solve_one, in_axes=(0, 0, 0, None, None, None, None, None))(
-        params, rest, targets, eta, X, cos, sin, st
+def _solve_vmapped(params, rest, targets, dense, eta, X, cos, sin, st: _Static):
+    return jax.vmap(_solve_one, in_axes=(0, 0, 0, 0, None, None, None, None, None))(
+        params, rest, targets, dense, eta, X, cos, sin, st
     )
 
 
@@ -135,7 +144,7 @@ class GroupSolution:
 
 
 def _descend(groups: Attention, names, leaf: str, X, cos, sin, *, objective, steps, eta, window_batch,
-             step_rule, ste, relative_to_params) -> GroupSolution:
+             step_rule, ste, relative_to_params, recompute_targets: bool = False) -> GroupSolution:
     start = time.perf_counter()
     X = jnp.asarray(X)
     X = X if jnp.issubdtype(X.dtype, jnp.floating) else X.astype(jnp.float32)
@@ -147,10 +156,13 @@ def _descend(groups: Attention, names, leaf: str, X, cos, sin, *, objective, ste
         lambda a: tuple(getattr(a, n).mask for n in ATTN_LINEARS), groups,
         tuple(jnp.ones_like(getattr(groups, n).weight) for n in ATTN_LINEARS),
     )
-    targets = stacked_response(dense, X, cos, sin, objective)
+    # every window's targets at once, or (recompute_targets) each round's from ``dense``
+    targets = None if recompute_targets else stacked_response(dense, X, cos, sin, objective)
     config = descent.GDConfig(steps=per_round, backtracking=step_rule == "backtracking")
-    st = _Static(config, rounds, batch, X.shape[0] / batch, objective, ste, relative_to_params)
-    out, losses, etas = _solve_vmapped(params, rest, targets, jnp.float32(eta), X, cos, sin, st)
+    st = _Static(config, rounds, batch, X.shape[0] / batch, objective, ste, relative_to_params,
+                 round_targets=recompute_targets)
+    out, losses, etas = _solve_vmapped(params, rest, targets, dense if recompute_targets else None,
+                                       jnp.float32(eta), X, cos, sin, st)
     values = {n: from_groups(n, getattr(getattr(out, n), leaf)) for n in names}
     jax.block_until_ready(values)
     return GroupSolution(values, np.asarray(losses), np.asarray(etas), time.perf_counter() - start)
@@ -160,6 +172,7 @@ def solve_attention_masks(
     attn: Attention, X, cos, sin, pattern: SparsityPattern, init_scores: dict[str, jax.Array], *,
     objective: str = "output", fixed_masks: dict[str, jax.Array] | None = None, steps: int = 20,
     eta: float = 0.1, window_batch: int | None = 1, step_rule: str = "backtracking",
+    recompute_targets: bool = False,
 ) -> tuple[dict[str, jax.Array], GroupSolution]:
     """Binary masks (full shapes, bool) for the linears of ``init_scores`` by straight-through
     descent on ``objective`` (each group's loss); ``fixed_masks``: masks of other linears,
@@ -176,7 +189,8 @@ def solve_attention_masks(
     masks.update(init_scores)
     groups = split_attention_groups(attn, masks)
     sol = _descend(groups, names, "mask", X, cos, sin, objective=objective, steps=steps, eta=eta,
-                   window_batch=window_batch, step_rule=step_rule, ste=pattern, relative_to_params=False)
+                   window_batch=window_batch, step_rule=step_rule, ste=pattern, relative_to_params=False,
+                   recompute_targets=recompute_targets)
     g = attn.num_kv_heads
     binary = {
         n: from_groups(n, mask_from_scores(to_groups(n, s, g), pattern, "row")) for n, s in sol.values.items()
@@ -186,12 +200,13 @@ def solve_attention_masks(
 
 def refit_attention(
     attn: Attention, X, cos, sin, masks: dict[str, jax.Array], names, *, objective: str = "probs",
-    steps: int = 10, eta: float = 0.01, window_batch: int | None = 1,
+    steps: int = 10, eta: float = 0.01, window_batch: int | None = 1, recompute_targets: bool = False,
 ) -> tuple[dict[str, jax.Array], GroupSolution]:
     """Re-fit the kept weights of ``names`` with every mask fixed: backtracking gradient steps
     on ``objective``, each tensor's first try moving it by eta x RMS(W). Returns the new
     weights (full shapes, exactly 0 where masked) of ``names``; ``masks`` holds the binary
-    masks of the four linears (a missing one stays dense)."""
+    masks of the four linears (a missing one stays dense). ``recompute_targets``: each step
+    builds its windows' dense targets instead of storing every window's (memory)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; use one of {OBJECTIVES}")
     names = tuple(n for n in ATTN_LINEARS if n in names)
@@ -199,7 +214,8 @@ def refit_attention(
         raise ValueError("the probs objective sees only q_proj and k_proj")
     groups = split_attention_groups(attn, {n: m for n, m in masks.items()})
     sol = _descend(groups, names, "weight", X, cos, sin, objective=objective, steps=steps, eta=eta,
-                   window_batch=window_batch, step_rule="backtracking", ste=None, relative_to_params=True)
+                   window_batch=window_batch, step_rule="backtracking", ste=None, relative_to_params=True,
+                   recompute_targets=recompute_targets)
     weights = {}
     for n, w in sol.values.items():
         m = masks.get(n)
@@ -234,6 +250,7 @@ def _context_norms(attn: Attention, X, cos, sin) -> jax.Array:
 def prune_attention_output(
     attn: Attention, X, cos, sin, pattern: SparsityPattern, *, steps: int, eta: float,
     window_batch: int | None, step_rule: str, refit: bool, refit_steps: int, refit_eta: float,
+    recompute_targets: bool = False,
 ) -> tuple[dict[str, tuple[jax.Array, jax.Array]], dict[str, Any]]:
     """The output objective on one layer: masks of q, k, v, o by straight-through descent
     from Wanda's scores (o's from the dense context's norms); with ``refit`` the kept weights
@@ -246,12 +263,14 @@ def prune_attention_output(
     init = {n: wanda_scores(getattr(attn, n).effective_weight, norms_c if n == "o_proj" else norms_x)
             for n in ATTN_LINEARS}
     masks, sol = solve_attention_masks(attn, X, cos, sin, pattern, init, objective="output", steps=steps,
-                                       eta=eta, window_batch=window_batch, step_rule=step_rule)
+                                       eta=eta, window_batch=window_batch, step_rule=step_rule,
+                                       recompute_targets=recompute_targets)
     weights = {n: jnp.where(masks[n], getattr(attn, n).effective_weight, 0.0) for n in ATTN_LINEARS}
     report: dict[str, Any] = {"objective": "output", **sol.report()}
     if refit:
         new, rsol = refit_attention(attn, X, cos, sin, masks, ("q_proj", "k_proj", "v_proj"), objective="output",
-                                    steps=refit_steps, eta=refit_eta, window_batch=window_batch)
+                                    steps=refit_steps, eta=refit_eta, window_batch=window_batch,
+                                    recompute_targets=recompute_targets)
         weights.update(new)
         report["refit"] = rsol.report()
     dtype = attn.q_proj.weight.dtype

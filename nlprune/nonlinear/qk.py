@@ -128,8 +128,9 @@ class _Static:
     batch: int  # windows per step
     chunk: int | None  # windows per gradient chunk
     scale: float  # n / batch
-    store_target: bool
+    store_target: bool  # every window's dense targets built once, before the descent
     ste: SparsityPattern | None  # straight-through forward (None = relaxed masks, the paper's)
+    round_targets: bool = False  # not stored, unchunked: each round builds its windows' targets
 
 
 def _solve_one(masks, rest, target, eta, floor, X, cos, sin, lam, st: _Static):
@@ -140,7 +141,14 @@ def _solve_one(masks, rest, target, eta, floor, X, cos, sin, lam, st: _Static):
     def run(params, Xb, Tb):
         return descent.gd_core(vg, params, (rest, Xb, cos, sin, Tb, lam), eta, st.config, seg, floor)
 
-    return descent.minibatch_rounds(run, masks, X, target, st.batch, st.rounds)
+    make_target = None
+    if st.round_targets:
+        dense = eqx.combine(ones_like_masks(masks), rest)
+
+        def make_target(Xb):
+            return jax.lax.stop_gradient(group_probs(dense, Xb, cos, sin))
+
+    return descent.minibatch_rounds(run, masks, X, target, st.batch, st.rounds, make_target)
 
 
 @functools.partial(jax.jit, static_argnames=("st",))
@@ -260,6 +268,7 @@ def solve_qk(
     window_chunk: int | None = None,
     eta_relative: bool = False,
     straight_through: SparsityPattern | None = None,
+    recompute_targets: bool = False,
     vmap: bool = True,
 ) -> QKSolution:
     """Algorithm 1 on every KV group of one layer's attention, on inputs X (windows, seq, hidden).
@@ -268,6 +277,9 @@ def solve_qk(
     ``window_batch``: windows per step (None = all: full-batch GD); the steps cycle through
     the batches in order, each batch's loss scaled by n / b. ``window_chunk``: windows per
     gradient chunk (memory; the dense target is then recomputed per chunk instead of stored).
+    ``recompute_targets``: the dense targets are not stored for every window but built for
+    each step's windows (memory of ``window_batch`` windows instead of all; the same loss, one
+    extra dense forward per step).
     ``vmap=False`` solves the groups one by one (a reference for the vmapped path).
     The ``certified`` rule projects onto [0, 1] (its bound holds on that box).
     ``eta_relative``: eta is in units of 1 / RMS of each group's initial attention gradient
@@ -306,7 +318,7 @@ def solve_qk(
             )
     masks, rest = partition_masks(groups)
     n_groups = groups.q_proj.weight.shape[0]
-    store_target = chunk is None
+    store_target = chunk is None and not recompute_targets
     targets = None
     if store_target:
         targets = stacked_probs(eqx.combine(ones_like_masks(masks), rest), X, cos, sin)
@@ -349,7 +361,8 @@ def solve_qk(
         steps=per_round, backtracking=step_rule == "backtracking",
         local=step_rule == "certified_local", project=project,
     )
-    st = _Static(config, rounds, batch, chunk, n_win / batch, store_target, straight_through)
+    st = _Static(config, rounds, batch, chunk, n_win / batch, store_target, straight_through,
+                 round_targets=not store_target and chunk is None)
     if eta_relative:
         if step_rule not in ("fixed", "backtracking") or eta is None or init is None:
             raise ValueError(

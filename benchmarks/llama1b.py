@@ -49,10 +49,10 @@ SETTINGS = {
     "sparsegpt-2048": ("sparsegpt", 2048, ["--batch-size", "2"]),
     # best's own one-window steps store every window's dense targets: fits for 135M only (plan: 7.0
     # GiB; the 1B shape 29.4). Chunked (plan's older suggestion) it stores them still in the q/k
-    # refit, and each step sees all 8 windows: on 135M 491 s a layer against ~34 s.
+    # refit, and each step sees all 8 windows: on 135M 491 s a layer against ~34 s. Recomputed
+    # (plan's suggestion now) it fits the 1B shape.
     "best-2048": ("nonlinear", 2048, ["--recipe", "best", "--batch-size", "2"]),
-    # The same method with each step's dense targets built from its own window (plan: 18.4 GiB
-    # on the 1B shape).
+    # The same method with each step's dense targets built from its own window.
     "best-2048-recomputed": ("nonlinear", 2048, ["--recipe", "best", "--batch-size", "2", "--recompute-targets"]),
     "best-2048-chunked": ("nonlinear", 2048, ["--recipe", "best", "--batch-size", "2", "--window-batch", "8",
                                               "--window-chunk", "1"]),
@@ -327,14 +327,14 @@ def write_table(out: Path) -> None:
         ax_t.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
         ax_t.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
         ax_t.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax_t.set_xticks(range(len(names)), names, fontsize=7)
+        ax_t.set_xticks(range(len(names)), names, fontsize=7, rotation=20, ha="right")
         ax_t.set_ylabel("prune seconds (log)")
         ax_t.set_title("Prune time, 135M -> 1B shape")
         ax_t.legend(fontsize=7)
         xs = range(len(points))
         ax.bar([x - 0.2 for x in xs], [p[1] for p in points], 0.4, label="measured peak RSS")
         ax.bar([x + 0.2 for x in xs], [p[2] for p in points], 0.4, label="nlprune plan")
-        ax.set_xticks(list(xs), [p[0] for p in points], fontsize=7)
+        ax.set_xticks(list(xs), [p[0] for p in points], fontsize=7, rotation=20, ha="right")
         ax.set_ylabel("GiB")
         ax.set_title("Peak memory: measured vs planned (CPU, float32)")
         ax.legend(fontsize=7)

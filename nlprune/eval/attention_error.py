@@ -31,9 +31,11 @@ def layer_attention_error(dense: DecoderLayer, pruned: DecoderLayer, h, cos, sin
 
 
 def attention_error(
-    dense: LlamaForCausalLM, pruned: LlamaForCausalLM, windows: np.ndarray, batch_size: int = 4
+    dense: LlamaForCausalLM, pruned: LlamaForCausalLM, windows: np.ndarray, batch_size: int = 1
 ) -> list[float]:
-    """Per-layer attention error (mean over windows) of ``pruned`` against ``dense``."""
+    """Per-layer attention error (mean over windows) of ``pruned`` against ``dense``,
+    ``batch_size`` windows per call (each holds every head's n x n attention of both models:
+    one window at a time by default, as ``nlprune plan`` counts)."""
     windows = jnp.asarray(windows, jnp.int32)
     cos, sin = rope_tables(dense, windows.shape[1])
     errors = np.zeros(len(dense.model.layers))

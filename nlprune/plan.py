@@ -281,8 +281,6 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         per_group_window = F32 * rep * seq * seq
         wb = n if s.window_batch is None else s.window_batch
         chunk = s.window_chunk if s.window_chunk is not None and s.window_chunk < wb else None
-        # one step's windows, each chunk (or the step's batch) recomputing its dense attention
-        recomputed = (SOLVE_COPIES + 2) * g_dev * (chunk or wb) * per_group_window
         if chunk is None and not s.recompute_targets:
             # the dense targets of every group and window: built where the q/k rows live (KV
             # groups over 'model' when it divides them, windows over 'data'), then resharded
@@ -291,8 +289,8 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
             build = TARGET_BUILD_COPIES * g_build * (n // d) * per_group_window
             solve = G * n * per_group_window / g_axes + SOLVE_COPIES * g_dev * wb * per_group_window
             nn = max(build, solve)
-        else:  # no stored targets
-            nn = recomputed
+        else:  # no stored targets: each chunk (or step) recomputes its windows' dense attention
+            nn = (SOLVE_COPIES + 2) * g_dev * (chunk or wb) * per_group_window
         if s.qk_refit_steps and s.recompute_targets:  # unchunked steps on window_batch windows
             nn = max(nn, (SOLVE_COPIES + 2) * g_dev * wb * per_group_window)
         elif s.qk_refit_steps:

@@ -16,7 +16,7 @@ from test_llama_parity import tiny_hf_config
 
 def run_cli(*args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "nlprune.cli", *args], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-m", "nlprune.cli", *args], capture_output=True, text=True, env=env, timeout=900
     )
 
 

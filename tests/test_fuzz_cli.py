@@ -16,7 +16,7 @@ import pytest
 from nlprune.cli import main as cli_main
 from nlprune.runs import RunDir
 
-from test_reliability import prune_argv, run_cli, shown_lines, snapshot
+from test_reliability import message_lines, prune_argv, run_cli, snapshot
 
 pytestmark = pytest.mark.slow
 
@@ -177,7 +177,7 @@ def test_bad_input_fails_cleanly_and_changes_nothing(
         rc, _, err = run_cli(capsys, *argv)
     finally:
         (sandbox / "readonly").chmod(0o755)
-    lines = shown_lines(err)
+    lines = message_lines(err)
     assert rc not in (0, None), err
     assert "Traceback" not in err and 1 <= len(lines) <= 3, err
     assert fragment in err, err
@@ -197,7 +197,7 @@ def test_full_disk_during_export_is_one_line(sandbox, tmp_path, monkeypatch, cap
     monkeypatch.setattr(safetensors.numpy, "save_file", full)
     before = snapshot(sandbox)
     rc, _, err = run_cli(capsys, "export-hf", "--run", sandbox / "R", "--output", sandbox / "hf-full")
-    assert rc == 1 and shown_lines(err) == [
+    assert rc == 1 and message_lines(err) == [
         f"nlprune export-hf: error: No space left on device ({sandbox / 'hf-full' / 'model.safetensors'}); "
         "free some space and rerun"]
     assert snapshot(sandbox) == before

@@ -201,5 +201,5 @@ def test_gpu_paper_protocol_dry_run(tmp_path):
 
 def test_gpu_paper_protocol_refuses_an_unknown_method(tmp_path):
     proc = subprocess.run([sys.executable, str(GPU_PROTOCOL), "--dry-run", "--methods", "obs", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "unknown --methods ['obs']" in proc.stderr

@@ -485,7 +485,7 @@ def test_bad_task_input_is_one_line_from_the_installed_command(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "nlprune.cli", "eval", "--tasks", "nosuchtask", "--task-data-dir", str(tmp_path),
          "--output", str(out)],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=900,
     )
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert proc.stderr.strip().startswith("nlprune eval: error: nlprune has no local data for task 'nosuchtask'")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import nlprune.nonlinear.method  # noqa: F401  (registers "nonlinear")
-import nlprune.prune  # noqa: F401  (registers magnitude, wanda, sparsegpt)
+import nlprune.prune  # noqa: F401  (registers magnitude, wanda, sparsegpt, alps, ria)
 from nlprune.prune.base import PruningMethod, method_class, registered_methods
 
 

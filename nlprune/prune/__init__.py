@@ -4,7 +4,9 @@
 ``nlprune.nonlinear``; ``nlprune.methods`` is the registry of all of them."""
 
 # Importing a method module registers it (one line per method).
+from nlprune.prune import alps  # noqa: F401
 from nlprune.prune import magnitude  # noqa: F401
+from nlprune.prune import ria  # noqa: F401
 from nlprune.prune import sparsegpt  # noqa: F401
 from nlprune.prune import wanda  # noqa: F401
 from nlprune.prune.base import (

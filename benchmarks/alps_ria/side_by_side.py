@@ -1,0 +1,166 @@
+"""ALPS and RIA in nlprune against their original code, side by side (issue 24).
+
+For each row (method x pattern), one after the other in one session: the original code
+(``reference.py``, its own process) and ``nlprune prune`` (its own process), both on
+SmolLM2-135M under the cpu protocol (8 x 512 C4 train calibration, seed 0; C4 perplexity on
+the 128 x 512 test windows, by nlprune's evaluator on both sides). nlprune runs with
+``--no-true-sequential``: like both originals, it collects every linear's statistics from the
+dense layer, then prunes the layer. Pruning time only on both sides (no model load, no
+evaluation). Each row's record is ``results/ROW.json`` (both sides, the masks' agreement, the
+load before and after); a row whose record exists is skipped, so the script resumes.
+
+    .venv/bin/python benchmarks/alps_ria/side_by_side.py --alps-repo PATH --ria-repo PATH \\
+        --data-dir ../shared/data                       # every row not yet recorded
+    .venv/bin/python benchmarks/alps_ria/side_by_side.py --table   # table.md from the records
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from common import git_state, machine_line  # noqa: E402
+
+PATTERNS = {"50": ("unstructured", 0.5), "70": ("unstructured", 0.7), "2of4": ("2:4", None)}
+ROWS = [f"{m}-{p}" for m in ("ria", "alps") for p in PATTERNS]
+PPL_TOLERANCE = 0.02
+TIME_GOAL = 0.5
+
+
+def pattern_flags(row: str) -> list[str]:
+    kind, ratio = PATTERNS[row.split("-", 1)[1]]
+    return ["--sparsity-type", kind] + ([] if ratio is None else ["--sparsity-ratio", str(ratio)])
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd`` (output to ``log``); its wall seconds."""
+    start = datetime.datetime.now()
+    with open(log, "w") as out:
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed (rc {proc.returncode}); its output: {log}")
+    return (datetime.datetime.now() - start).total_seconds()
+
+
+def nlprune_masks(run_dir: Path) -> dict[str, np.ndarray]:
+    from nlprune import api
+    from nlprune.sparsity import linear_name
+
+    model, _ = api.load_run(run_dir)
+    return {linear_name(i, name): np.asarray(lin.mask) != 0
+            for i, layer in enumerate(model.model.layers) for name, lin in layer.linears().items()}
+
+
+def reference_masks(path: Path, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    packed = np.load(path)
+    return {k: np.unpackbits(packed[k])[: v.size].reshape(v.shape).astype(bool) for k, v in like.items()}
+
+
+def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
+    method = row.split("-", 1)[0]
+    repo = args.alps_repo if method == "alps" else args.ria_repo
+    if repo is None:
+        raise SystemExit(f"row {row} needs --{method}-repo (a checkout of the original code)")
+    common = ["--nsamples", "8", "--seqlen", "512", "--seed", "0", "--data-dir", args.data_dir]
+    ref_cmd = [sys.executable, str(HERE / "reference.py"), "--method", method, "--repo", str(repo),
+               *pattern_flags(row), *common, "--masks", str(work / f"{row}.npz"), "--output", str(work / f"{row}-ref.json")]
+    ours_cmd = [sys.executable, "-m", "nlprune.cli", "prune", "--model", "smollm2-135m", "--prune-method", method,
+                *pattern_flags(row), *common, "--no-true-sequential", "--eval", "--eval-nsamples", "128",
+                "--eval-seqlen", "512", "--output", str(work / row), "--overwrite"]
+    load = {"before": os.getloadavg()}
+    print(f"{row}: the original code ...", flush=True)
+    run(ref_cmd, work / f"{row}-ref.log")
+    load["between"] = os.getloadavg()
+    print(f"{row}: nlprune ...", flush=True)
+    run(ours_cmd, work / f"{row}.log")
+    load["after"] = os.getloadavg()
+    ref = json.loads((work / f"{row}-ref.json").read_text())
+    ours = json.loads((work / row / "results.json").read_text())
+    mine = nlprune_masks(work / row)
+    theirs = reference_masks(work / f"{row}.npz", mine)
+    differ = sum(int((mine[k] != theirs[k]).sum()) for k in mine) / sum(v.size for v in mine.values())
+    ppl_ours = ours["perplexity"]
+    return {
+        "row": row, "method": method, "pattern": ref["pattern"], "ratio": ref["ratio"],
+        "reference": {k: ref[k] for k in ("prune_seconds", "c4_perplexity", "measured_sparsity", "reference_commit",
+                                          "adaptations", "torch", "torch_threads", "transformers")},
+        "nlprune": {"prune_seconds": ours["prune_seconds"], "c4_perplexity": ppl_ours,
+                    "measured_sparsity": ours["sparsity"]["overall"], "options": ours["args"].get("options")},
+        "perplexity_difference": ppl_ours / ref["c4_perplexity"] - 1,
+        "time_ratio": ours["prune_seconds"] / ref["prune_seconds"],
+        "masks_differ": differ,
+        "commands": {"reference": " ".join(ref_cmd[1:]), "nlprune": " ".join(["nlprune", *ours_cmd[4:]])},
+        "load_average": load, "machine": machine_line(), "git": git_state(),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
+
+
+def table(out: Path) -> str:
+    lines = [
+        "SmolLM2-135M, cpu protocol (8 x 512 C4 train calibration, seed 0; C4 perplexity on 128 x 512 test "
+        "windows, nlprune's evaluator on both sides). Each row: the original code, then `nlprune prune "
+        "--no-true-sequential`, one after the other; prune seconds are pruning only.", "",
+        "| row | original ppl | nlprune ppl | difference | masks differ | original s | nlprune s | ratio | load (before, between, after) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in ROWS:
+        path = out / "results" / f"{row}.json"
+        if not path.exists():
+            continue
+        r = json.loads(path.read_text())
+        load = ", ".join(f"{r['load_average'][k][0]:.1f}" for k in ("before", "between", "after"))
+        lines.append(
+            f"| {row} | {r['reference']['c4_perplexity']:.2f} | {r['nlprune']['c4_perplexity']:.2f} | "
+            f"{100 * r['perplexity_difference']:+.2f}% | {100 * r['masks_differ']:.2f}% | "
+            f"{r['reference']['prune_seconds']:.1f} | {r['nlprune']['prune_seconds']:.1f} | {r['time_ratio']:.2f} | {load} |"
+        )
+    lines += ["", f"Goals: perplexity within {100 * PPL_TOLERANCE:.0f}% of the original's, prune time at most "
+              f"{TIME_GOAL}x. Commands and adaptations: results/ROW.json."]
+    text = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(text)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--alps-repo", type=Path, help="checkout of github.com/mazumder-lab/ALPS")
+    p.add_argument("--ria-repo", type=Path,
+                   help="checkout of github.com/biomedical-cybernetics/Relative-importance-and-activation-pruning")
+    p.add_argument("--data-dir", default=os.environ.get("NLPRUNE_DATA_DIR"))
+    p.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS)
+    p.add_argument("--out", type=Path, default=HERE)
+    p.add_argument("--table", action="store_true", help="only write table.md from the records")
+    args = p.parse_args(argv)
+    if not args.table:
+        if not args.data_dir:
+            raise SystemExit("--data-dir (or NLPRUNE_DATA_DIR) is needed: the local C4 files")
+        (args.out / "results").mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
+            for row in args.rows:
+                path = args.out / "results" / f"{row}.json"
+                if path.exists():
+                    print(f"{row}: recorded ({path}), skipped")
+                    continue
+                record = one_row(row, args, Path(tmp))
+                path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+                print(f"{row}: original {record['reference']['c4_perplexity']:.2f} in "
+                      f"{record['reference']['prune_seconds']:.1f} s, nlprune {record['nlprune']['c4_perplexity']:.2f} "
+                      f"in {record['nlprune']['prune_seconds']:.1f} s", flush=True)
+    print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -5,7 +5,7 @@ paragraphs, LAMBADA fiction: 64 x 512 each) and on the validation sets (C4 valid
 other halves of the Wikipedia and LAMBADA text: 32 x 512 each).
 
 Rows, at 50% unstructured and at 2:4: {magnitude, Wanda, SparseGPT, non-linear q/k
-(straight-through) with the SparseGPT fill-in} x {no refit, --refit, --refit with the ridge
+(straight-through) with the SparseGPT fill-in, ALPS, RIA} x {no refit, --refit, --refit with the ridge
 --refit-percdamp 1.0 (chosen on validation by benchmarks/refit_study.py)}; `--recipe fast` (the
 non-linear q/k with refit at fewer steps); the paper's recipe as
 Algorithm 1 is written (full-batch steps) and in its earlier one-window-per-step form, and with
@@ -47,7 +47,8 @@ def rows() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for p, pattern in PATTERNS.items():
         for name, args in (("magnitude", ["--prune-method", "magnitude"]), ("wanda", ["--prune-method", "wanda"]),
-                           ("sparsegpt", ["--prune-method", "sparsegpt"]), ("nonlinear-qk", NL_QK)):
+                           ("sparsegpt", ["--prune-method", "sparsegpt"]), ("nonlinear-qk", NL_QK),
+                           ("alps", ["--prune-method", "alps"]), ("ria", ["--prune-method", "ria"])):
             out[f"{name}-{p}"] = args + pattern
             out[f"{name}+refit-{p}"] = args + pattern + ["--refit"]
             out[f"{name}+refit-damp1-{p}"] = args + pattern + ["--refit", "--refit-percdamp", "1.0"]

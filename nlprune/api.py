@@ -337,6 +337,7 @@ def prune(
     if request.plan is not None:  # the plan itself, not the file's name: the run reruns from its config alone
         config_given["layer_sparsity"] = request.plan
     method = get_method(prune_method, **(options or {}))  # options resolved and validated once
+    method.check_pattern(pattern)
     source = calibration_source(calib_dataset)
     task_names, task_dir = check_prune_tasks(tasks, task_data_dir, data_dir, limit, dense_tasks)
     run = RunDir(output) if output is not None else None

@@ -157,11 +157,11 @@ def cmd_compare_tasks(args: argparse.Namespace) -> int:
 def add_run_args(p: argparse.ArgumentParser, *, required_method: bool) -> None:
     """What prune and plan share: the model, the method and its options, the pattern, the
     calibration size, the forward batch and the mesh."""
-    from nlprune.methods import available_methods
+    from nlprune.methods import DEFAULT_METHOD, available_methods
 
     p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
-    add_flag(p, "--prune-method", required=required_method, default=None if required_method else "wanda",
-             choices=available_methods(), help="pruning method" + ("" if required_method else " (wanda)"))
+    add_flag(p, "--prune-method", required=required_method, default=None if required_method else DEFAULT_METHOD,
+             choices=available_methods(), help="pruning method" + ("" if required_method else f" ({DEFAULT_METHOD})"))
     add_flag(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
     add_flag(p, "--sparsity-type", default="unstructured",
              help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
@@ -300,18 +300,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--devices must be >= 1, got {args.devices}.")
     sizes = parallel.parse_mesh_spec(args.mesh) if args.mesh else {"data": args.devices or 1, "model": 1}
     default_ratio = 0.5 if args.sparsity_type == "unstructured" else None
-    parse_pattern(args.sparsity_type, args.sparsity_ratio if args.sparsity_ratio is not None else default_ratio)
-    method = get_method(args.prune_method, **method_options(args))  # the options prune would resolve
+    pattern = parse_pattern(args.sparsity_type, args.sparsity_ratio if args.sparsity_ratio is not None else default_ratio)
+    options = method_options(args)
+    get_method(args.prune_method, **options).check_pattern(pattern)  # what prune would refuse, plan refuses
     config, name = config_of(args.model)
     settings = dict(
         method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
-        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, refit=method.options.refit,
+        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, options=options,
     )
-    if args.prune_method == "nonlinear":
-        o = method.options
-        settings.update(window_batch=o.window_batch, window_chunk=o.window_chunk, linear_method=o.linear_method,
-                        qk_refit_steps=o.refit_steps if o.refit and o.objective == "probs" else 0,
-                        recompute_targets=o.recompute_targets)
     if args.output:
         from nlprune.runs import check_output_file
 

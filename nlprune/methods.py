@@ -13,6 +13,8 @@ import nlprune.nonlinear.method  # noqa: F401  (registers "nonlinear")
 import nlprune.prune  # noqa: F401  (registers magnitude, wanda, sparsegpt, alps, ria)
 from nlprune.prune.base import PruningMethod, method_class, registered_methods
 
+DEFAULT_METHOD = "wanda"  # nlprune prune's --prune-method when none is given
+
 
 def available_methods() -> tuple[str, ...]:
     return tuple(registered_methods())

@@ -37,6 +37,10 @@ import dataclasses
 from typing import Any
 
 from nlprune.modeling.llama import QUERY_BLOCK, LlamaConfig
+from nlprune.prune.base import MemoryShape
+from nlprune.sparsity import parse_pattern
+
+from nlprune.methods import DEFAULT_METHOD
 
 F32 = 4  # bytes: nlprune prunes in float32
 
@@ -47,8 +51,6 @@ WEIGHT_WORK_COPIES = 4.0  # scores, sort keys, mask, pruned weight of the group 
 FACTOR_COPIES = 4.5  # SparseGPT: X^T X's block temporaries (on CPU not yet released when the
 # factorisation starts) and the factor's own (damped H, L, L^-1, U)
 OBS_COPIES = 4.0  # SparseGPT: W^T, errors, keep mask, the updated weights
-TARGET_BUILD_COPIES = 4.0  # non-linear: scores, masked scores, exponentials, the stacked targets
-SOLVE_COPIES = 8.0  # non-linear: forward and backward n x n buffers per group and window
 ATTN_ERROR_COPIES = 4.0  # held-out attention error: scores, probabilities of the dense and the pruned layer
 ATTN_ERROR_BATCH = 1  # windows per call of the metric (nlprune.eval.attention_error, as api.prune calls it)
 # CPU process only (device memory elsewhere is not the process's):
@@ -64,21 +66,21 @@ CATEGORIES = ("weights", "hidden states", "activations", "Hessians", "method wor
 class PlanSettings:
     """What the plan depends on besides the config (the prune command's options)."""
 
-    method: str = "wanda"
-    sparsity_type: str = "unstructured"  # N:M lets SparseGPT's pruned rows shard over 'model'
+    method: str = DEFAULT_METHOD
+    sparsity_type: str = "unstructured"  # N:M lets a block-ranked method's pruned rows shard over 'model'
     nsamples: int = 8
     seqlen: int = 512
     data: int = 1  # mesh axis sizes
     model: int = 1
     batch_size: int = 8  # windows per forward pass (per device)
-    linear_method: str = "wanda"  # nonlinear's fill-in
-    refit: bool = False  # --refit: the least-squares refit holds each group's Hessian and OBS work
-    window_batch: int | None = None  # nonlinear: windows per step (None = all: full batch)
-    window_chunk: int | None = None  # nonlinear: windows per gradient chunk (None = all)
-    qk_refit_steps: int = 0  # nonlinear --refit: gradient steps on the kept q/k weights (stored targets, unchunked)
-    recompute_targets: bool = False  # nonlinear: each step builds its windows' dense targets (none stored)
-    mask_init: str = "ones"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's options, as given
     attention_windows: int = 4  # held-out windows of the attention-error metric (api.prune's default)
+
+    def configured_method(self):
+        """The method as a prune with these options would run it (options resolved, validated)."""
+        from nlprune.methods import get_method
+
+        return get_method(self.method, **self.options)
 
 
 @dataclasses.dataclass
@@ -94,6 +96,7 @@ class MemoryPlan:
 
     model: str
     settings: PlanSettings
+    method_options: dict[str, Any]  # the method's options as the prune would resolve them
     stages: dict[str, dict[str, int]]  # stage -> category -> bytes per device
     peak_stage: str
     dense_weight_bytes: int  # what the loaded model holds before pruning starts
@@ -202,6 +205,7 @@ def _validate(s: PlanSettings) -> None:
 
 
 def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
+    method = s.configured_method()  # the plan asks the method what it holds, never its name
     notes: list[str] = []
     lins = _linears(c)
     H, I, L, n, seq = c.hidden_size, c.intermediate_size, c.num_hidden_layers, s.nsamples, s.seqlen
@@ -224,14 +228,11 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     other = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * H
     dense = F32 * (other + L * layer_lin)
 
-    method = s.method
-    fill = s.linear_method if method == "nonlinear" else method
-    hessian = fill == "sparsegpt" or s.refit
-    # SparseGPT's unstructured mask ranks whole blocks of rows: its weights are pruned
-    # replicated (nlprune.prune.pipeline._prune_many); per-row and N:M masks shard by rows
-    rows_shard = s.sparsity_type != "unstructured" or fill != "sparsegpt"
+    pattern = parse_pattern(s.sparsity_type, 0.5 if s.sparsity_type == "unstructured" else None)
+    hessian = method.needs_hessian
+    rows_shard = method.shards_rows(pattern)
     if s.model > 1 and not rows_shard:
-        notes.append("sparsegpt unstructured ranks whole blocks of rows: the pruned weights are replicated")
+        notes.append(f"{method.name} {pattern.name} ranks more than a row at a time: the pruned weights are replicated")
     lin_pruned = {k: (rows_dev(o) if rows_shard else o) * i for k, (o, i) in lins.items()}
     layer_pruned = sum(lin_pruned.values())
 
@@ -258,8 +259,10 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
             by_shape: dict[tuple[int, int], int] = {}
             for k in names:
                 by_shape[lins[k]] = by_shape.get(lins[k], 0) + lin_pruned[k]
-            return F32 * in_f * in_f * (1 + FACTOR_COPIES), int(F32 * OBS_COPIES * max(by_shape.values()))
-        return 0, int(F32 * WEIGHT_WORK_COPIES * biggest)
+            factor = max(FACTOR_COPIES, method.hessian_copies)  # the refit's factorisation, or the method's own
+            work = max(OBS_COPIES, method.work_copies)
+            return F32 * in_f * in_f * (1 + factor), int(F32 * work * max(by_shape.values()))
+        return 0, int(F32 * max(WEIGHT_WORK_COPIES, method.work_copies) * biggest)
 
     hid = F32 * T * H
     stages: dict[str, dict[str, int]] = {}
@@ -270,42 +273,12 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
             "Hessians": int(hess), "method work": int(work), "attention n x n": int(nn),
         }
 
-    # q/k/v: the layer input and the attention input (input_layernorm(h))
+    # q/k/v: the layer input and the attention input (input_layernorm(h)), and what the method
+    # itself holds there (the non-linear solve's n x n attention)
     h_, w_ = prune_work("q/k/v")
-    nn = 0
-    if method == "nonlinear":
-        g_axes = _group_shards(G, s.data, s.model)
-        if g_axes == 1 and s.data * s.model > 1:
-            notes.append(f"{G} KV groups do not divide over the mesh: every device solves all of them")
-        g_dev = G // g_axes
-        per_group_window = F32 * rep * seq * seq
-        wb = n if s.window_batch is None else s.window_batch
-        chunk = s.window_chunk if s.window_chunk is not None and s.window_chunk < wb else None
-        if chunk is None and not s.recompute_targets:
-            # the dense targets of every group and window: built where the q/k rows live (KV
-            # groups over 'model' when it divides them, windows over 'data'), then resharded
-            # over the solve's group axes
-            g_build = G // s.model if G % s.model == 0 else G
-            build = TARGET_BUILD_COPIES * g_build * (n // d) * per_group_window
-            solve = G * n * per_group_window / g_axes + SOLVE_COPIES * g_dev * wb * per_group_window
-            nn = max(build, solve)
-        else:  # no stored targets: each chunk (or step) recomputes its windows' dense attention
-            nn = (SOLVE_COPIES + 2) * g_dev * (chunk or wb) * per_group_window
-        if s.qk_refit_steps and s.recompute_targets:  # unchunked steps on window_batch windows
-            nn = max(nn, (SOLVE_COPIES + 2) * g_dev * wb * per_group_window)
-        elif s.qk_refit_steps:
-            # --refit's gradient steps on the kept q/k weights store every window's dense targets
-            # and step on window_batch windows at once, whatever --window-chunk says
-            g_build = G // s.model if G % s.model == 0 else G
-            nn = max(nn, TARGET_BUILD_COPIES * g_build * (n // d) * per_group_window,
-                     G * n * per_group_window / g_axes + SOLVE_COPIES * g_dev * wb * per_group_window)
-        # the solve holds every window on every device (it slices windows per step), plus the
-        # per-group copies of W_Q/W_K and their masks
-        x_all = F32 * n * seq * H if d > 1 else 0
-        w_ = max(w_, F32 * 4 * (lins["q_proj"][0] + lins["k_proj"][0]) * H)
-        stage("q/k/v", dense + pruned_before("q/k/v"), 2 * hid + x_all, 0, h_, w_, nn)
-    else:
-        stage("q/k/v", dense + pruned_before("q/k/v"), 2 * hid, 0, h_, w_)
+    extra = method.qkv_memory(MemoryShape(c, n, seq, s.data, s.model, d))
+    notes += extra.notes
+    stage("q/k/v", dense + pruned_before("q/k/v"), 2 * hid + extra.hidden, 0, h_, max(w_, extra.work), extra.attention)
     q_tokens = F32 * call * seq * (nh + 2 * G) * hd
     # the forward attention goes in blocks of QUERY_BLOCK queries against the keys up to each
     # block's end (llama.Attention.context); XLA keeps every block's scores alive at once
@@ -331,8 +304,8 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     else:
         stage("attention error", 0, 0)
     if not hessian:
-        notes.append(f"{fill} needs no Hessian (only ||x_j||^2 per input feature)")
-    elif s.refit and fill != "sparsegpt":
+        notes.append(f"{method.name} needs no Hessian (only ||x_j||^2 per input feature)")
+    elif method.options.refit and not method.uses_hessian:
         notes.append("--refit: each group's Hessian X^T X and its least-squares work are held while it is re-fitted")
     if s.model > 1:
         bad = [k for k, (o, _) in lins.items() if o % s.model]
@@ -343,7 +316,7 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         "linears so far, each a weight and a float mask"
     )
     peak = max(stages, key=lambda k: sum(stages[k].values()))
-    plan = MemoryPlan(name, s, stages, peak, dense, notes)
+    plan = MemoryPlan(name, s, json_ready(method.options.as_dict()), stages, peak, dense, notes)
     if s.data * s.model == 1:
         runtime = RUNTIME_BYTES + LOADER_RESIDUE * dense
         pruned_model_weights = F32 * (other + L * layer_pruned)
@@ -354,43 +327,16 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     return plan
 
 
-def _group_shards(groups: int, data: int, model: int) -> int:
-    """Devices the KV groups spread over (nlprune.parallel.group_axes)."""
-    for size in (data * model, model, data):
-        if size > 1 and groups % size == 0:
-            return size
-    return 1
-
-
 def _suggest(c: LlamaConfig, name: str, s: PlanSettings, peak: int) -> list[Suggestion]:
-    """Single changes of the options that lower the peak, each re-planned."""
-    tries: list[tuple[str, dict[str, Any], str]] = []
+    """Single changes of the options that lower the peak, each re-planned: the method's own
+    (:meth:`~nlprune.prune.base.PruningMethod.memory_alternatives`), then the forward batch and
+    more devices on 'data'."""
+    d = s.data if s.nsamples % s.data == 0 else 1
+    shape = MemoryShape(c, s.nsamples, s.seqlen, s.data, s.model, d)
+    tries = list(s.configured_method().memory_alternatives(shape))
     if s.batch_size > 1:
-        tries.append((f"--batch-size {max(1, s.batch_size // 4)}", {"batch_size": max(1, s.batch_size // 4)},
-                      "fewer windows per forward pass: smaller attention and MLP temporaries"))
-    if s.method == "nonlinear":
-        if not s.recompute_targets:
-            tries.append(("--recompute-targets", {"recompute_targets": True},
-                          "no stored dense targets: each step builds its own windows' (the same method, one more "
-                          "dense forward a step)"))
-        if not s.recompute_targets and (s.window_chunk is None or s.window_chunk > 1):
-            # the solver stores the dense targets unless a step's windows are chunked, so
-            # chunking needs steps of more than one window
-            wb = s.window_batch if s.window_batch not in (None, 1) else s.nsamples
-            flag = "" if s.window_batch == wb else f"--window-batch {wb} "
-            tries.append((f"{flag}--window-chunk 1", {"window_batch": wb, "window_chunk": 1},
-                          "no stored dense targets; one window's n x n attention per KV group at a time"
-                          + (" (steps see all windows: more compute per step)" if flag else "")))
-            if s.qk_refit_steps:  # the q/k refit stores the targets whatever the chunking
-                tries.append((f"{flag}--window-chunk 1 --refit-steps 0",
-                              {"window_batch": wb, "window_chunk": 1, "qk_refit_steps": 0},
-                              "no stored dense targets (steps see all windows, one at a time) and no gradient "
-                              "refit of the kept q/k weights, which stores them: a different method, as --recipe fast"))
-        for m in (2, 4, 8):
-            if c.num_key_value_heads % (m * s.model) == 0:
-                tries.append((f"--mesh data={s.data},model={m * s.model}", {"model": m * s.model},
-                              f"{m}x the devices share the KV groups (fewer heads at once per device)"))
-                break
+        tries.insert(0, (f"--batch-size {max(1, s.batch_size // 4)}", {"batch_size": max(1, s.batch_size // 4)},
+                         "fewer windows per forward pass: smaller attention and MLP temporaries"))
     for dd in (2, 4, 8):
         if s.nsamples % (s.data * dd) == 0:
             tries.append((f"--mesh data={s.data * dd},model={s.model}", {"data": s.data * dd},
@@ -398,10 +344,16 @@ def _suggest(c: LlamaConfig, name: str, s: PlanSettings, peak: int) -> list[Sugg
             break
     out = []
     for option, change, what in tries:
+        if "options" in change:
+            change = {**change, "options": {**s.options, **change["options"]}}
         alt = _plan(c, name, dataclasses.replace(s, **change))
         if alt.peak_bytes < peak:
             out.append(Suggestion(option, alt.peak_bytes, what))
     return sorted(out, key=lambda x: x.peak_bytes)
+
+
+def json_ready(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v if isinstance(v, (bool, int, float, str, type(None))) else str(v) for k, v in values.items()}
 
 
 def config_of(model: str) -> tuple[LlamaConfig, str]:

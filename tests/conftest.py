@@ -78,3 +78,22 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "tiny-llama32"
     export_hf(from_state_dict(cfg, state), out, tokenizer=tokenizer)
     return out
+
+
+@pytest.fixture
+def prune_cli(tiny_model_dir, shared_data_dir):
+    """`nlprune prune` in-process on the tiny model with real C4: ``prune_cli(out, *flags)``
+    (4 calibration windows of ``seqlen`` tokens); returns the exit code."""
+    from nlprune.cli import main as cli_main
+
+    def run(out, *extra, seqlen: int = 64) -> int:
+        return cli_main(["prune", "--model", str(tiny_model_dir), "--nsamples", "4", "--seqlen", str(seqlen),
+                         "--data-dir", str(shared_data_dir), "--output", str(out), *map(str, extra)])
+
+    return run
+
+
+@pytest.fixture
+def nonlinear_cli(prune_cli):
+    """`nlprune prune --prune-method nonlinear` on the tiny model, 4 x 32 calibration tokens."""
+    return lambda out, *extra: prune_cli(out, "--prune-method", "nonlinear", *extra, seqlen=32)

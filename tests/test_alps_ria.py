@@ -190,3 +190,27 @@ def test_ria_bad_options_name_the_flag():
         get_method("ria", group="block")
     with pytest.raises(ValueError, match="--activation-exponent"):
         get_method("ria", activation_exponent=float("nan"))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prune-method", "alps", "--rho", "0"], "alps --rho must be a finite number > 0, got 0.0"),
+    (["--prune-method", "alps", "--admm-iters", "0"], "alps --admm-iters must be an integer >= 1, got 0"),
+    (["--prune-method", "ria", "--group", "block"], "argument --group: invalid choice: 'block'"),
+    (["--prune-method", "ria", "--rho", "1"], "--rho (alps) does not apply to --prune-method ria"),
+])
+def test_bad_options_are_one_line_before_anything_loads(flags, message, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from nlprune import cards
+    from nlprune.cli import main as cli_main
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cards, "load_model", no_loading)
+    try:
+        rc = cli_main(["prune", "--model", str(tiny_model_dir), *flags, "--sparsity-ratio", "0.5",
+                       "--output", str(tmp_path / "run")])
+    except SystemExit as e:  # argparse's own refusals
+        rc = e.code
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "run").exists()

@@ -19,7 +19,7 @@ from nlprune.nonlinear import groups, output
 from nlprune.nonlinear.options import NonlinearOptions
 from nlprune.prune.wanda import wanda_scores
 from nlprune.sparsity import assert_mask, mask_from_scores, parse_pattern
-from test_nonlinear_qk import prune_cli, tiny_layer, to_float64  # tests/ is on sys.path (pytest's rootdir conftest)
+from test_nonlinear_qk import tiny_layer, to_float64  # tests/ is on sys.path (pytest's rootdir conftest)
 
 PATTERN = parse_pattern("unstructured", 0.5)
 NM = parse_pattern("2:4")
@@ -181,9 +181,9 @@ def test_refit_and_masks_with_recomputed_targets_match_stored_ones(objective, na
     ],
     ids=["output-refit", "output-2of4-sparsegpt-layer-at-once", "paper-2of4-refit"],
 )
-def test_prune_cli_variants_end_to_end(extra, tiny_model_dir, shared_data_dir, tmp_path):
+def test_prune_cli_variants_end_to_end(extra, tiny_model_dir, shared_data_dir, tmp_path, nonlinear_cli):
     out = tmp_path / "run"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, *extra) == 0
+    assert nonlinear_cli(out, *extra) == 0
     rec = json.loads((out / "results.json").read_text())
     options = rec["args"]["options"]
     assert options["refit"] and options["refit_steps"] == 2 and options["refit_eta"] == 0.01
@@ -203,12 +203,12 @@ def test_prune_cli_variants_end_to_end(extra, tiny_model_dir, shared_data_dir, t
                 assert_mask(mask, pattern, "row")  # 2:4: exactly 2 of every 4
 
 
-def test_refit_changes_the_weights_but_not_the_masks(tiny_model_dir, shared_data_dir, tmp_path):
+def test_refit_changes_the_weights_but_not_the_masks(tiny_model_dir, shared_data_dir, tmp_path, nonlinear_cli):
     """Same options with and without --refit: layer 0's q/k/v masks are the same (same inputs;
     o and the MLP see the re-fitted q/k/v), every weight is re-fitted."""
     base = ["--sparsity-ratio", "0.5", "--straight-through", "--steps", "3"]
-    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "a", *base) == 0
-    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "b", *base, "--refit", "--refit-steps", "3") == 0
+    assert nonlinear_cli(tmp_path / "a", *base) == 0
+    assert nonlinear_cli(tmp_path / "b", *base, "--refit", "--refit-steps", "3") == 0
     a, _ = api.load_run(tmp_path / "a")
     b, _ = api.load_run(tmp_path / "b")
     la, lb = a.model.layers[0].linears(), b.model.layers[0].linears()
@@ -230,9 +230,9 @@ def test_refit_changes_the_weights_but_not_the_masks(tiny_model_dir, shared_data
         (["--refit", "--refit-cg", "-2"], "--refit-cg must be an integer >= 0"),
     ],
 )
-def test_bad_variant_arguments(args, message, tiny_model_dir, shared_data_dir, tmp_path, capsys):
+def test_bad_variant_arguments(args, message, tiny_model_dir, shared_data_dir, tmp_path, capsys, nonlinear_cli):
     out = tmp_path / "run"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--sparsity-ratio", "0.5", *args) == 2
+    assert nonlinear_cli(out, "--sparsity-ratio", "0.5", *args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not (out / "results.json").exists()
@@ -248,13 +248,13 @@ def test_variant_flags_with_another_method_are_refused(tiny_model_dir, shared_da
 # ----------------------------------------------------------------------------- --recipe
 
 
-def test_recipe_best_prunes_as_its_flags_do(tiny_model_dir, shared_data_dir, tmp_path):
+def test_recipe_best_prunes_as_its_flags_do(tiny_model_dir, shared_data_dir, tmp_path, nonlinear_cli):
     """--recipe best is --straight-through --linear-method sparsegpt --refit: the same masks and
     weights on every layer; a flag given with it wins over the preset."""
     short = ["--sparsity-ratio", "0.5", "--steps", "3", "--refit-steps", "2", "--refit-cg", "2"]
-    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "preset", *short, "--recipe", "best") == 0
+    assert nonlinear_cli(tmp_path / "preset", *short, "--recipe", "best") == 0
     flags = ["--straight-through", "--linear-method", "sparsegpt", "--refit"]
-    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "flags", *short, *flags) == 0
+    assert nonlinear_cli(tmp_path / "flags", *short, *flags) == 0
     options = json.loads((tmp_path / "preset" / "results.json").read_text())["args"]["options"]
     assert options["recipe"] == "best" and options["straight_through"] and options["refit"]
     assert options["linear_method"] == "sparsegpt" and options["refit_steps"] == 2
@@ -292,10 +292,10 @@ def test_recipes_resolve_once_into_typed_options():
         build(stepz=3)
 
 
-def test_unknown_recipe_is_refused(tiny_model_dir, shared_data_dir, tmp_path, capsys):
+def test_unknown_recipe_is_refused(tiny_model_dir, shared_data_dir, tmp_path, capsys, nonlinear_cli):
     with pytest.raises(ValueError, match="unknown --recipe 'quick'; use one of paper, best, fast"):
         get_method("nonlinear", recipe="quick")
     out = tmp_path / "run"
     with pytest.raises(SystemExit):
-        prune_cli(tiny_model_dir, shared_data_dir, out, "--recipe", "quick")
+        nonlinear_cli(out, "--recipe", "quick")
     assert "invalid choice: 'quick'" in capsys.readouterr().err and not out.exists()

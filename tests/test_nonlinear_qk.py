@@ -254,14 +254,9 @@ def test_straight_through_starts_at_wanda_and_lowers_the_binary_loss():
 # ----------------------------------------------------------------------------- the command line
 
 
-def prune_cli(tiny_model_dir, shared_data_dir, out, *extra):
-    return cli_main(
-        ["prune", "--model", str(tiny_model_dir), "--nsamples", "4", "--seqlen", "32",
-         "--data-dir", str(shared_data_dir), "--output", str(out), "--prune-method", "nonlinear", *extra]
-    )
 
 
-def test_prune_cli_nonlinear_writes_a_complete_run(tiny_model_dir, shared_data_dir, tmp_path):
+def test_prune_cli_nonlinear_writes_a_complete_run(tiny_model_dir, shared_data_dir, tmp_path, nonlinear_cli):
     """The paper's defaults (T cut to 5 for time), true-sequential: q/k by the non-linear
     hook, v and the rest by Wanda, exact sparsity, results.json with attention_error."""
     from nlprune import api
@@ -269,7 +264,7 @@ def test_prune_cli_nonlinear_writes_a_complete_run(tiny_model_dir, shared_data_d
     from nlprune.modeling.forward import attn_input, embed
 
     out = tmp_path / "run"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--sparsity-ratio", "0.5", "--steps", "5") == 0
+    assert nonlinear_cli(out, "--sparsity-ratio", "0.5", "--steps", "5") == 0
     rec = json.loads((out / "results.json").read_text())
     assert rec["args"]["prune_method"] == "nonlinear" and rec["args"]["options"]["step_rule"] == "fixed"
     per = rec["sparsity"]["per_linear"]
@@ -290,10 +285,10 @@ def test_prune_cli_nonlinear_writes_a_complete_run(tiny_model_dir, shared_data_d
     assert not bool(jnp.all(pruned0.q_proj.mask == wq.mask))
 
 
-def test_prune_cli_nonlinear_layer_at_once_nm_sparsegpt_straight_through(tiny_model_dir, shared_data_dir, tmp_path):
+def test_prune_cli_nonlinear_layer_at_once_nm_sparsegpt_straight_through(tiny_model_dir, shared_data_dir, tmp_path, nonlinear_cli):
     """The hook in the layer-at-once pipeline, N:M, a fill-in that needs the Hessian, STE."""
     out = tmp_path / "run"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--sparsity-type", "2:4", "--steps", "4",
+    assert nonlinear_cli(out, "--sparsity-type", "2:4", "--steps", "4",
                      "--linear-method", "sparsegpt", "--no-true-sequential", "--straight-through",
                      "--window-batch", "2") == 0
     rec = json.loads((out / "results.json").read_text())
@@ -321,12 +316,12 @@ def test_prune_cli_nonlinear_layer_at_once_nm_sparsegpt_straight_through(tiny_mo
         (["--eta-relative", "--step-rule", "certified_local"], "applies to --step-rule fixed or backtracking"),
         (["--eta-relative", "--mask-init", "wanda"], "--eta-relative needs --eta"),
         (["--eta-relative", "--eta", "0.1"], "--eta-relative needs --mask-init wanda"),
-        (["--linear-method", "wanda", "--blocksize", "64"], "does not take ['blocksize']"),
+        (["--linear-method", "wanda", "--blocksize", "64"], "does not take --blocksize (taken by sparsegpt)"),
     ],
 )
-def test_bad_nonlinear_arguments(args, message, tiny_model_dir, shared_data_dir, tmp_path, capsys):
+def test_bad_nonlinear_arguments(args, message, tiny_model_dir, shared_data_dir, tmp_path, capsys, nonlinear_cli):
     out = tmp_path / "run"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--sparsity-ratio", "0.5", *args) == 2
+    assert nonlinear_cli(out, "--sparsity-ratio", "0.5", *args) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err  # refused before loading anything
     assert not (out / "results.json").exists()

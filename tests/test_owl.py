@@ -33,11 +33,6 @@ def calibration(tiny, shared_data_dir):
     return windows
 
 
-def prune_cli(tiny_model_dir, shared_data_dir, out, *extra):
-    return cli_main(["prune", "--model", str(tiny_model_dir), "--nsamples", "4", "--seqlen", "64",
-                     "--data-dir", str(shared_data_dir), "--output", str(out), *extra])
-
-
 # ---------------------------------------------------------------------------------- the plan
 
 
@@ -130,9 +125,9 @@ def test_outlier_ratios_match_a_transformers_pass(tiny, tiny_model_dir, calibrat
 
 
 @pytest.mark.parametrize("target", [0.5, pytest.param(0.7, marks=pytest.mark.slow)])
-def test_owl_run_prunes_each_layer_at_its_planned_ratio(target, tiny_model_dir, shared_data_dir, tmp_path, capsys):
+def test_owl_run_prunes_each_layer_at_its_planned_ratio(target, tiny_model_dir, shared_data_dir, tmp_path, capsys, prune_cli):
     out = tmp_path / "run"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--prune-method", "wanda", "--sparsity-ratio", str(target),
+    assert prune_cli(out, "--prune-method", "wanda", "--sparsity-ratio", str(target),
                      "--sparsity-profile", "owl", "--owl-lambda", "0.1") == 0
     assert "owl profile: layers pruned" in capsys.readouterr().out
     rec = json.loads((out / "results.json").read_text())
@@ -156,11 +151,11 @@ def test_owl_run_prunes_each_layer_at_its_planned_ratio(target, tiny_model_dir, 
 
 
 @pytest.mark.slow
-def test_layer_sparsity_file_per_layer_and_per_linear(tiny_model_dir, shared_data_dir, tmp_path):
+def test_layer_sparsity_file_per_layer_and_per_linear(tiny_model_dir, shared_data_dir, tmp_path, prune_cli):
     per_layer = [0.25, 0.5, 0.75, 0.5, 0.375, 0.625]
     (tmp_path / "layers.json").write_text(json.dumps(per_layer))
     out = tmp_path / "layers"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--prune-method", "sparsegpt",
+    assert prune_cli(out, "--prune-method", "sparsegpt",
                      "--layer-sparsity", str(tmp_path / "layers.json")) == 0
     rec = json.loads((out / "results.json").read_text())
     np.testing.assert_allclose(rec["sparsity"]["per_layer"], per_layer, atol=1e-4)
@@ -172,7 +167,7 @@ def test_layer_sparsity_file_per_layer_and_per_linear(tiny_model_dir, shared_dat
     plan = {"model.layers.0.self_attn.q_proj": 0.25, "model.layers.0.self_attn.k_proj.weight": 0.75}
     (tmp_path / "linears.json").write_text(json.dumps(plan))
     out = tmp_path / "linears"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--prune-method", "wanda", "--sparsity-ratio", "0.5",
+    assert prune_cli(out, "--prune-method", "wanda", "--sparsity-ratio", "0.5",
                      "--layer-sparsity", str(tmp_path / "linears.json")) == 0
     per_linear = json.loads((out / "results.json").read_text())["sparsity"]["per_linear"]
     assert per_linear["model.layers.0.self_attn.q_proj"] == 0.25
@@ -181,7 +176,7 @@ def test_layer_sparsity_file_per_layer_and_per_linear(tiny_model_dir, shared_dat
 
     # v_proj of layer 0 came from the pass at 0.5, on the same statistics as a uniform run: same mask
     uniform = tmp_path / "uniform"
-    assert prune_cli(tiny_model_dir, shared_data_dir, uniform, "--prune-method", "wanda", "--sparsity-ratio", "0.5") == 0
+    assert prune_cli(uniform, "--prune-method", "wanda", "--sparsity-ratio", "0.5") == 0
     ours, _ = api.load_run(out)
     theirs, _ = api.load_run(uniform)
     v = lambda m: np.asarray(m.model.layers[0].self_attn.v_proj.mask)  # noqa: E731
@@ -213,9 +208,7 @@ def test_layer_sparsity_file_per_layer_and_per_linear(tiny_model_dir, shared_dat
         ([], "not json", "is not JSON"),
     ],
 )
-def test_bad_layer_sparsity_input_is_one_line_before_anything_loads(
-    args, plan, message, tiny_model_dir, shared_data_dir, tmp_path, capsys, monkeypatch
-):
+def test_bad_layer_sparsity_input_is_one_line_before_anything_loads(args, plan, message, tiny_model_dir, shared_data_dir, tmp_path, capsys, monkeypatch, prune_cli):
     monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("the model was loaded before the error"))
     extra = []
     if plan is not None:
@@ -223,7 +216,7 @@ def test_bad_layer_sparsity_input_is_one_line_before_anything_loads(
         path.write_text(plan if isinstance(plan, str) else json.dumps(plan))
         extra = ["--layer-sparsity", str(path)]
     out = tmp_path / "run"
-    assert prune_cli(tiny_model_dir, shared_data_dir, out, "--prune-method", "wanda", *args, *extra) == 2
+    assert prune_cli(out, "--prune-method", "wanda", *args, *extra) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
@@ -241,13 +234,13 @@ def test_profile_object_checks():
 
 
 @pytest.mark.slow
-def test_an_interrupted_owl_run_resumes_to_the_same_masks(tiny_model_dir, shared_data_dir, tmp_path):
+def test_an_interrupted_owl_run_resumes_to_the_same_masks(tiny_model_dir, shared_data_dir, tmp_path, prune_cli):
     from nlprune.checkpoint import load_packed_masks
     from nlprune.runs import RunDir
 
     flags = ["--prune-method", "sparsegpt", "--sparsity-ratio", "0.6", "--sparsity-profile", "owl"]
     whole = tmp_path / "whole"
-    assert prune_cli(tiny_model_dir, shared_data_dir, whole, *flags) == 0
+    assert prune_cli(whole, *flags) == 0
     original = RunDir.save_layer
 
     def save_then_stop(self, index, *args, **kwargs):
@@ -258,8 +251,8 @@ def test_an_interrupted_owl_run_resumes_to_the_same_masks(tiny_model_dir, shared
     parts = tmp_path / "parts"
     with pytest.MonkeyPatch.context() as m:
         m.setattr(RunDir, "save_layer", save_then_stop)
-        assert prune_cli(tiny_model_dir, shared_data_dir, parts, *flags) == 130
-    assert prune_cli(tiny_model_dir, shared_data_dir, parts, *flags) == 0
+        assert prune_cli(parts, *flags) == 130
+    assert prune_cli(parts, *flags) == 0
     rec = json.loads((parts / "results.json").read_text())
     assert rec["resumed_from_layer"] == 3
     a, b = load_packed_masks(whole / "masks.safetensors"), load_packed_masks(parts / "masks.safetensors")
@@ -268,12 +261,12 @@ def test_an_interrupted_owl_run_resumes_to_the_same_masks(tiny_model_dir, shared
     # another plan (here another lambda) is not resumed from this one's state
     with pytest.MonkeyPatch.context() as m:
         m.setattr(RunDir, "save_layer", save_then_stop)
-        assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "other", *flags) == 130
-    assert prune_cli(tiny_model_dir, shared_data_dir, tmp_path / "other", *flags, "--owl-lambda", "0.05") == 2
+        assert prune_cli(tmp_path / "other", *flags) == 130
+    assert prune_cli(tmp_path / "other", *flags, "--owl-lambda", "0.05") == 2
 
 
 @pytest.mark.slow
-def test_owl_on_a_four_device_mesh_plans_and_prunes_as_one_device(tiny_model_dir, shared_data_dir, tmp_path):
+def test_owl_on_a_four_device_mesh_plans_and_prunes_as_one_device(tiny_model_dir, shared_data_dir, tmp_path, prune_cli):
     import os
     import subprocess
     import sys
@@ -282,7 +275,7 @@ def test_owl_on_a_four_device_mesh_plans_and_prunes_as_one_device(tiny_model_dir
 
     flags = ["--prune-method", "wanda", "--sparsity-ratio", "0.7", "--sparsity-profile", "owl"]
     one = tmp_path / "one"
-    assert prune_cli(tiny_model_dir, shared_data_dir, one, *flags) == 0
+    assert prune_cli(one, *flags) == 0
     env = dict(os.environ, JAX_PLATFORMS="cpu", NLPRUNE_COMPILATION_CACHE="0")
     env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
     four = tmp_path / "four"

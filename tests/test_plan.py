@@ -65,12 +65,12 @@ def test_plan_recipe_best_counts_the_fill_ins_hessians(capsys, tmp_path):
         assert cli_main(["plan", "--model", "llama-3.2-1b", "--prune-method", "nonlinear", "--recipe", recipe,
                          "--output", str(out)]) == 0
         plans[recipe] = json.loads(out.read_text())
-    assert plans["best"]["settings"]["linear_method"] == "sparsegpt"
-    assert plans["paper"]["settings"]["linear_method"] == "wanda"
+    assert plans["best"]["method_options"]["linear_method"] == "sparsegpt"
+    assert plans["paper"]["method_options"]["linear_method"] == "wanda"
     for stage in ("q/k/v", "o", "gate/up", "down"):
         assert plans["best"]["stages"][stage]["Hessians"] > 0 == plans["paper"]["stages"][stage]["Hessians"]
     assert plans["paper"]["stages"]["q/k/v"]["attention n x n"] > plans["best"]["stages"]["q/k/v"]["attention n x n"]
-    assert plans["paper"]["settings"]["window_batch"] is None and plans["best"]["settings"]["window_batch"] == 1
+    assert plans["paper"]["method_options"]["window_batch"] is None and plans["best"]["method_options"]["window_batch"] == 1
     out = tmp_path / "wanda-refit.json"  # a baseline with --refit holds Hessians too
     assert cli_main(["plan", "--model", "llama-3.2-1b", "--prune-method", "wanda", "--refit", "--output", str(out)]) == 0
     assert json.loads(out.read_text())["stages"]["down"]["Hessians"] > 0
@@ -89,7 +89,7 @@ def test_recompute_targets_is_suggested_and_fits_best_at_2048_on_the_1b_shape(ca
         plans[name] = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert "--recompute-targets          ->" in printed.split("llama-3.2-1b: nonlinear")[1]  # the first plan's suggestion
-    assert plans["recomputed"]["settings"]["recompute_targets"] is True
+    assert plans["recomputed"]["method_options"]["recompute_targets"] is True
     nn = {k: p["stages"]["q/k/v"]["attention n x n"] for k, p in plans.items()}
     assert nn["recomputed"] < nn["stored"] / 3
     assert plans["stored"]["cpu_process_bytes"] > 24 * 2**30 > plans["recomputed"]["cpu_process_bytes"]
@@ -158,10 +158,7 @@ def test_plan_matches_a_measured_peak(method, options, config, seqlen, tmp_path)
     CPU device buffers are host memory; compilation happens in a warm-up run first)."""
     from nlprune.modeling.llama import LlamaConfig
 
-    settings = {k: options[k] for k in ("refit", "window_batch", "window_chunk", "recompute_targets") if k in options}
-    if options.get("refit"):
-        settings["qk_refit_steps"] = options["refit_steps"]
-    plan = plan_memory(LlamaConfig.from_hf_dict(config), method=method, nsamples=8, seqlen=seqlen, **settings)
+    plan = plan_memory(LlamaConfig.from_hf_dict(config), method=method, nsamples=8, seqlen=seqlen, options=options)
     planned = plan.peak_bytes - plan.dense_weight_bytes
     measured = measured_added_bytes(tmp_path, config, method, options, seqlen=seqlen)
     print(f"{method}: planned {planned / 2**20:.1f} MiB (peak at {plan.peak_stage}), measured {measured / 2**20:.1f} MiB")
@@ -188,8 +185,8 @@ def test_gpu_paper_protocol_dry_run(tmp_path):
     assert set(plans) == {"magnitude-unstructured", "wanda-unstructured", "sparsegpt-unstructured",
                           "nonlinear-paper-unstructured", "nonlinear-best-unstructured"}
     best, paper = plans["nonlinear-best-unstructured"], plans["nonlinear-paper-unstructured"]
-    assert best["settings"]["linear_method"] == "sparsegpt" and best["settings"]["refit"]
-    assert paper["settings"]["window_batch"] is None  # the paper's full-batch steps
+    assert best["method_options"]["linear_method"] == "sparsegpt" and best["method_options"]["refit"]
+    assert paper["method_options"]["window_batch"] is None  # the paper's full-batch steps
     assert paper["stages"]["q/k/v"]["attention n x n"] > best["stages"]["q/k/v"]["attention n x n"]
     # the printed verdicts are the plans' own peaks, and the 1B's dense weights are in each
     for name, plan in plans.items():

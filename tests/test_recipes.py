@@ -124,7 +124,7 @@ def test_toml_json_and_yaml_recipes_and_both_spellings_read_the_same(tmp_path):
         ('prune_method = "wanda"\nsparsity = 0.5\n', "a.toml", "unknown key 'sparsity'; the keys are the flags of `nlprune prune`: "),
         ('prune_method = "wanda"\nsparsity_ratio = "half"\n', "a.toml", "sparsity_ratio: 'half' is not float"),
         ('prune_method = "wanda"\neval = "yes"\n', "a.toml", "eval is a switch: give true or false"),
-        ('prune_method = "obs"\n', "a.toml", "prune_method is 'obs'; choose one of magnitude, nonlinear, sparsegpt, wanda"),
+        ('prune_method = "obs"\n', "a.toml", "prune_method is 'obs'; choose one of alps, magnitude, nonlinear, ria, sparsegpt, wanda"),
         ('prune_method = "wanda"\nnsamples = 2.5\n', "a.toml", "nsamples takes int"),
         ('prune_method = "wanda"\nsparsity_ratio = 0.5\nsparsity-ratio = 0.6\n', "a.toml", "gives sparsity_ratio twice"),
         ('prune_method = \n', "a.toml", "cannot be parsed"),

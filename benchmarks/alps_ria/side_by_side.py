@@ -1,7 +1,8 @@
 """ALPS and RIA in nlprune against their original code, side by side (issue 24).
 
 For each row (method x pattern), one after the other in one session: the original code
-(``reference.py``, its own process) and ``nlprune prune`` (its own process), both on
+(``reference.py``, its own process), ``nlprune prune`` in the originals' order and in its
+default true-sequential order (each its own process), all on
 SmolLM2-135M under the cpu protocol (8 x 512 C4 train calibration, seed 0; C4 perplexity on
 the 128 x 512 test windows, by nlprune's evaluator on both sides). nlprune runs with
 ``--no-true-sequential``: like both originals, it collects every linear's statistics from the
@@ -79,6 +80,8 @@ def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     ours_cmd = [sys.executable, "-m", "nlprune.cli", "prune", "--model", "smollm2-135m", "--prune-method", method,
                 *pattern_flags(row), *common, "--no-true-sequential", "--eval", "--eval-nsamples", "128",
                 "--eval-seqlen", "512", "--output", str(work / row), "--overwrite"]
+    default_cmd = [c for c in ours_cmd if c != "--no-true-sequential"]
+    default_cmd[default_cmd.index("--output") + 1] = str(work / f"{row}-default")
     load = {"before": os.getloadavg()}
     print(f"{row}: the original code ...", flush=True)
     run(ref_cmd, work / f"{row}-ref.log")
@@ -86,8 +89,12 @@ def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     print(f"{row}: nlprune ...", flush=True)
     run(ours_cmd, work / f"{row}.log")
     load["after"] = os.getloadavg()
+    print(f"{row}: nlprune in its default order (true-sequential) ...", flush=True)
+    run(default_cmd, work / f"{row}-default.log")
+    load["after default"] = os.getloadavg()
     ref = json.loads((work / f"{row}-ref.json").read_text())
     ours = json.loads((work / row / "results.json").read_text())
+    default = json.loads((work / f"{row}-default" / "results.json").read_text())
     mine = nlprune_masks(work / row)
     theirs = reference_masks(work / f"{row}.npz", mine)
     differ = sum(int((mine[k] != theirs[k]).sum()) for k in mine) / sum(v.size for v in mine.values())
@@ -98,10 +105,14 @@ def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
                                           "adaptations", "torch", "torch_threads", "transformers")},
         "nlprune": {"prune_seconds": ours["prune_seconds"], "c4_perplexity": ppl_ours,
                     "measured_sparsity": ours["sparsity"]["overall"], "options": ours["args"].get("options")},
+        "nlprune_default_order": {"prune_seconds": default["prune_seconds"], "c4_perplexity": default["perplexity"],
+                                  "time_ratio": default["prune_seconds"] / ref["prune_seconds"],
+                                  "perplexity_difference": default["perplexity"] / ref["c4_perplexity"] - 1},
         "perplexity_difference": ppl_ours / ref["c4_perplexity"] - 1,
         "time_ratio": ours["prune_seconds"] / ref["prune_seconds"],
         "masks_differ": differ,
-        "commands": {"reference": " ".join(ref_cmd[1:]), "nlprune": " ".join(["nlprune", *ours_cmd[4:]])},
+        "commands": {"reference": " ".join(ref_cmd[1:]), "nlprune": " ".join(["nlprune", *ours_cmd[4:]]),
+                     "nlprune_default_order": " ".join(["nlprune", *default_cmd[4:]])},
         "load_average": load, "machine": machine_line(), "git": git_state(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -111,20 +122,25 @@ def table(out: Path) -> str:
     lines = [
         "SmolLM2-135M, cpu protocol (8 x 512 C4 train calibration, seed 0; C4 perplexity on 128 x 512 test "
         "windows, nlprune's evaluator on both sides). Each row: the original code, then `nlprune prune "
-        "--no-true-sequential`, one after the other; prune seconds are pruning only.", "",
-        "| row | original ppl | nlprune ppl | difference | masks differ | original s | nlprune s | ratio | load (before, between, after) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "--no-true-sequential` (the originals' order: every linear's statistics from the dense layer, two "
+        "forward passes per layer), then nlprune in its default true-sequential order (one forward pass per "
+        "layer; other masks), one after the other; prune seconds are pruning only.", "",
+        "| row | original ppl | nlprune ppl | difference | masks differ | original s | nlprune s | ratio | "
+        "default order: ppl, s, ratio | load (before, between, after) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in ROWS:
         path = out / "results" / f"{row}.json"
         if not path.exists():
             continue
         r = json.loads(path.read_text())
+        d = r["nlprune_default_order"]
         load = ", ".join(f"{r['load_average'][k][0]:.1f}" for k in ("before", "between", "after"))
         lines.append(
             f"| {row} | {r['reference']['c4_perplexity']:.2f} | {r['nlprune']['c4_perplexity']:.2f} | "
             f"{100 * r['perplexity_difference']:+.2f}% | {100 * r['masks_differ']:.2f}% | "
-            f"{r['reference']['prune_seconds']:.1f} | {r['nlprune']['prune_seconds']:.1f} | {r['time_ratio']:.2f} | {load} |"
+            f"{r['reference']['prune_seconds']:.1f} | {r['nlprune']['prune_seconds']:.1f} | {r['time_ratio']:.2f} | "
+            f"{d['c4_perplexity']:.2f}, {d['prune_seconds']:.1f}, {d['time_ratio']:.2f} | {load} |"
         )
     lines += ["", f"Goals: perplexity within {100 * PPL_TOLERANCE:.0f}% of the original's, prune time at most "
               f"{TIME_GOAL}x. Commands and adaptations: results/ROW.json."]

@@ -17,16 +17,27 @@ refit, the same stage every method gets (:func:`nlprune.prune.refit.refit_group`
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from nlprune.nonlinear import memory
 from nlprune.nonlinear.descent import binarize
 from nlprune.nonlinear.groups import ATTN_LINEARS
 from nlprune.nonlinear.options import NonlinearOptions
 from nlprune.nonlinear.output import prune_attention_output, refit_attention
 from nlprune.nonlinear.qk import solve_qk
-from nlprune.prune.base import GroupContext, PruneResult, PruningMethod, check_result, method_class, register_method
+from nlprune.prune.base import (
+    GroupContext,
+    MemoryShape,
+    MethodMemory,
+    PruneResult,
+    PruningMethod,
+    check_result,
+    method_class,
+    register_method,
+)
 from nlprune.prune.stats import LayerStats
 from nlprune.prune.wanda import wanda_prune, wanda_scores
 from nlprune.sparsity import DEFAULT_BLOCKSIZE, SparsityPattern
@@ -47,6 +58,7 @@ class NonLinear(PruningMethod):
 
     name = "nonlinear"
     Options = NonlinearOptions
+    fills_in = False  # its q/k solve needs the layer's attention, not one linear's statistics
     options: NonlinearOptions
 
     def __init__(self, options: NonlinearOptions | None = None) -> None:
@@ -78,6 +90,15 @@ class NonLinear(PruningMethod):
 
     def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
         return self.fill_in.comparison_group(pattern)
+
+    def check_pattern(self, pattern: SparsityPattern) -> None:
+        self.fill_in.check_pattern(pattern)
+
+    def qkv_memory(self, shape: MemoryShape) -> MethodMemory:
+        return memory.qkv_memory(self.options, shape)
+
+    def memory_alternatives(self, shape: MemoryShape) -> list[tuple[str, dict[str, Any], str]]:
+        return memory.memory_alternatives(self.options, shape)
 
     # -- the pipeline's hook -------------------------------------------------------------------
 

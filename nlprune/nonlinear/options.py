@@ -17,12 +17,13 @@ from typing import Any
 import numpy as np
 
 from nlprune.nonlinear import descent
-from nlprune.prune.base import MethodOptions, method_class, option
+from nlprune.prune.base import MethodOptions, fill_in_methods, method_class, option
+
+DEFAULT_METHOD = "wanda"  # the paper's fill-in
 
 STEP_RULES = descent.STEP_RULES
 BINARIZE_MODES = descent.BINARIZE_MODES
 MASK_INITS = ("ones", "wanda")
-LINEAR_METHODS = ("wanda", "sparsegpt", "magnitude")
 OBJECTIVES = ("probs", "output")
 PAPER_LAMBDA = 0.05  # Section 6.2 (Llama 3.2-1B)
 LINEAR_PASSTHROUGH = ("blocksize", "percdamp", "group")  # handed to the fill-in when set
@@ -75,8 +76,8 @@ class NonlinearOptions(MethodOptions):
         "sparsegpt --refit) or fast (best with --steps 10 --refit-steps 0 --refit-cg 10); flags given override it",
         choices=tuple(RECIPES),
     )
-    linear_method: str = option("wanda", "nonlinear: the method that prunes v, o, gate, up, down (wanda)",
-                                choices=LINEAR_METHODS)
+    linear_method: str = option(DEFAULT_METHOD, f"nonlinear: the method that prunes v, o, gate, up, down: any "
+                                f"linear method ({DEFAULT_METHOD})")
     lam: float = option(PAPER_LAMBDA, "nonlinear: mask regulariser lambda >= 0 (0.05, the paper's)", flag="--lambda")
     eta: float | None = option(
         None, "nonlinear: step size > 0 (fixed rule: 0.005, the paper's; certified: 1/L; certified_local: first "
@@ -145,8 +146,8 @@ class NonlinearOptions(MethodOptions):
 
     def validate(self) -> None:
         super().validate()
-        if self.linear_method not in LINEAR_METHODS:
-            raise ValueError(f"unknown --linear-method {self.linear_method!r}; use one of {', '.join(LINEAR_METHODS)}")
+        if self.linear_method not in fill_in_methods():
+            raise ValueError(f"unknown --linear-method {self.linear_method!r}; use one of {', '.join(fill_in_methods())}")
         if self.mask_init not in MASK_INITS:
             raise ValueError(f"unknown --mask-init {self.mask_init!r}; use one of {', '.join(MASK_INITS)}")
         if self.binarize not in BINARIZE_MODES:
@@ -174,9 +175,10 @@ class NonlinearOptions(MethodOptions):
         try:  # the fill-in validates its own options now, not at layer 0
             method_class(self.linear_method).Options.build(self.linear_method, **self.linear_options)
         except TypeError:
+            takers = {k: [m for m in fill_in_methods() if k in method_class(m).option_names()] for k in self.linear_options}
             raise ValueError(
-                f"--linear-method {self.linear_method} does not take {sorted(self.linear_options)}: --blocksize/"
-                "--percdamp are sparsegpt's, --group is magnitude's."
+                f"--linear-method {self.linear_method} does not take "
+                + "; ".join(f"--{k} (taken by {', '.join(ms) or 'no linear method'})" for k, ms in takers.items())
             ) from None
 
     def _validate_variants(self) -> None:

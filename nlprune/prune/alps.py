@@ -161,6 +161,11 @@ class ALPS(PruningMethod):
     name = "alps"
     Options = ALPSOptions
     uses_hessian = True
+    updates_weights = True
+    # not measured: B, D, V, the target, the scaled weight, B + V / rho and the sort keys; A, its
+    # eigenvectors, the eigensolver's workspace and (A + rho I)^-1 per weight
+    work_copies = 8.0
+    hessian_copies = 6.0
 
     def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
         return "matrix", DEFAULT_BLOCKSIZE

@@ -189,6 +189,36 @@ class GroupContext:
 
 
 # --------------------------------------------------------------------------------------------
+# What a method tells the memory plan (nlprune.plan) about itself
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryShape:
+    """A planned run as a method's memory hooks see it: the model's config, the calibration
+    windows, the mesh's axis sizes and how many devices the windows spread over."""
+
+    config: Any  # nlprune.modeling.llama.LlamaConfig
+    nsamples: int
+    seqlen: int
+    data: int
+    model: int
+    window_shards: int
+
+
+@dataclasses.dataclass
+class MethodMemory:
+    """Bytes per device a method holds at the q/k/v stage beyond the linear pipeline's:
+    ``attention`` (the plan's "attention n x n"), a floor on the stage's ``work``, ``hidden``
+    states it keeps, and notes for the plan's reader."""
+
+    attention: int = 0
+    work: int = 0
+    hidden: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
 # The method interface
 # --------------------------------------------------------------------------------------------
 
@@ -201,12 +231,23 @@ class PruningMethod(abc.ABC):
     name: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     uses_hessian: ClassVar[bool] = False  # the method itself prunes from X^T X
+    updates_weights: ClassVar[bool] = False  # the kept weights change (not only the mask)
+    fills_in: ClassVar[bool] = True  # prunes any linear from its input statistics alone (a fill-in)
+    # For nlprune plan: buffers the size of the weights being pruned (all of a shared input's
+    # same-shape weights) and of X^T X that the method holds beyond the pipeline's (the
+    # pipeline's own counts are the floor: nlprune.plan)
+    work_copies: ClassVar[float] = 0.0
+    hessian_copies: ClassVar[float] = 0.0
 
     def __init__(self, options: MethodOptions | None = None) -> None:
         self.options = self.Options() if options is None else options
         if not isinstance(self.options, self.Options):
             raise TypeError(f"{self.name} takes {self.Options.__name__}, not {type(self.options).__name__}")
         self.reports: list[dict[str, Any]] = []  # per-layer diagnostics, recorded in results.json
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls.Options))
 
     @classmethod
     def from_options(cls, **given: Any) -> PruningMethod:
@@ -242,6 +283,24 @@ class PruningMethod(abc.ABC):
     def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
         """(group, blocksize) in which unstructured masks have an exact count (sparsity.py)."""
         return "row", DEFAULT_BLOCKSIZE
+
+    def check_pattern(self, pattern: SparsityPattern) -> None:
+        """Raise PatternError (naming the flag and the fix) if the method cannot prune to
+        ``pattern`` with its options; called where a run starts, before anything loads."""
+
+    def shards_rows(self, pattern: SparsityPattern) -> bool:
+        """Whether each weight's rows can be pruned apart (rows over the mesh's 'model' axis):
+        per-row rankings and N:M; a ranking over blocks of rows or the whole matrix cannot."""
+        return pattern.is_nm or self.comparison_group(pattern)[0] == "row"
+
+    def qkv_memory(self, shape: MemoryShape) -> MethodMemory:
+        """What pruning q/k/v holds beyond the linear pipeline's statistics and work (nlprune plan)."""
+        return MethodMemory()
+
+    def memory_alternatives(self, shape: MemoryShape) -> list[tuple[str, dict[str, Any], str]]:
+        """Settings of this method that lower its memory: (the flags, the change, what it does).
+        The change names option values (``{"options": {...}}``) or mesh axes (``{"model": 4}``)."""
+        return []
 
     def prune_group(self, ctx: GroupContext) -> dict[str, PruneResult]:
         """Prune the linears of one group: name -> result."""
@@ -338,6 +397,12 @@ def register_method(cls: type[PruningMethod]) -> type[PruningMethod]:
 def registered_methods() -> dict[str, type[PruningMethod]]:
     """The method classes registered so far, by name."""
     return dict(sorted(_REGISTRY.items()))
+
+
+def fill_in_methods() -> tuple[str, ...]:
+    """The registered methods that prune a linear from its input statistics alone: what the
+    non-linear method may fill in with."""
+    return tuple(name for name, cls in sorted(_REGISTRY.items()) if cls.fills_in)
 
 
 def method_class(name: str) -> type[PruningMethod]:

@@ -138,7 +138,7 @@ def placed_weights(method: PruningMethod, pattern: SparsityPattern, weights) -> 
     when each row's mask is chosen on its own (per-row ranking, N:M). A ranking over whole
     blocks of rows (SparseGPT unstructured) would gather every block's scores across devices
     inside its column loop: those weights are replicated (BENCHMARKS.md has the cost)."""
-    if pattern.is_nm or method.comparison_group(pattern)[0] == "row":
+    if method.shards_rows(pattern):
         return tuple(parallel.shard_rows(w) for w in weights)
     if parallel.axis_sizes(parallel.current_mesh())[parallel.MODEL] > 1:
         parallel.note(f"{method.name} {pattern.name} ranks whole blocks of rows together: its weights are "

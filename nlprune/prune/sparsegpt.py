@@ -89,12 +89,14 @@ class SparseGPTOptions(MethodOptions):
         if isinstance(self.percdamp, bool) or not isinstance(self.percdamp, (int, float)) or not self.percdamp > 0:
             raise ValueError(f"sparsegpt percdamp must be > 0 (e.g. 0.01), got {self.percdamp!r}.")
 
-    def check_pattern(self, pattern: SparsityPattern) -> None:
-        if pattern.is_nm and self.blocksize % pattern.m:
-            raise PatternError(
-                f"sparsegpt with {pattern.name} needs blocksize to be a multiple of {pattern.m} so "
-                f"no group of {pattern.m} columns straddles two blocks; got blocksize={self.blocksize}."
-            )
+
+def check_blocks_fit(blocksize: int, pattern: SparsityPattern) -> None:
+    """N:M groups must not straddle two of SparseGPT's column blocks."""
+    if pattern.is_nm and blocksize % pattern.m:
+        raise PatternError(
+            f"sparsegpt with {pattern.name} needs --blocksize to be a multiple of {pattern.m} so "
+            f"no group of {pattern.m} columns straddles two blocks; got --blocksize {blocksize}."
+        )
 
 
 @register_method
@@ -102,6 +104,7 @@ class SparseGPT(PruningMethod):
     name = "sparsegpt"
     Options = SparseGPTOptions
     uses_hessian = True
+    updates_weights = True
 
     @property
     def kept_weights_damping(self) -> float | None:
@@ -113,11 +116,14 @@ class SparseGPT(PruningMethod):
     def comparison_group(self, pattern: SparsityPattern) -> tuple[str, int]:
         return "block", self.options.blocksize
 
+    def check_pattern(self, pattern: SparsityPattern) -> None:
+        check_blocks_fit(self.options.blocksize, pattern)
+
     def _prune(self, weight: jax.Array, stats: LayerStats, pattern: SparsityPattern) -> PruneResult:
         return self._prune_many([weight], stats, pattern)[0]
 
     def _prune_many(self, weights: Sequence[jax.Array], stats: LayerStats, pattern: SparsityPattern) -> list[PruneResult]:
-        self.options.check_pattern(pattern)
+        self.check_pattern(pattern)
         u, dead, damping, retries = obs.factor(stats, self.options.percdamp)  # once per shared input
         if retries:  # recorded: the Hessian needed more damping than asked
             self.reports.append({"raised_damping": damping, "retries": retries, "shape": tuple(weights[0].shape)})

@@ -11,8 +11,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -205,6 +207,44 @@ def evaluate_tasks(
     return record
 
 
+class MemoryPlanError(ValueError):
+    """A run whose planned memory is far beyond what this machine has."""
+
+
+REFUSE_ABOVE = 1.5  # x the machine's memory: the plan is within ~20% of measured peaks (BENCHMARKS.md)
+
+
+def check_memory_plan(model: str | Loaded, method: str, options: dict[str, Any], pattern, nsamples: int,
+                      seqlen: int, batch_size: int, mesh) -> None:
+    """Plan the run's memory (nlprune plan) before anything loads, on a CPU where the device's
+    memory is the process's: refuse a run planned beyond 1.5x the machine's memory (it would
+    swap for hours or be killed), warn above 1x. Nothing is refused where the plan cannot be
+    made (an unusual model folder): the run then finds out as it always did."""
+    from nlprune import parallel
+    from nlprune.plan import gib, plan_memory
+
+    if jax.default_backend() != "cpu":
+        return
+    try:
+        config, name = (model.model.config, model.source.name) if isinstance(model, Loaded) else config_of(model)
+        sizes = parallel.axis_sizes(mesh)
+        plan = plan_memory(config, name, method=method, options=options, nsamples=nsamples, seqlen=seqlen,
+                           batch_size=batch_size, data=sizes["data"], model=sizes["model"],
+                           sparsity_type=pattern.name)
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except Exception:  # noqa: BLE001  (planning is advice; the run itself checks what it must)
+        return
+    need = plan.cpu_process_bytes or plan.peak_bytes
+    if need > REFUSE_ABOVE * total:
+        raise MemoryPlanError(
+            f"this run is planned to need {gib(need)} and the machine has {gib(total)}: lower --nsamples or "
+            f"--seqlen (`nlprune plan` with the same flags shows where the memory goes and what lowers it)"
+        )
+    if need > total:
+        warnings.warn(f"this run is planned to need {gib(need)}, more than the machine's {gib(total)}: it may "
+                      "swap; `nlprune plan` with the same flags shows what lowers it", stacklevel=2)
+
+
 def _peak_rss_bytes() -> int:
     import resource
 
@@ -338,6 +378,7 @@ def prune(
         config_given["layer_sparsity"] = request.plan
     method = get_method(prune_method, **(options or {}))  # options resolved and validated once
     method.check_pattern(pattern)
+    check_memory_plan(model, method.name, options or {}, pattern, nsamples, seqlen, batch_size, mesh)
     source = calibration_source(calib_dataset)
     task_names, task_dir = check_prune_tasks(tasks, task_data_dir, data_dir, limit, dense_tasks)
     run = RunDir(output) if output is not None else None
@@ -372,7 +413,7 @@ def prune(
             "model": loaded.source.name, "prune_method": method.name, "sparsity_ratio": pattern.ratio,
             "sparsity_type": pattern.name, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "options": method.options.as_dict(), "true_sequential": true_sequential, "eval": do_eval, "eval_nsamples": eval_nsamples, "eval_seqlen": eval_seqlen,
-            "eval_datasets": eval_request, "heldout_nsamples": heldout_nsamples,
+            "eval_datasets": eval_request, "heldout_nsamples": heldout_nsamples, "attention_windows": attention_windows,
             "mesh": parallel.mesh_spec(mesh),
         }
         model_desc = loaded.describe()

@@ -439,7 +439,7 @@ def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
     a mask are absent (dense). Apply with :func:`load_packed_masks` or, without nlprune,
     ``np.unpackbits(t, axis=-1, count=in_features).astype(bool)``.
     """
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     tensors, shapes = {}, {}
     for lin_path, lin in zip(linear_paths(model.config), _linears(model)):
@@ -460,9 +460,21 @@ def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
         "shapes": json.dumps(shapes),
     }
     try:  # a file rename is atomic: readers see the old or the new file
-        return write_file_with(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        return write_file_with(path, lambda tmp: Path(tmp).write_bytes(canonical_safetensors(save(tensors, metadata))))
     except Exception as e:  # safetensors reports a full disk as SafetensorError
         raise (os_error_in(e, path) or e) from None
+
+
+def canonical_safetensors(blob: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted: safetensors writes them in
+    a per-process hash order, so two writes of the same masks would differ byte for byte and a
+    file hash could not compare runs. The header keeps its length (padded with spaces, as the
+    format pads it); the tensor data does not move."""
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    if len(header) > n:  # cannot happen for the same content; keep the library's bytes if it does
+        return blob
+    return blob[:8] + header + b" " * (n - len(header)) + blob[8 + n :]
 
 
 def load_packed_masks(path: str | Path) -> dict[str, np.ndarray]:

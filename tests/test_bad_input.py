@@ -1,6 +1,7 @@
 """Bad input gets one clear error naming the problem and the fix, not a traceback wall."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -86,3 +87,37 @@ def test_weights_folder_disagreeing_with_config(tmp_path):
 def test_folder_without_config(tmp_path):
     proc = run_cli("eval", "--model", str(tmp_path))
     assert proc.returncode == 2 and "config.json" in proc.stderr
+
+
+def test_a_run_planned_far_beyond_memory_is_refused_before_loading(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """`--nsamples 100000` would swap for hours: the plan (nlprune plan) is made before anything
+    loads, and a run planned above 1.5x the machine's memory is refused in one line; above 1x,
+    a one-line note. The machine's memory is set here so that the test is the same anywhere."""
+    from nlprune import api, cards
+    from nlprune.cli import main as cli_main
+    from nlprune.plan import config_of, plan_memory
+
+    need = plan_memory(config_of(str(tiny_model_dir))[0], nsamples=4, seqlen=64).cpu_process_bytes
+    page = 4096
+    real_sysconf = os.sysconf
+
+    def memory(pages):
+        monkeypatch.setattr(api.os, "sysconf", lambda n: page if n == "SC_PAGE_SIZE" else
+                            pages if n == "SC_PHYS_PAGES" else real_sysconf(n))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the memory plan was checked")
+
+    argv = ["prune", "--model", str(tiny_model_dir), "--prune-method", "wanda", "--sparsity-ratio", "0.5", "--nsamples", "4", "--seqlen", "64",
+            "--output", str(tmp_path / "run")]
+    with monkeypatch.context() as m:
+        m.setattr(cards, "load_model", no_loading)
+        memory(int(need / 1.6 / page))
+        assert cli_main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "planned to need" in err[0] and "lower --nsamples" in err[0], err
+        assert not (tmp_path / "run").exists()
+        memory(int(need / 1.2 / page))  # above 1x, under 1.5x: a note, then the run (which loads)
+        with pytest.raises(AssertionError, match="loaded before"):
+            cli_main(argv)
+        assert "note: this run is planned to need" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -387,6 +388,39 @@ def test_packed_masks_round_trip_and_are_32x_smaller(tmp_path):
     # Put back onto the dense weights: identical to the original masked model.
     dense = make_model("none", hidden_size=256, intermediate_size=512, head_dim=64)
     assert_identical(model, set_masks(dense, masks))
+
+
+_WRITE_MASKS = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from nlprune.checkpoint import save_packed_masks
+    from nlprune.convert.hf import expected_shapes, from_state_dict
+    from nlprune.modeling.llama import LlamaConfig
+    from nlprune.modeling.masks import with_masks
+
+    cfg = LlamaConfig(**eval(sys.argv[2]))
+    rng = np.random.default_rng(3)
+    model = with_masks(from_state_dict(cfg, {k: rng.standard_normal(s, np.float32) for k, s in expected_shapes(cfg).items()}))
+    save_packed_masks(sys.argv[1], model)
+    """
+)
+
+
+def test_packed_masks_of_the_same_model_are_the_same_bytes(tmp_path):
+    """Two processes (each with its own hash seeds) write the same masks byte for byte, so a
+    file hash compares runs; the library's own output orders the header by hash."""
+    cfg = tiny_config()
+    fields = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    files = [tmp_path / f"m{k}.safetensors" for k in range(2)]
+    for k, f in enumerate(files):
+        proc = subprocess.run([sys.executable, "-c", _WRITE_MASKS, str(f), repr(fields)], capture_output=True,
+                              text=True, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONHASHSEED": str(k + 1)})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert files[0].read_bytes() == files[1].read_bytes()
+    header = json.loads(files[0].read_bytes()[8 : 8 + int.from_bytes(files[0].read_bytes()[:8], "little")])
+    assert list(header) == sorted(header) and list(header["__metadata__"]) == sorted(header["__metadata__"])
+    assert load_packed_masks(files[0]).keys() == load_packed_masks(files[1]).keys()
 
 
 def test_packed_masks_refuse_models_without_masks_and_foreign_files(tmp_path):

@@ -201,3 +201,30 @@ def test_full_disk_during_export_is_one_line(sandbox, tmp_path, monkeypatch, cap
         f"nlprune export-hf: error: No space left on device ({sandbox / 'hf-full' / 'model.safetensors'}); "
         "free some space and rerun"]
     assert snapshot(sandbox) == before
+
+
+def test_full_disk_while_the_tokenizer_is_written_is_one_line(sandbox, monkeypatch, capsys):
+    import transformers
+
+    def full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full)
+    before = snapshot(sandbox)
+    rc, _, err = run_cli(capsys, "export-hf", "--run", sandbox / "R", "--output", sandbox / "hf-tok")
+    assert rc == 1 and "Traceback" not in err and message_lines(err) == [
+        f"nlprune export-hf: error: No space left on device ({sandbox / 'hf-tok' / 'tokenizer.json'}); "
+        "free some space and rerun"], err
+    assert snapshot(sandbox) == before
+
+
+def test_export_says_the_sparsity_of_the_weights_not_of_an_edited_record(sandbox, tmp_path, capsys):
+    run = tmp_path / "edited"
+    shutil.copytree(sandbox / "R", run)
+    record = json.loads((run / "results.json").read_text())
+    record["sparsity"]["overall"] = 0.1  # hand-edited: the weights are half zeros
+    (run / "results.json").write_text(json.dumps(record))
+    rc, _, err = run_cli(capsys, "export-hf", "--run", run, "--output", tmp_path / "hf")
+    assert rc == 0, err
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())["nlprune_sparsity"]
+    assert exported["measured"] == pytest.approx(0.5, abs=1e-6) and exported["ratio"] == 0.5

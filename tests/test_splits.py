@@ -76,7 +76,7 @@ def test_attention_error_reads_validation_windows(tiny_model_dir, shared_data_di
     loaded = api.load(str(tiny_model_dir))
     pruned, record = api.prune(loaded, "wanda", 0.5, nsamples=2, seqlen=32, data_dir=shared_data_dir,
                                attention_windows=2, progress=False)
-    assert record["attention_error"]["split"] == "c4-validation"
+    assert record["attention_error"]["split"] == "c4-validation" and record["args"]["attention_windows"] == 2
     # the n x n matrices of as many windows at once as nlprune plan counts (its memory)
     assert windows_per_call and max(windows_per_call) == ATTN_ERROR_BATCH
     val, _ = evaluation_windows(loaded.tokenizer, "c4-validation", 2, 32, shared_data_dir, progress=False)

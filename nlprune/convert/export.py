@@ -139,7 +139,10 @@ def export_hf(
     def write(tmp: Path) -> None:
         if tokenizer is not None:
             # First, so that nothing it writes can shadow the files below.
-            tokenizer.save_pretrained(str(tmp))
+            try:
+                tokenizer.save_pretrained(str(tmp))
+            except Exception as e:  # a full disk is one line, as for the weights below
+                raise (os_error_in(e, out_dir / "tokenizer.json") or e) from None
         # transformers refuses safetensors without a "format" entry in the metadata.
         try:
             save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -179,18 +182,32 @@ def export_run_model(model: Any, record: dict[str, Any], source: Any, tokenizer:
     if dtype is None:
         dtype = source_dtype if source_dtype in EXPORT_DTYPES else "float32"
     return export_hf(model, output, overwrite=overwrite, tokenizer=tokenizer,
-                     generation_config=generation, dtype=dtype, sparsity=sparsity_summary(record))
+                     generation_config=generation, dtype=dtype, sparsity=sparsity_summary(record, model))
 
 
-def sparsity_summary(record: dict[str, Any]) -> dict[str, Any]:
-    """What an export records about a run's sparsity (config.json's ``nlprune_sparsity``)."""
+def zero_fractions(model: Any) -> tuple[float, list[float]]:
+    """The fraction of exact zeros in the prunable linears' exported weights: overall and per
+    decoder layer (what the file holds, whatever a record says)."""
+    zeros, total, per_layer = 0, 0, []
+    for layer in model.model.layers:
+        weights = [np.asarray(lin.effective_weight) for lin in layer.linears().values()]
+        z, n = sum(int(w.size - np.count_nonzero(w)) for w in weights), sum(w.size for w in weights)
+        per_layer.append(z / n)
+        zeros, total = zeros + z, total + n
+    return zeros / total, per_layer
+
+
+def sparsity_summary(record: dict[str, Any], model: Any) -> dict[str, Any]:
+    """What an export records about a run's sparsity (config.json's ``nlprune_sparsity``): the
+    run's request from its record, the sparsity measured on the weights being exported."""
     args, sparsity = record["args"], record.get("sparsity", {})
     planned = sparsity.get("planned") or {}
+    measured, per_layer = zero_fractions(model)
     out = {
         "method": args["prune_method"], "pattern": args["sparsity_type"], "ratio": args["sparsity_ratio"],
-        "measured": sparsity.get("overall"), "profile": planned.get("profile", "uniform"),
+        "measured": measured, "profile": planned.get("profile", "uniform"),
         "storage": "dense: pruned weights are stored as zeros (simulated sparsity)",
     }
     if out["profile"] != "uniform":
-        out["per_layer"] = sparsity.get("per_layer")
+        out["per_layer"] = per_layer
     return out

@@ -118,6 +118,34 @@ def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     }
 
 
+def spread(row: str, args: argparse.Namespace, work: Path) -> dict:
+    """How far last-bit changes move nlprune's result for a row: the same run in the originals'
+    order with 4 windows per forward pass instead of 8 (the statistics are the same sums in
+    another order, the forwards' GEMMs blocked otherwise), against the batch of 8 (which also
+    checks that the row's own nlprune run reproduces)."""
+    method = row.split("-", 1)[0]
+    runs = {}
+    for batch in (8, 4):
+        cmd = [sys.executable, "-m", "nlprune.cli", "prune", "--model", "smollm2-135m", "--prune-method", method,
+               *pattern_flags(row), "--nsamples", "8", "--seqlen", "512", "--seed", "0", "--data-dir", args.data_dir,
+               "--no-true-sequential", "--batch-size", str(batch), "--eval", "--eval-nsamples", "128",
+               "--eval-seqlen", "512", "--output", str(work / f"{row}-b{batch}"), "--overwrite"]
+        print(f"{row}: nlprune, {batch} windows per forward pass ...", flush=True)
+        run(cmd, work / f"{row}-b{batch}.log")
+        rec = json.loads((work / f"{row}-b{batch}" / "results.json").read_text())
+        runs[batch] = {"c4_perplexity": rec["perplexity"], "prune_seconds": rec["prune_seconds"],
+                       "command": " ".join(["nlprune", *cmd[4:]])}
+    base = nlprune_masks(work / f"{row}-b8")
+    for batch in (4,):
+        other = nlprune_masks(work / f"{row}-b{batch}")
+        runs[batch]["masks_differ_from_batch_8"] = (
+            sum(int((base[k] != other[k]).sum()) for k in base) / sum(v.size for v in base.values()))
+        runs[batch]["perplexity_difference_from_batch_8"] = runs[batch]["c4_perplexity"] / runs[8]["c4_perplexity"] - 1
+    return {"row": row, "what": "nlprune's own spread under last-bit changes (windows per forward pass)",
+            "runs": {str(k): v for k, v in runs.items()}, "load_average_end": os.getloadavg(),
+            "machine": machine_line(), "git": git_state(), "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
 def table(out: Path) -> str:
     lines = [
         "SmolLM2-135M, cpu protocol (8 x 512 C4 train calibration, seed 0; C4 perplexity on 128 x 512 test "
@@ -142,6 +170,16 @@ def table(out: Path) -> str:
             f"{r['reference']['prune_seconds']:.1f} | {r['nlprune']['prune_seconds']:.1f} | {r['time_ratio']:.2f} | "
             f"{d['c4_perplexity']:.2f}, {d['prune_seconds']:.1f}, {d['time_ratio']:.2f} | {load} |"
         )
+    spreads = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*-spread.json"))]
+    if spreads:
+        lines += ["", "nlprune's own spread (the originals' order, 4 windows per forward pass instead of 8: "
+                  "the same sums in another order):", "",
+                  "| row | batch 8 ppl | batch 4 ppl | difference | masks differ |", "|---|---|---|---|---|"]
+        for sp in spreads:
+            r = sp["runs"]
+            lines.append(f"| {sp['row']} | {r['8']['c4_perplexity']:.2f} | {r['4']['c4_perplexity']:.2f} | "
+                         f"{100 * r['4']['perplexity_difference_from_batch_8']:+.2f}% | "
+                         f"{100 * r['4']['masks_differ_from_batch_8']:.2f}% |")
     lines += ["", f"Goals: perplexity within {100 * PPL_TOLERANCE:.0f}% of the original's, prune time at most "
               f"{TIME_GOAL}x. Commands and adaptations: results/ROW.json."]
     text = "\n".join(lines) + "\n"
@@ -158,8 +196,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS)
     p.add_argument("--out", type=Path, default=HERE)
     p.add_argument("--table", action="store_true", help="only write table.md from the records")
+    p.add_argument("--spread", nargs="+", choices=ROWS, default=[],
+                   help="instead: nlprune's own spread on these rows under last-bit changes (results/ROW-spread.json)")
     args = p.parse_args(argv)
-    if not args.table:
+    if args.spread:
+        if not args.data_dir:
+            raise SystemExit("--data-dir (or NLPRUNE_DATA_DIR) is needed: the local C4 files")
+        with tempfile.TemporaryDirectory(prefix="spread-") as tmp:
+            for row in args.spread:
+                path = args.out / "results" / f"{row}-spread.json"
+                if path.exists():
+                    print(f"{row}: spread recorded ({path}), skipped")
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(spread(row, args, Path(tmp)), indent=2, default=str) + "\n")
+    elif not args.table:
         if not args.data_dir:
             raise SystemExit("--data-dir (or NLPRUNE_DATA_DIR) is needed: the local C4 files")
         (args.out / "results").mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import equinox as eqx
@@ -171,7 +172,10 @@ def test_export_into_empty_existing_folder(tmp_path):
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", ".nlprune-export.json"}
     # the marker lists what the export wrote; files have the usual permissions (not 0600)
     assert json.loads((out / ".nlprune-export.json").read_text())["files"] == ["config.json", "model.safetensors"]
-    assert (out / "model.safetensors").stat().st_mode & 0o777 == (out / "config.json").stat().st_mode & 0o777
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("model.safetensors", "config.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_truncated_safetensors_raises_weights_error(tmp_path):

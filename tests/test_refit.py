@@ -110,3 +110,52 @@ def test_refit_flags_need_refit():
         get_method("wanda", refit_cg=3)
     with pytest.raises(ValueError, match="--refit-cg must be an integer >= 0"):
         get_method("magnitude", refit=True, refit_cg=-1)
+
+
+def test_refit_percdamp_is_a_ridge_towards_the_unpruned_weights():
+    """--refit-percdamp p adds p * mean(diag H) to H's diagonal: on a fixed mask the refit then
+    solves min (w - w0)^T (H + lambda I) (w - w0), a ridge that pulls the kept weights back to
+    their unpruned values. Checked against that closed form (NumPy), and for its effect: the
+    larger p, the closer to the merely masked weights and the larger the calibration error."""
+    X, W, stats = _linear_problem(3)
+    mask = get_method("wanda").prune(W, stats, PATTERN).mask
+    masked = np.where(np.asarray(mask), np.asarray(W), 0.0)
+    H = np.asarray(stats.hessian, np.float64)
+    H[np.diag_indices_from(H)] += np.diag(H) == 0
+    distances, errors = [], []
+    for percdamp in (0.01, 0.1, 1.0, 10.0):
+        (r,) = rf.obs_refit([W], [mask], stats, percdamp=percdamp, blocksize=16)
+        (c,) = rf.cg_polish([r], [W], stats, 200, percdamp)
+        ridge = H + percdamp * np.mean(np.diag(H)) * np.eye(H.shape[0])
+        exact = np.zeros(W.shape)
+        for i in range(W.shape[0]):
+            s = np.asarray(mask[i])
+            exact[i, s] = np.linalg.solve(ridge[np.ix_(s, s)], ridge[s] @ np.asarray(W[i], np.float64))
+        np.testing.assert_allclose(np.asarray(c.weight), exact, rtol=2e-3, atol=2e-3 * np.abs(exact).max())
+        distances.append(float(np.linalg.norm(exact - masked)))
+        errors.append(rf.linear_error(jnp.asarray(exact, jnp.float32), W, stats.hessian))
+    assert all(a > b for a, b in zip(distances, distances[1:])), distances
+    assert all(a < b for a, b in zip(errors, errors[1:])), errors
+    assert distances[-1] < 0.2 * distances[0]
+    assert errors[-1] < rf.linear_error(jnp.asarray(masked, jnp.float32), W, stats.hessian)
+
+
+def test_refit_percdamp_reaches_the_pruned_weights(tiny_model_dir, shared_data_dir):
+    """The flag is not only parsed: a whole prune with --refit at two dampings gives layer 0's
+    q_proj (whose inputs no pruning has touched yet) the same Wanda mask and different weights,
+    the larger damping closer to the masked dense ones."""
+    from nlprune import api
+
+    loaded = api.load(str(tiny_model_dir))
+    w0 = loaded.model.model.layers[0].self_attn.q_proj.weight
+    runs = {}
+    for percdamp in (0.01, 10.0):
+        pruned, record = api.prune(loaded, "wanda", 0.5, nsamples=2, seqlen=32, data_dir=shared_data_dir,
+                                   options={"refit": True, "refit_percdamp": percdamp}, progress=False)
+        assert record["args"]["options"]["refit_percdamp"] == percdamp
+        q = pruned.model.layers[0].self_attn.q_proj
+        runs[percdamp] = (q.mask, q.effective_weight)
+    (m1, w1), (m2, w2) = runs[0.01], runs[10.0]
+    assert bool(jnp.all(m1 == m2))
+    masked = jnp.where(m1, w0, 0)
+    assert float(jnp.linalg.norm(w2 - masked)) < 0.5 * float(jnp.linalg.norm(w1 - masked))

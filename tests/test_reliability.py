@@ -69,6 +69,12 @@ def test_message_lines_drop_bars_at_any_speed():
     assert message_lines("nlprune prune: error: 50%| is not a ratio\n") == ["nlprune prune: error: 50%| is not a ratio"]
 
 
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def snapshot(root: Path) -> dict[str, tuple]:
     """Every entry under root: (kind, sha256 of a file's bytes, permission bits)."""
     tree = {}
@@ -589,8 +595,10 @@ def test_signal_during_a_save_ends_in_one_line_and_resumes(
 
 
 def test_outputs_have_the_usual_permissions(finished_run):
+    """Files the run writes through temporary files (mkstemp makes them 0600) get the mode a plain
+    open() would give them under the user's umask, as every other program's output does."""
     modes = {p.name: p.stat().st_mode & 0o777 for p in finished_run.iterdir() if p.is_file() and p.name[0] != "."}
-    assert modes["masks.safetensors"] == modes["results.json"], modes
+    assert modes and set(modes.values()) == {0o666 & ~current_umask()}, {k: oct(v) for k, v in modes.items()}
 
 
 def test_progress_left_by_a_kill_after_finishing_is_removed(run_copy, tiny_model_dir, shared_data_dir, tmp_path,

@@ -1,4 +1,4 @@
-"""Behaviour fingerprint of the pruning code: seven whole-model runs (cpu protocol), the sha256
+"""Behaviour fingerprint of the pruning code: whole-model runs (cpu protocol), the sha256
 of each run's masks (their contents: the packed file's bytes also hold safetensors metadata in
 no fixed order) and its C4 perplexity. Run it before and after a change that must not change
 behaviour, and compare the two records.
@@ -28,6 +28,9 @@ RUNS = {
     "nonlinear-best-50": ["--prune-method", "nonlinear", "--recipe", "best", "--sparsity-ratio", "0.5"],
     "nonlinear-best-2:4": ["--prune-method", "nonlinear", "--recipe", "best", "--sparsity-type", "2:4"],
     "nonlinear-paper-50": ["--prune-method", "nonlinear", "--sparsity-ratio", "0.5"],
+    "wanda-refit-damp1-50": ["--prune-method", "wanda", "--refit", "--refit-percdamp", "1.0", "--sparsity-ratio", "0.5"],
+    "ria-refit-damp1-50": ["--prune-method", "ria", "--refit", "--refit-percdamp", "1.0", "--sparsity-ratio", "0.5"],
+    "alps-refit-2:4": ["--prune-method", "alps", "--refit", "--sparsity-type", "2:4"],
 }
 PROTOCOL = ["--nsamples", "8", "--seqlen", "512", "--seed", "0", "--eval", "--eval-nsamples", "128",
             "--eval-seqlen", "512"]

@@ -157,7 +157,7 @@ CONFIG_OF_ARGUMENT = {
 
 
 def config_of_call(arguments: dict[str, Any]) -> dict[str, Any]:
-    """An ``api.prune`` call's arguments (its ``locals()`` on entry) as the configuration the
+    """A prune request's fields (``nlprune.runner.PruneRequest``) as the configuration the
     command line records: every flag of ``nlprune prune`` with its value."""
     from nlprune import parallel
 

@@ -93,7 +93,7 @@ def test_a_run_planned_far_beyond_memory_is_refused_before_loading(tiny_model_di
     """`--nsamples 100000` would swap for hours: the plan (nlprune plan) is made before anything
     loads, and a run planned above 1.5x the machine's memory is refused in one line; above 1x,
     a one-line note. The machine's memory is set here so that the test is the same anywhere."""
-    from nlprune import api, cards
+    from nlprune import cards, runner
     from nlprune.cli import main as cli_main
     from nlprune.plan import config_of, plan_memory
 
@@ -102,7 +102,7 @@ def test_a_run_planned_far_beyond_memory_is_refused_before_loading(tiny_model_di
     real_sysconf = os.sysconf
 
     def memory(pages):
-        monkeypatch.setattr(api.os, "sysconf", lambda n: page if n == "SC_PAGE_SIZE" else
+        monkeypatch.setattr(runner.os, "sysconf", lambda n: page if n == "SC_PAGE_SIZE" else
                             pages if n == "SC_PHYS_PAGES" else real_sysconf(n))
 
     def no_loading(*args, **kwargs):

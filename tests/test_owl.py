@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from nlprune import api
+from nlprune import api, cards
 from nlprune.cli import main as cli_main
 from nlprune.data import calibration_windows
 from nlprune.modeling.llama import LlamaConfig
@@ -209,7 +209,7 @@ def test_layer_sparsity_file_per_layer_and_per_linear(tiny_model_dir, shared_dat
     ],
 )
 def test_bad_layer_sparsity_input_is_one_line_before_anything_loads(args, plan, message, tiny_model_dir, shared_data_dir, tmp_path, capsys, monkeypatch, prune_cli):
-    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(cards, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
     extra = []
     if plan is not None:
         path = tmp_path / "plan.json"

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nlprune import api
+from nlprune import api, cards
 from nlprune.checkpoint import load_packed_masks
 from nlprune.cli import build_parser, main as cli_main, method_options
 from nlprune.methods import get_method
@@ -133,7 +133,7 @@ def test_toml_json_and_yaml_recipes_and_both_spellings_read_the_same(tmp_path):
     ],
 )
 def test_bad_recipes_are_one_line_errors(tmp_path, capsys, monkeypatch, text, name, message):
-    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(cards, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
     path = tmp_path / name
     path.write_text(text)
     assert cli_main(["prune", "--config", str(path), "--output", str(tmp_path / "run")]) == 2
@@ -197,7 +197,7 @@ def test_prune_with_tasks_records_the_zero_shot_scores(tiny_model_dir, shared_da
 )
 def test_bad_task_requests_fail_before_loading(extra, message, tiny_model_dir, shared_data_dir, tmp_path, capsys,
                                                monkeypatch):
-    monkeypatch.setattr(api, "load", lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    monkeypatch.setattr(cards, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
     out = tmp_path / "run"
     assert cli_main(["prune", "--model", str(tiny_model_dir), "--prune-method", "wanda", "--sparsity-ratio", "0.5",
                      "--data-dir", str(shared_data_dir), "--output", str(out), *extra]) == 2

@@ -111,8 +111,8 @@ def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
         "perplexity_difference": ppl_ours / ref["c4_perplexity"] - 1,
         "time_ratio": ours["prune_seconds"] / ref["prune_seconds"],
         "masks_differ": differ,
-        "commands": {"reference": " ".join(ref_cmd[1:]), "nlprune": " ".join(["nlprune", *ours_cmd[4:]]),
-                     "nlprune_default_order": " ".join(["nlprune", *default_cmd[4:]])},
+        "commands": {"reference": " ".join(ref_cmd[1:]), "nlprune": " ".join(["nlprune", *ours_cmd[3:]]),
+                     "nlprune_default_order": " ".join(["nlprune", *default_cmd[3:]])},
         "load_average": load, "machine": machine_line(), "git": git_state(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -134,7 +134,7 @@ def spread(row: str, args: argparse.Namespace, work: Path) -> dict:
         run(cmd, work / f"{row}-b{batch}.log")
         rec = json.loads((work / f"{row}-b{batch}" / "results.json").read_text())
         runs[batch] = {"c4_perplexity": rec["perplexity"], "prune_seconds": rec["prune_seconds"],
-                       "command": " ".join(["nlprune", *cmd[4:]])}
+                       "command": " ".join(["nlprune", *cmd[3:]])}
     base = nlprune_masks(work / f"{row}-b8")
     for batch in (4,):
         other = nlprune_masks(work / f"{row}-b{batch}")

@@ -61,7 +61,20 @@ def rows() -> dict[str, list[str]]:
     return out
 
 
+def seeded(protocol: list[str], seed: int) -> list[str]:
+    out = list(protocol)
+    out[out.index("--seed") + 1] = str(seed)
+    return out
+
+
+def split_name(name: str) -> tuple[str, int]:
+    """'wanda-50@seed1' -> ('wanda-50', 1); a name without a seed is calibration seed 0."""
+    base, _, seed = name.partition("@seed")
+    return base, int(seed or 0)
+
+
 def run_row(name: str, args: list[str], out: Path, data_dir: str, batch: str, protocol: list[str] = PROTOCOL) -> dict:
+    protocol = seeded(protocol, split_name(name)[1])
     run = out / "runs" / name.replace(":", "of")
     cmd = [sys.executable, "-m", "nlprune.cli", "prune", *args, *protocol, "--data-dir", data_dir,
            "--output", str(run), "--overwrite"]
@@ -92,7 +105,8 @@ def summary(record: dict) -> dict:
 
 def table(out: Path) -> None:
     recs = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
-    rows_ = [summary(r) for r in recs]
+    every = [summary(r) for r in recs]
+    rows_ = [r for r in every if split_name(r["name"])[1] == 0]
     order = list(rows())
     rows_.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     ref = {r["name"].rsplit("-", 1)[1]: r for r in rows_ if r["name"].startswith("sparsegpt-")}
@@ -122,10 +136,51 @@ def table(out: Path) -> None:
             f"{r['load_average'][0]}-{r['load_average'][1]} |"
         )
     lines += ["", "Commands: table.json (`command` of each row, with `--data-dir DIR --output RUN_DIR`)."]
+    seeds = seed_table(every)
+    lines += seeds["lines"]
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    write_json(out / "table.json", {"rows": rows_})
+    write_json(out / "table.json", {"rows": every, "seeds": seeds["rows"]})
     plot(rows_, out / "table.png")
     print("\n".join(lines))
+
+
+def seed_table(every: list[dict]) -> dict:
+    """Rows measured at calibration seeds 0, 1 and 2: validation and test means with their
+    standard deviation over seeds, and per pattern each row against the best one on
+    validation, paired by seed (the same calibration windows): the mean difference of the
+    log validation means and its standard error. "wins"/"loses" only beyond twice the
+    standard error, else "tie"."""
+    import statistics
+
+    by_row: dict[str, dict[int, dict]] = {}
+    for r in every:
+        base, seed = split_name(r["name"])
+        by_row.setdefault(base, {})[seed] = r
+    full = {n: v for n, v in by_row.items() if {0, 1, 2} <= set(v)}
+    if not full:
+        return {"lines": [], "rows": []}
+    lines = ["", "Calibration seeds 0, 1, 2 (mean ± standard deviation over seeds; paired: the row's log "
+             "validation mean minus the best row's, seed by seed, as a percentage, ± its standard error):", "",
+             "| row | val mean | test mean | vs best on validation (paired) | verdict |", "|---|---|---|---|---|"]
+    out_rows = []
+    for p in PATTERNS:
+        names = [n for n in full if n.endswith("-" + p)]
+        if not names:
+            continue
+        val = {n: [full[n][s]["validation_mean"] for s in (0, 1, 2)] for n in names}
+        best = min(names, key=lambda n: statistics.mean(math.log(v) for v in val[n]))
+        for n in sorted(names, key=lambda n: statistics.mean(math.log(v) for v in val[n])):
+            test = [full[n][s]["test_mean"] for s in (0, 1, 2)]
+            diffs = [100 * (math.log(a) - math.log(b)) for a, b in zip(val[n], val[best])]
+            mean_d, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
+            verdict = "best" if n == best else ("loses" if mean_d > 2 * se else "tie")
+            lines.append(f"| {n} | {statistics.mean(val[n]):.2f} ± {statistics.stdev(val[n]):.2f} | "
+                         f"{statistics.mean(test):.2f} ± {statistics.stdev(test):.2f} | "
+                         f"{'' if n == best else f'{mean_d:+.2f}% ± {se:.2f}'} | {verdict} |")
+            out_rows.append({"name": n, "validation_means": val[n], "test_means": test, "best": best,
+                             "paired_log_difference_percent": diffs, "mean": mean_d, "standard_error": se,
+                             "verdict": verdict})
+    return {"lines": lines, "rows": out_rows}
 
 
 def plot(rows_: list[dict], path: Path) -> None:
@@ -164,11 +219,14 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/ablation")
     ap.add_argument("--rows", nargs="*", default=None, help="rows to run (default: every row)")
     ap.add_argument("--batch", default=time.strftime("%Y-%m-%d %H:%M"), help="the batch's name in the records")
+    ap.add_argument("--seeds", nargs="*", type=int, default=[0],
+                    help="calibration seeds of each row (records of seed S > 0 are named ROW@seedS)")
     ap.add_argument("--table", action="store_true", help="only rebuild the table from the records")
     args = ap.parse_args()
     out = Path(args.out)
     if not args.table:
-        todo = rows() if args.rows is None else {n: rows()[n] for n in args.rows}
+        chosen = rows() if args.rows is None else {n: rows()[n] for n in args.rows}
+        todo = {(n if s == 0 else f"{n}@seed{s}"): a for s in args.seeds for n, a in chosen.items()}
         print(f"{len(todo)} rows on {machine_line()}", flush=True)
         for name, row_args in todo.items():
             path = out / "results" / f"{name.replace(':', 'of')}.json"

@@ -26,16 +26,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-from common import machine_line, write_json
+from common import CPU_CALIBRATION, machine_line, prune_run, write_json
 
-PROTOCOL = ["--nsamples", "8", "--seqlen", "512", "--seed", "0", "--eval", "--eval-seqlen", "512",
-            "--eval-datasets", "c4:128,wikipedia:64,lambada:64,c4-validation:32,wikipedia-validation:32,"
+PROTOCOL = [*CPU_CALIBRATION, "--eval", "--eval-seqlen", "512", "--eval-datasets", "c4:128,wikipedia:64,lambada:64,c4-validation:32,wikipedia-validation:32,"
             "lambada-validation:32"]
 TEST_SETS = ("c4", "wikipedia", "lambada")
 VALIDATION_SETS = ("c4-validation", "wikipedia-validation", "lambada-validation")
@@ -75,16 +71,10 @@ def split_name(name: str) -> tuple[str, int]:
 
 def run_row(name: str, args: list[str], out: Path, data_dir: str, batch: str, protocol: list[str] = PROTOCOL) -> dict:
     protocol = seeded(protocol, split_name(name)[1])
-    run = out / "runs" / name.replace(":", "of")
-    cmd = [sys.executable, "-m", "nlprune.cli", "prune", *args, *protocol, "--data-dir", data_dir,
-           "--output", str(run), "--overwrite"]
-    load_before = os.getloadavg()[0]
-    start = time.perf_counter()
-    subprocess.run(cmd, check=True)
-    record = json.loads((run / "results.json").read_text())
-    record["row"] = {"name": name, "command": "nlprune prune " + " ".join(args + protocol), "batch": batch,
-                     "wall_seconds": time.perf_counter() - start,
-                     "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    done = prune_run([*args, *protocol], out / "runs" / name.replace(":", "of"), data_dir)
+    record = done.record
+    record["row"] = {"name": name, "command": done.command, "batch": batch, "wall_seconds": done.wall_seconds,
+                     "load_average": list(done.load_average)}
     return record
 
 

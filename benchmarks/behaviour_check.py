@@ -14,11 +14,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-from common import write_json
+from common import CPU_PROTOCOL, prune_run, write_json
 
 RUNS = {
     "wanda-50": ["--prune-method", "wanda", "--sparsity-ratio", "0.5"],
@@ -32,8 +30,6 @@ RUNS = {
     "ria-refit-damp1-50": ["--prune-method", "ria", "--refit", "--refit-percdamp", "1.0", "--sparsity-ratio", "0.5"],
     "alps-refit-2:4": ["--prune-method", "alps", "--refit", "--sparsity-type", "2:4"],
 }
-PROTOCOL = ["--nsamples", "8", "--seqlen", "512", "--seed", "0", "--eval", "--eval-nsamples", "128",
-            "--eval-seqlen", "512"]
 
 
 def masks_sha256(path: Path) -> str:
@@ -57,14 +53,11 @@ def main() -> None:
     out = Path(args.out)
     rows = {}
     for name in args.runs:
-        run = out / name.replace(":", "of")
-        cmd = [sys.executable, "-m", "nlprune.cli", "prune", *RUNS[name], *PROTOCOL, "--data-dir", args.data_dir,
-               "--output", str(run), "--overwrite"]
-        subprocess.run(cmd, check=True)
-        record = json.loads((run / "results.json").read_text())
-        rows[name] = {"command": "nlprune prune " + " ".join(RUNS[name] + PROTOCOL), "masks_sha256":
-                      masks_sha256(run / "masks.safetensors"), "perplexity": record["perplexity"],
-                      "dense_perplexity": record["dense_perplexity"], "sparsity": record["sparsity"]["overall"]}
+        done = prune_run([*RUNS[name], *CPU_PROTOCOL], out / name.replace(":", "of"), args.data_dir)
+        record = done.record
+        rows[name] = {"command": done.command, "masks_sha256": masks_sha256(done.path / "masks.safetensors"),
+                      "perplexity": record["perplexity"], "dense_perplexity": record["dense_perplexity"],
+                      "sparsity": record["sparsity"]["overall"]}
         print(f"{name}: {rows[name]['masks_sha256'][:16]} ppl {rows[name]['perplexity']:.4f}", flush=True)
     result = {"rows": rows}
     if args.compare:

@@ -1,11 +1,16 @@
-"""Shared helpers of the benchmark scripts: timing, the transformers reference, the records they write."""
+"""Shared helpers of the benchmark scripts: the protocols, running `nlprune prune` and reading its
+record, timing, the transformers reference, the records they write."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
+import shlex
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -63,11 +68,14 @@ def machine_line() -> str:
     return f"{os.cpu_count()} cores, {cpu}"
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
 def git_state() -> dict[str, Any]:
     """The commit the benchmark ran on and whether the tree had uncommitted changes."""
     from nlprune.provenance import git_state as state
 
-    return state(Path(__file__).resolve().parents[1])
+    return state(REPO_ROOT)
 
 
 def write_json(path: str | Path | None, record: dict[str, Any]) -> None:
@@ -83,3 +91,46 @@ def write_json(path: str | Path | None, record: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, default=str) + "\n")
     print(f"wrote {path}")
+
+
+# The cpu protocol (README, "Protocols"): 8 x 512 C4 train calibration tokens, seed 0; C4 test
+# perplexity on 128 windows of 512 tokens. Studies add their own evaluation sets to these.
+CPU_CALIBRATION = ("--nsamples", "8", "--seqlen", "512", "--seed", "0")
+CPU_EVAL = ("--eval", "--eval-nsamples", "128", "--eval-seqlen", "512")
+CPU_PROTOCOL = CPU_CALIBRATION + CPU_EVAL
+
+
+@dataclasses.dataclass
+class PruneRun:
+    """One `nlprune prune` in its own process: the command as a user would type it (without
+    --data-dir and --output), the run's results.json, wall seconds and the load around it."""
+
+    command: str
+    record: dict[str, Any]
+    path: Path
+    wall_seconds: float
+    load_average: tuple[float, float]
+
+
+def prune_run(flags: list[str] | tuple[str, ...], output: Path, data_dir: str, *, env: dict[str, str] | None = None,
+              log: Path | None = None) -> PruneRun:
+    """`nlprune prune FLAGS --data-dir DATA_DIR --output OUTPUT --overwrite` in a fresh process
+    (its output to ``log``, else to this process's), then its record. A failed run stops the
+    study with the command and where its output went."""
+    flags = [str(f) for f in flags]
+    cmd = [sys.executable, "-m", "nlprune.cli", "prune", *flags, "--data-dir", str(data_dir), "--output", str(output),
+           "--overwrite"]
+    before = os.getloadavg()[0]
+    start = time.perf_counter()
+    if log is None:
+        proc = subprocess.run(cmd, env=env)
+    else:
+        with open(log, "w") as out:
+            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    if proc.returncode:
+        raise SystemExit(f"nlprune prune {shlex.join(flags)} failed (rc {proc.returncode})"
+                         + (f"; its output: {log}" if log else ""))
+    wall = time.perf_counter() - start
+    record = json.loads((Path(output) / "results.json").read_text())
+    return PruneRun("nlprune prune " + " ".join(flags), record, Path(output), wall,
+                    (round(before, 2), round(os.getloadavg()[0], 2)))

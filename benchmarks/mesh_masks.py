@@ -15,32 +15,26 @@ flipped entry changes the next layer's inputs, so flips propagate.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from common import write_json
+from common import CPU_CALIBRATION, prune_run, write_json
 
 MESHES = {"one-device": None, "data=4": "", "data=2,model=2": "data=2,model=2"}
 
 
 def prune(method: str, mesh: str | None, out: Path, data_dir: str, evaluate: bool) -> dict:
     name = "one" if mesh is None else (mesh.replace(",", "_").replace("=", "") or "default")
-    run = out / "runs" / f"{method}-{name}"
     env = dict(os.environ)
-    cmd = [sys.executable, "-m", "nlprune.cli", "prune", "--prune-method", method, "--sparsity-ratio", "0.5",
-           "--nsamples", "8", "--seqlen", "512", "--seed", "0", "--data-dir", data_dir, "--output", str(run),
-           "--overwrite", *(["--eval"] if evaluate else [])]
+    flags = ["--prune-method", method, "--sparsity-ratio", "0.5", *CPU_CALIBRATION, *(["--eval"] if evaluate else [])]
     if mesh is not None:
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
         env["JAX_PLATFORMS"] = "cpu"
-        cmd += ["--mesh", mesh]
-    subprocess.run(cmd, check=True, env=env)
-    return {"run": str(run), "record": json.loads((run / "results.json").read_text())}
+        flags += ["--mesh", mesh]
+    done = prune_run(flags, out / "runs" / f"{method}-{name}", data_dir, env=env)
+    return {"run": str(done.path), "record": done.record}
 
 
 def main() -> None:

@@ -14,18 +14,13 @@ gives the median over rounds.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
-from common import machine_line, write_json
+from common import CPU_CALIBRATION, machine_line, prune_run, write_json
 
-PROTOCOL = ["--model", "smollm2-135m", "--nsamples", "8", "--seqlen", "512", "--seed", "0"]
+PROTOCOL = ["--model", "smollm2-135m", *CPU_CALIBRATION]
 ROWS = {
     "sparsegpt": ["--prune-method", "sparsegpt"],
     "wanda": ["--prune-method", "wanda"],
@@ -38,14 +33,9 @@ PATTERNS = {"50": ["--sparsity-ratio", "0.5"], "2:4": ["--sparsity-type", "2:4"]
 
 
 def run(args: list[str], data_dir: str, work: Path) -> dict:
-    out = work / "run"
-    cmd = ["nlprune", "prune", *args, "--data-dir", data_dir, "--output", str(out), "--overwrite"]
-    load = os.getloadavg()[0]
-    exe = [sys.executable, "-m", "nlprune.cli", *cmd[1:]]
-    subprocess.run(exe, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    record = json.loads((out / "results.json").read_text())
-    return {"command": shlex.join(cmd), "prune_seconds": record["prune_seconds"],
-            "load_average_before": round(load, 2), "load_average_after": round(os.getloadavg()[0], 2)}
+    done = prune_run(args, work / "run", data_dir, log=work / "run.log")
+    return {"command": done.command, "prune_seconds": done.record["prune_seconds"],
+            "load_average_before": done.load_average[0], "load_average_after": done.load_average[1]}
 
 
 def main() -> None:

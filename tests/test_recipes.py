@@ -149,10 +149,12 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys, monkeypatch, text, na
 def test_shipped_recipes_resolve_to_the_main_table_rows():
     recipes = sorted((REPO / "recipes").glob("*.toml"))
     names = {p.stem for p in recipes}
-    recommended = {"wanda-refit-50"}  # README's "What to use"
+    recommended = {"recommended-50", "recommended-2of4"}  # README's "What to use", tested below
     assert names == {f"{m}-{p}" for m in ("magnitude", "wanda", "sparsegpt", "nonlinear-paper", "nonlinear-best")
-                     for p in ("50", "2of4")} | recommended
+                     for p in ("50", "2of4")} | {"wanda-refit-50"} | recommended
     for path in recipes:
+        if path.stem in recommended:
+            continue
         args = parsed(path, "--data-dir", "../shared/data")
         method = get_method(args.prune_method, **method_options(args))  # the options validate
         assert args.model == "smollm2-135m" and args.sparsity_ratio == 0.5
@@ -161,8 +163,28 @@ def test_shipped_recipes_resolve_to_the_main_table_rows():
         assert path.stem.startswith(method.name) and args.output == f"runs/{path.stem}"
         if method.name == "nonlinear":
             assert args.recipe == path.stem.split("-")[1]
-        if path.stem in recommended:
+        if path.stem == "wanda-refit-50":
             assert method.options.refit and method.options.refit_percdamp == 1.0
+
+
+@pytest.mark.parametrize("pattern", ["50", "2:4"])
+def test_recommended_recipe_is_the_best_validation_row_of_the_committed_ablation(pattern):
+    """recipes/recommended-P.toml runs the ablation row with the lowest validation mean
+    (benchmarks/ablation/table.json, the committed records; chosen on validation, never on
+    test), with that row's flags and the cpu protocol; README's "What to use" names it."""
+    table = json.loads((REPO / "benchmarks" / "ablation" / "table.json").read_text())
+    rows = [r for r in table["rows"] if r["name"].endswith("-" + pattern) and "@seed" not in r["name"]]
+    best = min(rows, key=lambda r: r["validation_mean"])
+    stem = f"recommended-{pattern.replace(':', 'of')}"
+    ours = vars(parsed(REPO / "recipes" / f"{stem}.toml", "--data-dir", "../shared/data"))
+    flags = best["command"].removeprefix("nlprune prune ").split()
+    theirs = vars(build_parser().parse_args(["prune", *flags, "--data-dir", "../shared/data", "--output", "x"]))
+    keys = ("prune_method", "sparsity_ratio", "sparsity_type", "nsamples", "seqlen", "seed", "refit",
+            "refit_percdamp", "recipe", "straight_through", "linear_method")
+    assert {k: ours.get(k) for k in keys} == {k: theirs.get(k) for k in keys}, best["name"]
+    assert ours["eval"] and ours["output"] == f"runs/{stem}"
+    what_to_use = (REPO / "README.md").read_text().split("**What to use, measured**")[1].split("```")[1]
+    assert f"--config recipes/{stem}.toml" in what_to_use
 
 
 @pytest.mark.slow

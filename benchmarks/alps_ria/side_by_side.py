@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from common import git_state, machine_line  # noqa: E402
+from common import CPU_CALIBRATION, CPU_EVAL, git_state, machine_line, prune_run  # noqa: E402
 
 PATTERNS = {"50": ("unstructured", 0.5), "70": ("unstructured", 0.7), "2of4": ("2:4", None)}
 ROWS = [f"{m}-{p}" for m in ("ria", "alps") for p in PATTERNS]
@@ -74,27 +74,24 @@ def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
     repo = args.alps_repo if method == "alps" else args.ria_repo
     if repo is None:
         raise SystemExit(f"row {row} needs --{method}-repo (a checkout of the original code)")
-    common = ["--nsamples", "8", "--seqlen", "512", "--seed", "0", "--data-dir", args.data_dir]
     ref_cmd = [sys.executable, str(HERE / "reference.py"), "--method", method, "--repo", str(repo),
-               *pattern_flags(row), *common, "--masks", str(work / f"{row}.npz"), "--output", str(work / f"{row}-ref.json")]
-    ours_cmd = [sys.executable, "-m", "nlprune.cli", "prune", "--model", "smollm2-135m", "--prune-method", method,
-                *pattern_flags(row), *common, "--no-true-sequential", "--eval", "--eval-nsamples", "128",
-                "--eval-seqlen", "512", "--output", str(work / row), "--overwrite"]
-    default_cmd = [c for c in ours_cmd if c != "--no-true-sequential"]
-    default_cmd[default_cmd.index("--output") + 1] = str(work / f"{row}-default")
+               *pattern_flags(row), *CPU_CALIBRATION, "--data-dir", args.data_dir, "--masks", str(work / f"{row}.npz"),
+               "--output", str(work / f"{row}-ref.json")]
+    ours_flags = ["--model", "smollm2-135m", "--prune-method", method, *pattern_flags(row), *CPU_CALIBRATION,
+                  "--no-true-sequential", *CPU_EVAL]
+    default_flags = [c for c in ours_flags if c != "--no-true-sequential"]
     load = {"before": os.getloadavg()}
     print(f"{row}: the original code ...", flush=True)
     run(ref_cmd, work / f"{row}-ref.log")
     load["between"] = os.getloadavg()
     print(f"{row}: nlprune ...", flush=True)
-    run(ours_cmd, work / f"{row}.log")
+    ours_run = prune_run(ours_flags, work / row, args.data_dir, log=work / f"{row}.log")
     load["after"] = os.getloadavg()
     print(f"{row}: nlprune in its default order (true-sequential) ...", flush=True)
-    run(default_cmd, work / f"{row}-default.log")
+    default_run = prune_run(default_flags, work / f"{row}-default", args.data_dir, log=work / f"{row}-default.log")
     load["after default"] = os.getloadavg()
     ref = json.loads((work / f"{row}-ref.json").read_text())
-    ours = json.loads((work / row / "results.json").read_text())
-    default = json.loads((work / f"{row}-default" / "results.json").read_text())
+    ours, default = ours_run.record, default_run.record
     mine = nlprune_masks(work / row)
     theirs = reference_masks(work / f"{row}.npz", mine)
     differ = sum(int((mine[k] != theirs[k]).sum()) for k in mine) / sum(v.size for v in mine.values())
@@ -111,8 +108,8 @@ def one_row(row: str, args: argparse.Namespace, work: Path) -> dict:
         "perplexity_difference": ppl_ours / ref["c4_perplexity"] - 1,
         "time_ratio": ours["prune_seconds"] / ref["prune_seconds"],
         "masks_differ": differ,
-        "commands": {"reference": " ".join(ref_cmd[1:]), "nlprune": " ".join(["nlprune", *ours_cmd[3:]]),
-                     "nlprune_default_order": " ".join(["nlprune", *default_cmd[3:]])},
+        "commands": {"reference": " ".join(ref_cmd[1:]), "nlprune": ours_run.command,
+                     "nlprune_default_order": default_run.command},
         "load_average": load, "machine": machine_line(), "git": git_state(),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
     }
@@ -126,15 +123,12 @@ def spread(row: str, args: argparse.Namespace, work: Path) -> dict:
     method = row.split("-", 1)[0]
     runs = {}
     for batch in (8, 4):
-        cmd = [sys.executable, "-m", "nlprune.cli", "prune", "--model", "smollm2-135m", "--prune-method", method,
-               *pattern_flags(row), "--nsamples", "8", "--seqlen", "512", "--seed", "0", "--data-dir", args.data_dir,
-               "--no-true-sequential", "--batch-size", str(batch), "--eval", "--eval-nsamples", "128",
-               "--eval-seqlen", "512", "--output", str(work / f"{row}-b{batch}"), "--overwrite"]
+        flags = ["--model", "smollm2-135m", "--prune-method", method, *pattern_flags(row), *CPU_CALIBRATION,
+                 "--no-true-sequential", "--batch-size", str(batch), *CPU_EVAL]
         print(f"{row}: nlprune, {batch} windows per forward pass ...", flush=True)
-        run(cmd, work / f"{row}-b{batch}.log")
-        rec = json.loads((work / f"{row}-b{batch}" / "results.json").read_text())
-        runs[batch] = {"c4_perplexity": rec["perplexity"], "prune_seconds": rec["prune_seconds"],
-                       "command": " ".join(["nlprune", *cmd[3:]])}
+        done = prune_run(flags, work / f"{row}-b{batch}", args.data_dir, log=work / f"{row}-b{batch}.log")
+        runs[batch] = {"c4_perplexity": done.record["perplexity"], "prune_seconds": done.record["prune_seconds"],
+                       "command": done.command}
     base = nlprune_masks(work / f"{row}-b8")
     for batch in (4,):
         other = nlprune_masks(work / f"{row}-b{batch}")

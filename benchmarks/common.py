@@ -93,7 +93,7 @@ def write_json(path: str | Path | None, record: dict[str, Any]) -> None:
     print(f"wrote {path}")
 
 
-# The cpu protocol (README, "Protocols"): 8 x 512 C4 train calibration tokens, seed 0; C4 test
+# The cpu protocol (../shared/METHOD.md, section 5): 8 x 512 C4 train calibration tokens, seed 0; C4 test
 # perplexity on 128 windows of 512 tokens. Studies add their own evaluation sets to these.
 CPU_CALIBRATION = ("--nsamples", "8", "--seqlen", "512", "--seed", "0")
 CPU_EVAL = ("--eval", "--eval-nsamples", "128", "--eval-seqlen", "512")

@@ -20,7 +20,8 @@ from nlprune import cards
 from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
 from nlprune.cli_methods import add_method_args, method_options
 from nlprune.cli_prune import add_flag
-from nlprune.cli_prune import add_prune_extras, print_prune_extras, prune_extras
+from nlprune.cli_prune import add_prune_extras, print_prune_extras
+from nlprune.request import FLAG_OF_FIELD, PruneRequest
 from nlprune.runconfig import apply_config, config_argument
 
 # Errors that are the user's input, reported as one line without a traceback.
@@ -182,36 +183,26 @@ def add_mesh_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+def prune_request(args: argparse.Namespace) -> PruneRequest:
+    """The run ``nlprune prune``'s parsed flags ask for; the flags themselves are recorded as
+    its config. The mesh goes as its spec (the runner parses it, once); no --mesh is "", every
+    device on 'data', as the flag's help says."""
+    return PruneRequest(
+        **{name: getattr(args, flag) for name, flag in FLAG_OF_FIELD.items()},
+        options=method_options(args),
+        mesh=args.mesh if args.mesh is not None else "",
+        use_cache=not args.no_cache,
+        run_config={k: v for k, v in vars(args).items() if k not in ("func", "command", "config")},
+    )
+
+
 def cmd_prune(args: argparse.Namespace) -> int:
     from nlprune import parallel
 
     parallel.initialize_distributed(args.distributed)  # before anything touches a device
-    from nlprune.api import prune
+    from nlprune import runner
 
-    _, record = prune(
-        model=args.model,
-        prune_method=args.prune_method,
-        sparsity_ratio=args.sparsity_ratio,
-        sparsity_type=args.sparsity_type,
-        nsamples=args.nsamples,
-        seqlen=args.seqlen,
-        seed=args.seed,
-        data_dir=args.data_dir,
-        output=args.output,
-        overwrite=args.overwrite,
-        do_eval=args.eval,
-        eval_nsamples=args.eval_nsamples,
-        eval_seqlen=args.eval_seqlen,
-        eval_datasets=args.eval_datasets,
-        heldout_nsamples=args.heldout_nsamples,
-        batch_size=args.batch_size,
-        options=method_options(args),
-        true_sequential=args.true_sequential,
-        mesh=parallel.parse_mesh(args.mesh),
-        use_cache=not args.no_cache,
-        **prune_extras(args),
-        random_weights=args.random_weights,
-    )
+    _, record = runner.run(prune_request(args))
     a = record["args"]
     print(
         f"{a['model']}: {a['prune_method']} {a['sparsity_type']} at {a['sparsity_ratio']:g} -> "

@@ -46,15 +46,6 @@ def add_prune_extras(p: argparse.ArgumentParser) -> None:
                    "results.json (its config); flags given on the command line win")
 
 
-def prune_extras(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of ``api.prune`` these flags set, and the run's resolved flags."""
-    names = ("calib_dataset", "sparsity_profile", "owl_m", "owl_lambda", "layer_sparsity", "tasks", "task_data_dir",
-             "limit", "dense_tasks")
-    extras = {name: getattr(args, name) for name in names}
-    extras["run_config"] = {k: v for k, v in vars(args).items() if k not in ("func", "command", "config")}
-    return extras
-
-
 def print_prune_extras(record: dict[str, Any]) -> None:
     """The summary lines of a layer-wise profile and of the zero-shot tasks."""
     planned = record["sparsity"]["planned"]

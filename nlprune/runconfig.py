@@ -20,6 +20,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from nlprune.request import FLAG_OF_FIELD
+
 # Values a recipe may give in a richer form than the flag's text.
 INLINE_PLAN_KEYS = ("layer_sparsity",)  # a list of ratios or a dict of linear ratios, inline
 LIST_KEYS = ("tasks", "eval_datasets")  # lists of names, joined with commas
@@ -143,17 +145,8 @@ def apply_config(parser: argparse.ArgumentParser, path: str | Path) -> dict[str,
     return defaults
 
 
-# The arguments of api.prune() under the command line's flag names (``config`` in results.json).
-CONFIG_OF_ARGUMENT = {
-    "model": "model", "prune_method": "prune_method", "sparsity_ratio": "sparsity_ratio",
-    "sparsity_type": "sparsity_type", "nsamples": "nsamples", "seqlen": "seqlen", "seed": "seed",
-    "data_dir": "data_dir", "output": "output", "overwrite": "overwrite", "do_eval": "eval",
-    "eval_nsamples": "eval_nsamples", "eval_seqlen": "eval_seqlen", "batch_size": "batch_size",
-    "true_sequential": "true_sequential", "calib_dataset": "calib_dataset", "sparsity_profile": "sparsity_profile",
-    "owl_m": "owl_m", "owl_lambda": "owl_lambda", "layer_sparsity": "layer_sparsity", "tasks": "tasks",
-    "task_data_dir": "task_data_dir", "limit": "limit", "dense_tasks": "dense_tasks",
-    "eval_datasets": "eval_datasets", "heldout_nsamples": "heldout_nsamples", "random_weights": "random_weights",
-}
+# The fields of a prune request under the command line's flag names (``config`` in results.json).
+CONFIG_OF_ARGUMENT = FLAG_OF_FIELD  # PruneRequest field -> the flag it is recorded under
 
 
 def config_of_call(arguments: dict[str, Any]) -> dict[str, Any]:

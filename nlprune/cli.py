@@ -262,6 +262,9 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
              "wikitext2; NAME:N takes N windows")
     add_flag(p, "--heldout-nsamples", type=int, default=64,
              help="windows of each --eval-datasets set other than c4 and wikitext2 (default 64)")
+    add_flag(p, "--attention-windows", type=int, default=4,
+             help="C4 validation windows (of --seqlen tokens) on which the per-layer attention error is measured "
+             "(default 4; 0 skips it)")
     add_flag(
         p,
         "--true-sequential",

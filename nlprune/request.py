@@ -57,8 +57,8 @@ class PruneRequest:
 
 # Fields the command line sets otherwise: the method's options come from its own flags, the
 # mesh is parsed, --no-cache inverts use_cache, the recorded config is the flags themselves,
-# progress bars and the attention-error windows have no flag.
-NOT_FLAGS = ("options", "mesh", "use_cache", "run_config", "progress", "attention_windows")
+# progress bars have no flag.
+NOT_FLAGS = ("options", "mesh", "use_cache", "run_config", "progress")
 RENAMED = {"do_eval": "eval"}  # field -> flag dest, where the flag keeps Wanda's vocabulary
 FLAG_OF_FIELD = {f.name: RENAMED.get(f.name, f.name) for f in dataclasses.fields(PruneRequest)
                  if f.name not in NOT_FLAGS}

@@ -129,7 +129,7 @@ def check(req: PruneRequest) -> Checked:
     from nlprune.runconfig import check_prune_tasks, config_of_call
 
     for name, value, minimum in (("--nsamples", req.nsamples, 1), ("--seqlen", req.seqlen, 2), ("--seed", req.seed, 0),
-                                 ("--batch-size", req.batch_size, 1), ("attention_windows", req.attention_windows, 0)):
+                                 ("--batch-size", req.batch_size, 1), ("--attention-windows", req.attention_windows, 0)):
         check_count(name, value, minimum)
     eval_counts = _eval_counts(req.eval_datasets)
     check_count("--heldout-nsamples", req.heldout_nsamples, 1)

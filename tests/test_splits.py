@@ -88,3 +88,23 @@ def test_attention_error_reads_validation_windows(tiny_model_dir, shared_data_di
     np.testing.assert_allclose(record["attention_error"]["per_layer"], attention_error(loaded.model, pruned, val),
                                rtol=1e-6)
     assert not np.allclose(attention_error(loaded.model, pruned, test), record["attention_error"]["per_layer"])
+
+
+def test_attention_windows_flag_sets_the_metric_and_its_config(prune_cli, tmp_path, capsys):
+    """--attention-windows (a PruneRequest field and its flag, nothing else): 0 skips the
+    metric, N measures it on N validation windows, and the config records it for a rerun."""
+    import json
+
+    assert prune_cli(tmp_path / "none", "--prune-method", "wanda", "--sparsity-ratio", "0.5",
+                     "--attention-windows", "0") == 0
+    rec = json.loads((tmp_path / "none" / "results.json").read_text())
+    assert "attention_error" not in rec and rec["config"]["attention_windows"] == 0
+    assert prune_cli(tmp_path / "two", "--prune-method", "wanda", "--sparsity-ratio", "0.5",
+                     "--attention-windows", "2") == 0
+    rec = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert rec["attention_error"]["windows"] == 2 and rec["args"]["attention_windows"] == 2
+    capsys.readouterr()
+    assert prune_cli(tmp_path / "bad", "--prune-method", "wanda", "--attention-windows", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--attention-windows must be an integer >= 0" in err[0], err
+    assert not (tmp_path / "bad").exists()

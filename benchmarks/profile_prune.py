@@ -19,13 +19,12 @@ import contextlib
 import dataclasses
 import functools
 import json
-import os
 import time
-from pathlib import Path
 
 import equinox as eqx
 import jax
 
+from common import write_json
 from nlprune import api
 from nlprune.data import calibration_windows
 from nlprune.methods import get_method
@@ -154,13 +153,8 @@ def main() -> None:
         calls = "-" if r["calls_per_layer"] is None else f"{r['calls_per_layer']:.0f}"
         print(f"| {r['stage']} | {r['layer0_s']:.2f} | {r['per_layer_s']:.3f} | "
               f"{r['per_layer_s'] / mean_rest:.0%} | {calls} |")
-    if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(json.dumps({
-            "command_args": vars(args), "layer_seconds": layer_s, "stages": rows,
-            "machine": {"devices": [str(d) for d in jax.devices()], "load_average_end": list(os.getloadavg())},
-        }, indent=2) + "\n")
-        print(f"wrote {args.output}")
+    write_json(args.output, {"command_args": vars(args), "layer_seconds": layer_s, "stages": rows,
+                             "devices": [str(d) for d in jax.devices()]})
 
 
 if __name__ == "__main__":

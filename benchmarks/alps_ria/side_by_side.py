@@ -181,6 +181,22 @@ def table(out: Path) -> str:
     return text
 
 
+def run_rows(args: argparse.Namespace, rows: list[str], suffix: str, measure) -> None:
+    """``measure(row, args, work)`` for each row without a record results/ROW{suffix}.json (resumable)."""
+    if not args.data_dir:
+        raise SystemExit("--data-dir (or NLPRUNE_DATA_DIR) is needed: the local C4 files")
+    (args.out / "results").mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
+        for row in rows:
+            path = args.out / "results" / f"{row}{suffix}.json"
+            if path.exists():
+                print(f"{row}: recorded ({path}), skipped")
+                continue
+            record = measure(row, args, Path(tmp))
+            path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+            print(f"{row}: recorded ({path})", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--alps-repo", type=Path, help="checkout of github.com/mazumder-lab/ALPS")
@@ -194,31 +210,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="instead: nlprune's own spread on these rows under last-bit changes (results/ROW-spread.json)")
     args = p.parse_args(argv)
     if args.spread:
-        if not args.data_dir:
-            raise SystemExit("--data-dir (or NLPRUNE_DATA_DIR) is needed: the local C4 files")
-        with tempfile.TemporaryDirectory(prefix="spread-") as tmp:
-            for row in args.spread:
-                path = args.out / "results" / f"{row}-spread.json"
-                if path.exists():
-                    print(f"{row}: spread recorded ({path}), skipped")
-                    continue
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(json.dumps(spread(row, args, Path(tmp)), indent=2, default=str) + "\n")
+        run_rows(args, args.spread, "-spread", spread)
     elif not args.table:
-        if not args.data_dir:
-            raise SystemExit("--data-dir (or NLPRUNE_DATA_DIR) is needed: the local C4 files")
-        (args.out / "results").mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="side-by-side-") as tmp:
-            for row in args.rows:
-                path = args.out / "results" / f"{row}.json"
-                if path.exists():
-                    print(f"{row}: recorded ({path}), skipped")
-                    continue
-                record = one_row(row, args, Path(tmp))
-                path.write_text(json.dumps(record, indent=2, default=str) + "\n")
-                print(f"{row}: original {record['reference']['c4_perplexity']:.2f} in "
-                      f"{record['reference']['prune_seconds']:.1f} s, nlprune {record['nlprune']['c4_perplexity']:.2f} "
-                      f"in {record['nlprune']['prune_seconds']:.1f} s", flush=True)
+        run_rows(args, args.rows, "", one_row)
     print(table(args.out))
     return 0
 

@@ -185,24 +185,14 @@ def export_run_model(model: Any, record: dict[str, Any], source: Any, tokenizer:
                      generation_config=generation, dtype=dtype, sparsity=sparsity_summary(record, model))
 
 
-def zero_fractions(model: Any) -> tuple[float, list[float]]:
-    """The fraction of exact zeros in the prunable linears' exported weights: overall and per
-    decoder layer (what the file holds, whatever a record says)."""
-    zeros, total, per_layer = 0, 0, []
-    for layer in model.model.layers:
-        weights = [np.asarray(lin.effective_weight) for lin in layer.linears().values()]
-        z, n = sum(int(w.size - np.count_nonzero(w)) for w in weights), sum(w.size for w in weights)
-        per_layer.append(z / n)
-        zeros, total = zeros + z, total + n
-    return zeros / total, per_layer
-
-
 def sparsity_summary(record: dict[str, Any], model: Any) -> dict[str, Any]:
     """What an export records about a run's sparsity (config.json's ``nlprune_sparsity``): the
     run's request from its record, the sparsity measured on the weights being exported."""
     args, sparsity = record["args"], record.get("sparsity", {})
     planned = sparsity.get("planned") or {}
-    measured, per_layer = zero_fractions(model)
+    from nlprune.prune.pipeline import measured_sparsity_by_layer
+
+    _, measured, per_layer = measured_sparsity_by_layer(model)
     out = {
         "method": args["prune_method"], "pattern": args["sparsity_type"], "ratio": args["sparsity_ratio"],
         "measured": measured, "profile": planned.get("profile", "uniform"),

@@ -16,12 +16,14 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM
+from nlprune.modeling.llama import RANDOM_SCHEME, LlamaConfig, LlamaForCausalLM
 
 DEFAULT_MODEL = "smollm2-135m"
 # --random-weights: every linear and the embedding N(0, RANDOM_STD^2), every norm's gain
 # 1 + N(0, 0.1^2) (nlprune.modeling.llama.init_llama): residual-stream activations stay of
 # order one through many layers, and attention scores neither vanish nor saturate.
+# Each decoder layer has its own key (RANDOM_SCHEME), so a model larger than memory can be
+# written to disk layer by layer (nlprune.convert.lazy.write_random_folder).
 RANDOM_STD = 0.02
 
 
@@ -82,6 +84,13 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def files_sha256(files: list[Path]) -> str:
+    """sha256 of one file; of the files' sha256s (in order) for several."""
+    if len(files) == 1:
+        return file_sha256(files[0])
+    return hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("NLPRUNE_CACHE_DIR", Path.home() / ".cache" / "nlprune"))
 
@@ -113,11 +122,7 @@ class ModelSource:
             load_model(self)  # sets it
         if self._sha256 is None:
             files = self.weight_files()
-            self._sha256 = (
-                file_sha256(files[0])
-                if len(files) == 1
-                else hashlib.sha256("".join(file_sha256(f) for f in files).encode()).hexdigest()
-            )
+            self._sha256 = files_sha256(files)
         return self._sha256
 
     def describe(self) -> dict[str, Any]:
@@ -206,7 +211,7 @@ def random_source(spec: str, seed: int, std: float = RANDOM_STD) -> ModelSource:
                 f"card {card['name']}: its tokenizer comes with the weights ({tok['source']}), which "
                 "--random-weights does not fetch; give a local folder with config.json and the tokenizer files."
             )
-    random = {"seed": seed, "std": std, "norm_gain": "1 + N(0, 0.1^2)", "init": "nlprune.modeling.llama.init_llama"}
+    random = {"seed": seed, "std": std, "norm_gain": "1 + N(0, 0.1^2)", "init": RANDOM_SCHEME}
     return ModelSource(name, "random", where, tok, card, random_weights=random, config=config)
 
 

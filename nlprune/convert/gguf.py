@@ -114,29 +114,52 @@ def config_from_gguf(reader) -> dict[str, Any]:
     }
 
 
-def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
-    """Config and float32 HF-named state dict of a GGUF file (dequantized)."""
+def open_gguf(path: str | Path):
+    """A ``gguf.GGUFReader`` (it memory-maps the file: tensors are read when used)."""
     gguf = import_gguf()
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"GGUF file {path} does not exist.")
     try:
-        reader = gguf.GGUFReader(str(path))
+        return gguf.GGUFReader(str(path))
     except Exception as e:  # gguf raises plain ValueError/struct errors on bad files
         raise WeightsError(f"cannot read {path} as GGUF: {e}") from None
-    raw_config = config_from_gguf(reader)
-    config = LlamaConfig.from_hf_dict(raw_config)
-    state: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        if name is None:
-            continue
-        w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
-        if name.endswith("q_proj.weight"):
-            w = unpermute_rope_rows(w, config.num_attention_heads)
-        elif name.endswith("k_proj.weight"):
-            w = unpermute_rope_rows(w, config.num_key_value_heads)
-        state[name] = w
+
+
+def hf_tensors(reader) -> dict[str, Any]:
+    """The file's tensors by Hugging Face name (tensors without one are left out)."""
+    return {name: t for t in reader.tensors if (name := hf_name(t.name)) is not None}
+
+
+def hf_shape(tensor) -> tuple[int, ...]:
+    """A GGUF tensor's shape in Hugging Face (row-major) order; GGUF lists it innermost first."""
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+def to_hf_array(config: LlamaConfig, name: str, tensor) -> np.ndarray:
+    """A fresh float32 array of the HF tensor ``name`` from its GGUF tensor: dequantized, and
+    q/k rows put back in rotate-half order."""
+    w = dequantized_rows(tensor)
+    if name.endswith("q_proj.weight"):
+        w = unpermute_rope_rows(w, config.num_attention_heads)
+    elif name.endswith("k_proj.weight"):
+        w = unpermute_rope_rows(w, config.num_key_value_heads)
+    return w
+
+
+def dequantized_rows(tensor, rows: np.ndarray | None = None) -> np.ndarray:
+    """A fresh float32 copy of a GGUF tensor's rows (all when ``rows`` is None), with no row
+    permutation; only the selected rows are read, since quantized blocks never span rows."""
+    data = tensor.data if rows is None else tensor.data[rows]
+    w = np.asarray(import_gguf().quants.dequantize(data, tensor.tensor_type), dtype=np.float32)
+    return w.copy() if np.may_share_memory(w, data) else w  # F32 tensors come back as views of the file
+
+
+def read_gguf(path: str | Path) -> tuple[LlamaConfig, dict[str, np.ndarray]]:
+    """Config and float32 HF-named state dict of a GGUF file (dequantized)."""
+    reader = open_gguf(path)
+    config = LlamaConfig.from_hf_dict(config_from_gguf(reader))
+    state = {name: to_hf_array(config, name, t) for name, t in hf_tensors(reader).items()}
     return config, state
 
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -26,6 +27,7 @@ from nlprune.modeling.llama import (
     Linear,
     MLP,
     RMSNorm,
+    with_layers,
 )
 
 
@@ -86,35 +88,57 @@ def check_state_dict(config: LlamaConfig, state: Mapping[str, Any], source: str 
 def from_state_dict(config: LlamaConfig, state: Mapping[str, Any]) -> LlamaForCausalLM:
     """Build the Equinox model from an HF-named state dict of arrays (numpy or jax)."""
     check_state_dict(config, state)
+    layers = [layer_from_state(config, state, i) for i in range(config.num_hidden_layers)]
+    return with_layers(shell_from_state(config, state), layers)
 
-    def arr(name):
-        return jnp.asarray(np.asarray(state[name], dtype=np.float32))
+
+def _float32(state: Mapping[str, Any], name: str) -> jax.Array:
+    return jnp.asarray(np.asarray(state[name], dtype=np.float32))
+
+
+def layer_from_state(config: LlamaConfig, state: Mapping[str, Any], i: int) -> DecoderLayer:
+    """Decoder layer ``i`` from the ``model.layers.{i}.*`` tensors of an HF-named mapping
+    (only those are looked up, so the mapping may read them from disk on demand)."""
+    c, p = config, f"model.layers.{i}."
 
     def linear(prefix, bias):
-        return Linear(arr(prefix + ".weight"), arr(prefix + ".bias") if bias else None)
+        return Linear(_float32(state, prefix + ".weight"), _float32(state, prefix + ".bias") if bias else None)
 
     def norm(name):
-        return RMSNorm(arr(name), config.rms_norm_eps)
+        return RMSNorm(_float32(state, p + name), c.rms_norm_eps)
 
-    c = config
-    layers = []
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        attn = Attention(
-            *(linear(p + f"self_attn.{n}", c.attention_bias) for n in PRUNABLE_LINEARS[:4]),
-            num_heads=c.num_attention_heads,
-            num_kv_heads=c.num_key_value_heads,
-            head_dim=c.head_dim,
-        )
-        mlp = MLP(*(linear(p + f"mlp.{n}", c.mlp_bias) for n in PRUNABLE_LINEARS[4:]))
-        layers.append(
-            DecoderLayer(
-                norm(p + "input_layernorm.weight"), attn, norm(p + "post_attention_layernorm.weight"), mlp
-            )
-        )
-    lm_head = None if c.tie_word_embeddings else Linear(arr("lm_head.weight"), None)
-    body = LlamaModel(Embedding(arr("model.embed_tokens.weight")), layers, norm("model.norm.weight"))
-    return LlamaForCausalLM(body, lm_head, c)
+    attn = Attention(
+        *(linear(p + f"self_attn.{n}", c.attention_bias) for n in PRUNABLE_LINEARS[:4]),
+        num_heads=c.num_attention_heads,
+        num_kv_heads=c.num_key_value_heads,
+        head_dim=c.head_dim,
+    )
+    mlp = MLP(*(linear(p + f"mlp.{n}", c.mlp_bias) for n in PRUNABLE_LINEARS[4:]))
+    return DecoderLayer(norm("input_layernorm.weight"), attn, norm("post_attention_layernorm.weight"), mlp)
+
+
+def shell_from_state(config: LlamaConfig, state: Mapping[str, Any]) -> LlamaForCausalLM:
+    """The model without decoder layers (embedding, final norm, LM head) from an HF-named
+    mapping; ``lm_head.weight`` is not looked up when the embeddings are tied."""
+    lm_head = None if config.tie_word_embeddings else Linear(_float32(state, "lm_head.weight"), None)
+    embed = Embedding(_float32(state, "model.embed_tokens.weight"))
+    body = LlamaModel(embed, [], RMSNorm(_float32(state, "model.norm.weight"), config.rms_norm_eps))
+    return LlamaForCausalLM(body, lm_head, config)
+
+
+def layer_state_dict(layer: DecoderLayer, i: int) -> dict[str, jax.Array]:
+    """The HF-named tensors of decoder layer ``i`` (masks folded into the weights)."""
+    p = f"model.layers.{i}."
+    state = {
+        p + "input_layernorm.weight": layer.input_layernorm.weight,
+        p + "post_attention_layernorm.weight": layer.post_attention_layernorm.weight,
+    }
+    for name, lin in layer.linears().items():
+        sub = "self_attn" if name in PRUNABLE_LINEARS[:4] else "mlp"
+        state[f"{p}{sub}.{name}.weight"] = lin.effective_weight
+        if lin.bias is not None:
+            state[f"{p}{sub}.{name}.bias"] = lin.bias
+    return state
 
 
 def to_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
@@ -127,14 +151,7 @@ def to_state_dict(model: LlamaForCausalLM) -> dict[str, np.ndarray]:
     if model.lm_head is not None:
         state["lm_head.weight"] = model.lm_head.weight
     for i, layer in enumerate(model.model.layers):
-        p = f"model.layers.{i}."
-        state[p + "input_layernorm.weight"] = layer.input_layernorm.weight
-        state[p + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
-        for name, lin in layer.linears().items():
-            sub = "self_attn" if name in PRUNABLE_LINEARS[:4] else "mlp"
-            state[f"{p}{sub}.{name}.weight"] = lin.effective_weight
-            if lin.bias is not None:
-                state[f"{p}{sub}.{name}.bias"] = lin.bias
+        state.update(layer_state_dict(layer, i))
     out = {k: np.asarray(v, dtype=np.float32) for k, v in state.items()}
     check_state_dict(c, out, "exported weights")
     return out

@@ -32,7 +32,13 @@ import numpy as np
 from nlprune.atomic import (
     deferred_signals, file_digests, leftovers, os_error_in, recover_interrupted_swap, write_atomically, write_file_with,
 )
-from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM, init_llama
+from nlprune.modeling.llama import (
+    PRUNABLE_LINEARS,
+    DecoderLayer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    init_llama,
+)
 from nlprune.modeling.masks import linear_paths, with_masks
 
 log = logging.getLogger(__name__)
@@ -183,7 +189,7 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             f"this one reads up to {VERSION}); upgrade nlprune."
         )
     if sidecar.get("kind") != kind:
-        loader = {"model": "load_model", "state": "load_state"}.get(sidecar.get("kind"), "?")
+        loader = {"model": "load_model", "state": "load_state", "layered-model": "layered.open_layered"}.get(sidecar.get("kind"), "?")
         raise CheckpointError(
             f"{path} holds a {sidecar.get('kind')!r} checkpoint, not a {kind!r} one; read it "
             f"with nlprune.checkpoint.{loader}."
@@ -328,6 +334,11 @@ def load_model(
     With ``expect_config``, a checkpoint of any other architecture is refused, naming the
     fields that differ.
     """
+    from nlprune import layered
+
+    if layered.is_layered(path):  # a streamed run's model: assembled layer by layer
+        model = layered.open_layered(path, expect_config)
+        return model.whole(), model.meta
     path, sidecar = _open(path, "model")
     try:
         config = LlamaConfig.from_hf_dict(sidecar["config"])
@@ -387,7 +398,8 @@ def _encode_tree(node: Any, arrays: dict[str, Any], leaves: dict[str, Any], wher
     # Arrays first: np.float64 is also a Python float, and must stay a numpy scalar.
     if isinstance(node, (np.ndarray, np.generic, jax.Array)):
         name = f"leaf{len(arrays)}"
-        arrays[name], leaves[name] = _encode(f"state{where}", node, compact=False)
+        # booleans (masks) as bits
+        arrays[name], leaves[name] = _encode(f"state{where}", node, compact=np.dtype(node.dtype) == np.bool_)
         return {"array": name}
     if node is None or isinstance(node, (bool, int, float, str)):
         return {"value": node}
@@ -439,13 +451,40 @@ def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
     a mask are absent (dense). Apply with :func:`load_packed_masks` or, without nlprune,
     ``np.unpackbits(t, axis=-1, count=in_features).astype(bool)``.
     """
-    from safetensors.numpy import save
+    return _write_packed_masks(path, zip(linear_paths(model.config), (lin.mask for lin in _linears(model))))
+
+
+def layer_mask_paths(config: LlamaConfig, index: int) -> list[str]:
+    """HF names of decoder layer ``index``'s prunable linears."""
+    per = len(PRUNABLE_LINEARS)
+    return linear_paths(config)[index * per : (index + 1) * per]
+
+
+def save_packed_layer_masks(path: str | Path, config: LlamaConfig, index: int, layer: DecoderLayer) -> Path:
+    """:func:`save_packed_masks` of one decoder layer (a streamed run writes one per layer and
+    joins them with :func:`join_packed_masks`, never holding the model)."""
+    masks = (lin.mask for lin in layer.linears().values())
+    return _write_packed_masks(path, zip(layer_mask_paths(config, index), masks))
+
+
+def join_packed_masks(path: str | Path, parts: list[Path]) -> Path:
+    """One packed masks file from per-layer ones, in order (bits copied, not unpacked)."""
+    from safetensors import safe_open
 
     tensors, shapes = {}, {}
-    for lin_path, lin in zip(linear_paths(model.config), _linears(model)):
-        if lin.mask is None:
+    for part in parts:
+        with safe_open(str(part), framework="numpy") as f:
+            shapes.update(json.loads((f.metadata() or {})["shapes"]))
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return _write_packed(path, tensors, shapes)
+
+
+def _write_packed_masks(path: str | Path, masks) -> Path:
+    tensors, shapes = {}, {}
+    for lin_path, mask in masks:
+        if mask is None:
             continue
-        mask = np.asarray(lin.mask)
+        mask = np.asarray(mask)
         if not _is_binary(mask):
             raise ValueError(f"{lin_path}.mask holds values other than 0 and 1; it cannot be bit-packed.")
         key = f"{lin_path}.weight"
@@ -453,6 +492,12 @@ def save_packed_masks(path: str | Path, model: LlamaForCausalLM) -> Path:
         shapes[key] = list(mask.shape)
     if not tensors:
         raise ValueError("the model has no masks (nlprune.modeling.llama.with_masks adds them).")
+    return _write_packed(path, tensors, shapes)
+
+
+def _write_packed(path: str | Path, tensors: dict[str, np.ndarray], shapes: dict[str, list[int]]) -> Path:
+    from safetensors.numpy import save
+
     metadata = {
         "format": PACKED_MASKS_FORMAT,
         "version": "1",

@@ -245,6 +245,12 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     add_random_weights_arg(p)
+    add_flag(p, "--stream", action="store_true",
+             help="hold one decoder layer in memory at a time: each is read from the model's files when its turn "
+             "comes and kept only in --output (models larger than memory; same masks and perplexities)")
+    add_flag(p, "--dtype", choices=("float32", "bfloat16"), default="float32",
+             help="with --stream --random-weights: the dtype the random weights are written to disk in "
+             "(computation is float32 either way)")
     add_data_args(p)
     p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
     add_prune_extras(p)
@@ -300,13 +306,26 @@ def cmd_plan(args: argparse.Namespace) -> int:
     config, name = config_of(args.model)
     settings = dict(
         method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
-        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, options=options,
+        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, options=options, stream=args.stream,
     )
     if args.output:
         from nlprune.runs import check_output_file
 
         check_output_file(args.output, overwrite=True)
-    plan = plan_memory(config, name, **settings)
+    if args.memory is not None:
+        from nlprune.plan import fit_memory, gib, parse_bytes
+
+        budget = parse_bytes(args.memory)
+        plan, flags = fit_memory(config, name, budget, **settings)
+        if plan is None:
+            smallest = plan_memory(config, name, **{**settings, "stream": True, "batch_size": 1})
+            raise ValueError(f"no setting brings {name} under --memory {args.memory}: the least it needs is about "
+                             f"{gib(smallest.peak_bytes)} per device (--stream --batch-size 1); "
+                             "use more devices (--mesh) or fewer calibration tokens (--nsamples, --seqlen).")
+        print(f"peak per device: {gib(plan.peak_bytes)} under --memory {args.memory} with "
+              f"{' '.join(flags) if flags else 'the settings as given'}")
+    else:
+        plan = plan_memory(config, name, **settings)
     print(plan.table())
     if args.output:
         _write_json(args.output, plan.as_dict())
@@ -325,6 +344,11 @@ def add_plan_parser(sub) -> None:
     )
     add_run_args(p, required_method=False)
     p.add_argument("--devices", type=int, default=None, help="plan for N devices on 'data' (= --mesh data=N)")
+    p.add_argument("--stream", action="store_true", help="plan a streamed run (prune --stream: one layer resident)")
+    p.add_argument("--memory", default=None, metavar="SIZE",
+                   help="a memory budget per device (e.g. 80GiB for one 80 GB GPU): pick the least change of settings that "
+                   "fits it (--stream, smaller batches, the method's own memory options) and plan with it; on a CPU, "
+                   "compare the plan's CPU line (the process) with the machine's memory")
     p.add_argument("--output", default=None, help="also write the plan as JSON here")
     p.set_defaults(func=cmd_plan)
 

@@ -24,6 +24,11 @@ class Loaded:
     tokenizer: Any
     source: cards.ModelSource
     load_seconds: float
+    reader: Any = None  # a streamed run's nlprune.convert.lazy.LayerReader (model is then None)
+
+    @property
+    def config(self):
+        return self.model.config if self.model is not None else self.reader.config
 
     def describe(self) -> dict[str, Any]:
         from nlprune.data import tokenizer_fingerprint
@@ -41,6 +46,23 @@ def load(model: str = cards.DEFAULT_MODEL, random_weights: int | None = None) ->
     weights = cards.load_model(source)
     tokenizer = cards.load_tokenizer(source)
     return Loaded(weights, tokenizer, source, time.perf_counter() - start)
+
+
+def load_streamed(model: str = cards.DEFAULT_MODEL, random_weights: int | None = None,
+                  dtype: str = "float32", progress: bool = True) -> Loaded:
+    """:func:`load` without the weights: a reader that gives one decoder layer at a time from
+    disk, its files checked now. Random weights are first written to disk layer by layer
+    (``dtype``), so a model of any size never exists in memory whole."""
+    from nlprune.convert.lazy import open_reader
+
+    start = time.perf_counter()
+    source = cards.resolve_model(model, random_weights=random_weights)
+    reader = open_reader(source, dtype=dtype, progress=progress)
+    reader.check()
+    if source.kind == "random":  # the written files' digest: the arrays are never all in memory
+        source._sha256 = cards.files_sha256(sorted(reader.folder.glob("*.safetensors")))
+    tokenizer = cards.load_tokenizer(source)
+    return Loaded(None, tokenizer, source, time.perf_counter() - start, reader)
 
 
 def machine() -> dict[str, Any]:

@@ -75,6 +75,7 @@ class PlanSettings:
     batch_size: int = 8  # windows per forward pass (per device)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's options, as given
     attention_windows: int = 4  # held-out windows of the attention-error metric (api.prune's default)
+    stream: bool = False  # --stream: one decoder layer resident (read from disk, written to the run)
 
     def configured_method(self):
         """The method as a prune with these options would run it (options resolved, validated)."""
@@ -226,7 +227,10 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     lin_dev = {k: rows_dev(o) * i for k, (o, i) in lins.items()}  # elements per device
     layer_lin = sum(lin_dev.values())
     other = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * H
-    dense = F32 * (other + L * layer_lin)
+    # streamed: only the layer being pruned, read from disk (the embedding rows of the
+    # calibration tokens are read alone; the model's other layers stay on disk)
+    dense = F32 * (layer_lin + 2 * H) if s.stream else F32 * (other + L * layer_lin)
+    held_layers = 0 if s.stream else L - 1  # pruned layers held before the last one
 
     pattern = parse_pattern(s.sparsity_type, 0.5 if s.sparsity_type == "unstructured" else None)
     hessian = method.needs_hessian
@@ -248,7 +252,7 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
             done = [*_PRUNES["q/k/v"], *_PRUNES["o"], *_PRUNES["gate/up"]]
         elif stage == "layer output":
             done = list(lins)
-        return F32 * 2 * ((L - 1) * layer_pruned + sum(lin_pruned[k] for k in done))
+        return F32 * 2 * (held_layers * layer_pruned + sum(lin_pruned[k] for k in done))
 
     def prune_work(stage: str) -> tuple[int, int]:
         """(Hessians, method work) of pruning one stage's linears."""
@@ -311,16 +315,27 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         bad = [k for k, (o, _) in lins.items() if o % s.model]
         if bad:
             notes.append(f"rows of {', '.join(bad)} do not divide over model={s.model}: replicated")
-    notes.append(
-        "weights include the dense model (kept for the attention-error metric) and the pruned "
-        "linears so far, each a weight and a float mask"
-    )
+    if s.stream:
+        notes.append(
+            "--stream: weights are the layer being pruned (read from disk) and its pruned linears, each a "
+            "weight and a float mask; every other layer stays on disk"
+        )
+    else:
+        notes.append(
+            "weights include the dense model (kept for the attention-error metric) and the pruned "
+            "linears so far, each a weight and a float mask"
+        )
     peak = max(stages, key=lambda k: sum(stages[k].values()))
     plan = MemoryPlan(name, s, json_ready(method.options.as_dict()), stages, peak, dense, notes)
     if s.data * s.model == 1:
         runtime = RUNTIME_BYTES + LOADER_RESIDUE * dense
-        pruned_model_weights = F32 * (other + L * layer_pruned)
-        writing = final_weights + WRITE_COPIES * pruned_model_weights
+        if s.stream:  # the layer's state while it is written; at the end, the largest shell array
+            # and the packed masks of every layer (1 bit a weight)
+            writing = max(final_weights + WRITE_COPIES * F32 * layer_pruned,
+                          F32 * c.vocab_size * H * (1 + WRITE_COPIES) + L * layer_pruned / 8)
+        else:
+            pruned_model_weights = F32 * (other + L * layer_pruned)
+            writing = final_weights + WRITE_COPIES * pruned_model_weights
         at = "writing the run" if writing > plan.peak_bytes else f"stage {peak}"
         plan.cpu_process_bytes = int(runtime + max(writing, plan.peak_bytes))
         plan.cpu_process_at = at
@@ -350,6 +365,38 @@ def _suggest(c: LlamaConfig, name: str, s: PlanSettings, peak: int) -> list[Sugg
         if alt.peak_bytes < peak:
             out.append(Suggestion(option, alt.peak_bytes, what))
     return sorted(out, key=lambda x: x.peak_bytes)
+
+
+def parse_bytes(text: str) -> int:
+    """``80GiB``, ``24G``, ``512MiB``, ``1.5TiB`` or a number of bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"--memory {text!r}: write a size such as 80GiB, 24G or 512MiB.")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def fit_memory(config: LlamaConfig, name: str, budget: int, **settings: Any) -> tuple[MemoryPlan | None, list[str]]:
+    """The plan of the least change to ``settings`` that brings the peak per device under
+    ``budget``, with the flags that make it; (None, []) when
+    no setting can. Tried in order: as given; --stream; then smaller forward batches; then
+    each of the method's own memory options; then both."""
+    s = PlanSettings(**settings)
+    shape = MemoryShape(config, s.nsamples, s.seqlen, s.data, s.model, s.data if s.nsamples % s.data == 0 else 1)
+    batches = [(f"--batch-size {b}", {"batch_size": b}) for b in (4, 2, 1) if b < s.batch_size]
+    own = [(flag, change) for flag, change, _ in s.configured_method().memory_alternatives(shape)
+           if not {"data", "model"} & set(change)]  # the budget is per device: no more devices
+    tries = [([], {}), (["--stream"], {"stream": True})]
+    tries += [(["--stream", flag], {"stream": True, **change}) for flag, change in batches + own]
+    tries += [(["--stream", f1, f2], {"stream": True, **c1, **c2}) for f1, c1 in own for f2, c2 in batches]
+    for flags, change in tries:
+        if "options" in change:
+            change = {**change, "options": {**s.options, **change["options"]}}
+        plan = _plan(config, name, dataclasses.replace(s, **change))
+        if plan.peak_bytes <= budget:
+            return plan, [f for f in flags if not (f == "--stream" and s.stream)]
+    return None, []
 
 
 def json_ready(values: dict[str, Any]) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import numpy as np
 from nlprune.data import EVALUATION_SETS, evaluation_windows
 from nlprune.eval.dense_cache import dense_perplexity
 from nlprune.eval.perplexity import perplexity
-from nlprune.loaded import Loaded, check_count, load, machine, score_tasks
+from nlprune.loaded import Loaded, check_count, load, load_streamed, machine, score_tasks
 from nlprune.modeling.llama import LlamaForCausalLM
 from nlprune.plan import ATTN_ERROR_BATCH, config_of
 from nlprune.request import PruneRequest
@@ -120,6 +120,27 @@ def _eval_counts(eval_datasets: Sequence[str]) -> dict[str, int | None]:
     return counts
 
 
+STORAGE_DTYPES = ("float32", "bfloat16")
+
+
+def check_streamable(req: PruneRequest, profile_req, mesh) -> None:
+    """What a streamed run (one decoder layer in memory at a time) cannot do yet, in one line each."""
+    from nlprune import parallel
+
+    if req.output is None:
+        raise ValueError("--stream keeps each pruned layer only in the run directory: give --output.")
+    if isinstance(req.model, Loaded):
+        raise ValueError("--stream reads the model from disk: give a card name, folder or .gguf file, not a loaded model.")
+    if profile_req.kind == "owl":
+        raise ValueError("--stream does not compute OWL's outlier profile (it runs the whole model): run "
+                         "`nlprune prune --sparsity-profile owl` without --stream, or give the ratios with --layer-sparsity.")
+    if req.tasks:
+        raise ValueError("--stream does not score zero-shot tasks (they need the whole model in memory): score the "
+                         "finished run with `nlprune eval --run RUN_DIR --tasks ...`.")
+    if parallel.axis_sizes(mesh)["data"] * parallel.axis_sizes(mesh)["model"] > 1:
+        raise ValueError("--stream runs on one device for now: drop --mesh.")
+
+
 def check(req: PruneRequest) -> Checked:
     """Every check that needs no model weights, in the order a user meets them."""
     from nlprune import parallel
@@ -150,8 +171,11 @@ def check(req: PruneRequest) -> Checked:
         config["layer_sparsity"] = profile_req.plan
     method = get_method(req.prune_method, **(req.options or {}))  # options resolved and validated once
     method.check_pattern(profile_req.target)
-    check_memory_plan(model, method.name, req.options or {}, profile_req.target, req.nsamples, req.seqlen,
-                      req.batch_size, mesh)
+    if req.stream:
+        check_streamable(req, profile_req, mesh)
+    else:  # (the plan counts a whole model in memory: a streamed run holds one layer)
+        check_memory_plan(model, method.name, req.options or {}, profile_req.target, req.nsamples, req.seqlen,
+                          req.batch_size, mesh)
     source = calibration_source(req.calib_dataset)
     task_names, task_dir = check_prune_tasks(req.tasks, req.task_data_dir, req.data_dir, req.limit, req.dense_tasks)
     return Checked(method, profile_req, mesh, source, task_names, task_dir, eval_counts, config)
@@ -165,10 +189,13 @@ def load_inputs(req: PruneRequest, checked: Checked) -> Inputs:
     from nlprune.data import calibration_windows
     from nlprune.prune.layerwise import build_profile
 
-    loaded = req.model if isinstance(req.model, Loaded) else load(req.model, req.random_weights)
+    if req.stream:
+        loaded = load_streamed(req.model, req.random_weights, req.dtype, req.progress)
+    else:
+        loaded = req.model if isinstance(req.model, Loaded) else load(req.model, req.random_weights)
     if checked.mesh is not None:  # the dense model too: it is evaluated beside the pruned one
         loaded = dataclasses.replace(loaded, model=parallel.place_model(loaded.model, checked.mesh))
-    config = loaded.model.config
+    config = loaded.config
     for width in (config.hidden_size, config.num_attention_heads * config.head_dim, config.intermediate_size):
         checked.pattern.check_width(width, f"{loaded.source.name} (a linear layer)")
     calibration, calib_prov = calibration_windows(
@@ -187,7 +214,7 @@ def load_inputs(req: PruneRequest, checked: Checked) -> Inputs:
             check_count(f"--eval-datasets {name}:WINDOWS", n, 1)
             eval_sets[name] = evaluation_windows(loaded.tokenizer, name, n, req.eval_seqlen, **eval_kwargs)
     profile, owl_record = build_profile(checked.profile_request, loaded.model, calibration, req.batch_size,
-                                        req.progress, checked.mesh)
+                                        req.progress, checked.mesh, num_layers=config.num_hidden_layers)
     return Inputs(loaded, calibration, calib_prov, held_out, eval_sets, profile, owl_record)
 
 
@@ -230,6 +257,8 @@ def prune_layers(req: PruneRequest, checked: Checked, inputs: Inputs, fp: dict[s
     from nlprune import parallel
     from nlprune.prune.pipeline import prune_model
 
+    if req.stream:
+        return prune_layers_streamed(req, checked, inputs, fp, run)
     start_layer, hidden, base, earlier = 0, None, inputs.loaded.model, []
     if run is not None:
         start_layer, base, hidden = run.resume(inputs.loaded.model, fp, req.overwrite)
@@ -238,9 +267,9 @@ def prune_layers(req: PruneRequest, checked: Checked, inputs: Inputs, fp: dict[s
             base = parallel.place_model(base, checked.mesh)  # restored arrays sit on device 0
     last = [time.perf_counter()]
 
-    def checkpoint_layer(i, current, outputs):
+    def checkpoint_layer(i, layer, outputs):
         seconds = time.perf_counter() - last[0]  # this layer's pruning, as the pipeline times it
-        run.save_layer(i, current.model.layers[i], outputs, fp, seconds)
+        run.save_layer(i, layer, outputs, fp, seconds)
         last[0] = time.perf_counter()
 
     pruned, report = prune_model(
@@ -251,23 +280,84 @@ def prune_layers(req: PruneRequest, checked: Checked, inputs: Inputs, fp: dict[s
     return pruned, report, start_layer, earlier
 
 
+def prune_layers_streamed(req: PruneRequest, checked: Checked, inputs: Inputs, fp: dict[str, Any], run: RunDir):
+    """:func:`prune_layers` holding one decoder layer at a time: each is read from the model's
+    files when its turn comes and lives on only in ``run``. Returns what it returns, with no
+    model (None)."""
+    from nlprune.prune.pipeline import layer_zeros, prune_streamed
+
+    reader, config = inputs.loaded.reader, inputs.loaded.config
+    start_layer, _, hidden = run.resume(None, fp, req.overwrite)
+    earlier = list(run.layer_seconds[:start_layer])
+    zeros = [layer_zeros(i, run.pruned_layer(config, i)) for i in range(start_layer)]
+    if hidden is None:
+        hidden = jax.numpy.asarray(reader.embed_rows(np.asarray(inputs.calibration, np.int32)))
+    last, reading = [time.perf_counter()], [0.0]
+
+    def read(i):
+        t0 = time.perf_counter()
+        layer = reader.layer(i)
+        reading[0] += time.perf_counter() - t0
+        return layer
+
+    def save(i, layer, outputs):
+        seconds = time.perf_counter() - last[0] - reading[0]  # this layer's pruning, without its read
+        run.save_layer(i, layer, outputs, fp, seconds, config=config)
+        last[0], reading[0] = time.perf_counter(), 0.0
+
+    report = prune_streamed(config, read, hidden, checked.method, inputs.profile, save,
+                            batch_size=req.batch_size, progress=req.progress, start_layer=start_layer,
+                            true_sequential=req.true_sequential, earlier_zeros=zeros)
+    return None, report, start_layer, earlier
+
+
+def shell_parts(reader) -> dict[str, Any]:
+    """The reader's embeddings, final norm and LM head in their stored precision, each read only
+    when written (:func:`nlprune.layered.save_layered_model`)."""
+    from nlprune.convert.lazy import EMBED
+
+    def head():
+        return None if reader.config.tie_word_embeddings else reader.stored_tensor("lm_head.weight")
+
+    return {"embed_tokens": lambda: reader.stored_tensor(EMBED), "norm": lambda: reader.stored_tensor("model.norm.weight"),
+            "lm_head": head}
+
+
 def evaluate(record: dict[str, Any], req: PruneRequest, checked: Checked, inputs: Inputs,
-             pruned: LlamaForCausalLM) -> None:
-    """Add the attention error, the perplexities and the task scores the request asks for."""
-    from nlprune.eval.attention_error import attention_error
+             pruned: LlamaForCausalLM | None, run: RunDir | None = None) -> None:
+    """Add the attention error, the perplexities and the task scores the request asks for.
+    ``pruned`` None (a streamed run): the pruned layers are read from ``run`` one at a time."""
+    from nlprune.eval.attention_error import attention_error, attention_error_streamed
+    from nlprune.eval.perplexity import perplexity_streamed
 
     loaded = inputs.loaded
+    if pruned is None:
+        reader, config = loaded.reader, loaded.config
+        shell = reader.shell() if req.do_eval else None
+
+        def pruned_layer(i):
+            return run.pruned_layer(config, i)
+
+        def model_perplexity(windows, desc):
+            return perplexity_streamed(shell, pruned_layer, windows, batch_size=req.batch_size,
+                                       progress=req.progress, desc=desc)
+    else:
+        def model_perplexity(windows, desc):
+            return perplexity(pruned, windows, batch_size=req.batch_size, progress=req.progress, desc=desc)
     if inputs.held_out is not None:
         # one window per call, as plan.py counts it: at seqlen 2048 each window's dense and pruned
         # n x n probabilities (and their scores) are GBs for a 1B model
-        per_layer = attention_error(loaded.model, pruned, inputs.held_out, batch_size=ATTN_ERROR_BATCH)
+        if pruned is None:
+            per_layer = attention_error_streamed(config, reader.embed_rows, reader.layer, pruned_layer,
+                                                 inputs.held_out, batch_size=ATTN_ERROR_BATCH)
+        else:
+            per_layer = attention_error(loaded.model, pruned, inputs.held_out, batch_size=ATTN_ERROR_BATCH)
         record["attention_error"] = {"per_layer": per_layer, "mean": float(np.mean(per_layer)),
                                      "windows": req.attention_windows, "seqlen": req.seqlen, "split": "c4-validation"}
     if req.do_eval:
         record["perplexities"] = {}
         for name, (windows, prov) in inputs.eval_sets.items():
-            ppl = perplexity(pruned, windows, batch_size=req.batch_size, progress=req.progress,
-                             desc=f"pruned perplexity ({name})")
+            ppl = model_perplexity(windows, f"pruned perplexity ({name})")
             dense = dense_perplexity(loaded, windows, req.batch_size, req.progress, use_cache=req.use_cache)
             record["perplexities"][name] = {
                 "pruned": ppl.perplexity, "dense": dense.perplexity, "nsamples": len(windows),
@@ -306,7 +396,7 @@ def run(req: PruneRequest) -> tuple[LlamaForCausalLM, dict[str, Any]]:
         fp = fingerprint(args, checked, inputs, model_desc)
         pruned, report, start_layer, earlier = prune_layers(req, checked, inputs, fp, run_dir)
         planned = {**checked.profile_request.describe(),
-                   **inputs.profile.planned(linear_sizes(inputs.loaded.model.config))}
+                   **inputs.profile.planned(linear_sizes(inputs.loaded.config))}
         if inputs.owl_record is not None:
             planned["owl"] = inputs.owl_record
         record: dict[str, Any] = {
@@ -321,10 +411,16 @@ def run(req: PruneRequest) -> tuple[LlamaForCausalLM, dict[str, Any]]:
             "resumed_from_layer": start_layer,
             "mesh": report.mesh or parallel.describe(None),
             "peak_rss_bytes": _peak_rss_bytes(),
+            "stream": bool(req.stream),
+            **({"read_seconds": report.read_seconds} if req.stream else {}),
             **({"method_reports": checked.method.reports} if checked.method.reports else {}),
             "machine": machine(),
         }
-        evaluate(record, req, checked, inputs, pruned)
-        if run_dir is not None:
-            run_dir.finish(pruned, record, {"args": args, "model": model_desc})
+        evaluate(record, req, checked, inputs, pruned, run_dir)
+        record["peak_rss_bytes_after_eval"] = _peak_rss_bytes()
+        meta = {"args": args, "model": model_desc}
+        if pruned is None:
+            run_dir.finish_streamed(shell_parts(inputs.loaded.reader), inputs.loaded.config, record, meta)
+        elif run_dir is not None:
+            run_dir.finish(pruned, record, meta)
         return pruned, record

@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlprune import atomic, checkpoint
-from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+from nlprune import atomic, checkpoint, layered
+from nlprune.modeling.llama import PRUNABLE_LINEARS, DecoderLayer, LlamaForCausalLM
 from nlprune.modeling.masks import set_linears
 
 RESULTS = "results.json"
@@ -260,9 +260,10 @@ class RunDir:
     # ---- resuming ------------------------------------------------------------------------
 
     def resume(
-        self, model: LlamaForCausalLM, fingerprint: dict[str, Any], overwrite: bool
-    ) -> tuple[int, LlamaForCausalLM, jax.Array | None]:
+        self, model: LlamaForCausalLM | None, fingerprint: dict[str, Any], overwrite: bool
+    ) -> tuple[int, LlamaForCausalLM | None, jax.Array | None]:
         """(layer to start from, model with the finished layers restored, that layer's inputs).
+        ``model`` None (a streamed run): the finished layers are checked, not loaded.
 
         Resume state from other settings is refused (named fields) unless ``overwrite``;
         damaged resume state is named, discarded and recomputed from layer 0."""
@@ -319,34 +320,50 @@ class RunDir:
         self._layers, self.layer_seconds = {}, []
         return 0, model, None
 
-    def _restore(self, model: LlamaForCausalLM, start: int, layers: dict[str, str]):
-        expected = fingerprint_sha256(self._fingerprint or {})
-        restored = list(model.model.layers)
+    def _restore(self, model: LlamaForCausalLM | None, start: int, layers: dict[str, str]):
+        """The model with layers 0..start-1 restored (None for a streamed run: each finished
+        layer is checked here and read again when needed) and layer ``start``'s inputs."""
+        restored = None if model is None else list(model.model.layers)
         for i in range(start):
-            where = self.progress / f"layer-{i:03d}"
-            sidecar = checkpoint.read_meta(where)
-            if sidecar.get("checksum") != layers[str(i)]:
-                raise ValueError(f"{where} is not the layer the cursor recorded (checksum differs)")
-            if sidecar["meta"].get("layer") != i or sidecar["meta"].get("fingerprint_sha256") != expected:
-                raise ValueError(f"{where} was written for another layer or other settings")
-            state, _ = checkpoint.load_state(where)
-            updates = {n: (jnp.asarray(s["weight"]), jnp.asarray(s["mask"])) for n, s in state.items()}
-            restored[i] = set_linears(restored[i], updates)
+            where = self._checked_layer(i, layers)
+            if restored is not None:
+                state, _ = checkpoint.load_state(where)
+                updates = {n: (jnp.asarray(s["weight"]), jnp.asarray(s["mask"])) for n, s in state.items()
+                           if n in PRUNABLE_LINEARS}
+                restored[i] = set_linears(restored[i], updates)
         state, _ = checkpoint.load_state(self.progress / CURSOR)
-        model = eqx.tree_at(lambda m: m.model.layers, model, restored)
+        if restored is not None:
+            model = eqx.tree_at(lambda m: m.model.layers, model, restored)
         return model, jnp.asarray(state["hidden"])
+
+    def _checked_layer(self, i: int, layers: dict[str, str] | None = None) -> Path:
+        """Layer i's resume state, checked against the cursor's checksum and this run's settings."""
+        layers = self._layers if layers is None else layers
+        expected = fingerprint_sha256(self._fingerprint or {})
+        where = self.progress / f"layer-{i:03d}"
+        sidecar = checkpoint.read_meta(where)
+        if sidecar.get("checksum") != layers.get(str(i)):
+            raise ValueError(f"{where} is not the layer the cursor recorded (checksum differs)")
+        if sidecar["meta"].get("layer") != i or sidecar["meta"].get("fingerprint_sha256") != expected:
+            raise ValueError(f"{where} was written for another layer or other settings")
+        return where
+
+    def pruned_layer(self, config, i: int) -> DecoderLayer:
+        """Pruned layer i of this (streamed) run, from its resume state."""
+        state, _ = checkpoint.load_state(self._checked_layer(i))
+        return layered.layer_from_state(config, state)
 
     # ---- per-layer resume state ----------------------------------------------------------
 
     def save_layer(
-        self, index: int, layer: DecoderLayer, hidden: jax.Array, fingerprint: dict, seconds: float = 0.0
+        self, index: int, layer: DecoderLayer, hidden: jax.Array, fingerprint: dict, seconds: float = 0.0,
+        config=None,
     ) -> None:
         """After layer ``index`` is pruned: its linears, then the cursor (next inputs, the
         settings, every finished layer's checksum and time)."""
-        state = {
-            name: {"weight": np.asarray(lin.weight), "mask": np.asarray(lin.mask)}
-            for name, lin in layer.linears().items()
-        }
+        state = layered.layer_state(layer)  # the whole layer: a streamed run's model is these
+        if config is not None:  # a streamed run's masks file is joined from these at the end
+            checkpoint.save_packed_layer_masks(self.progress / f"masks-{index:03d}.safetensors", config, index, layer)
         where = checkpoint.save_state(
             self.progress / f"layer-{index:03d}", state,
             {"layer": index, "fingerprint_sha256": fingerprint_sha256(fingerprint)},
@@ -368,6 +385,25 @@ class RunDir:
         state, and swap a staged rerun onto the old run; then release the lock."""
         checkpoint.save_model(self.work / MODEL, model, meta)
         checkpoint.save_packed_masks(self.work / MASKS, model)
+        write_json(self.work / RESULTS, record)
+        shutil.rmtree(self.work / PROGRESS, ignore_errors=True)
+        if self.work != self.path:
+            with atomic.deferred_signals():
+                atomic.swap_into(self.work, self.path)
+            self.work = self.path
+        self.release()
+
+    def finish_streamed(self, shell: dict[str, Any], config, record: dict[str, Any], meta: dict[str, Any]) -> None:
+        """:meth:`finish` for a streamed run: the model is its per-layer states (linked, not
+        copied) and ``shell`` (:func:`nlprune.layered.shell_state`); the packed masks are
+        gathered one layer at a time."""
+        dirs = [self._checked_layer(i) for i in range(config.num_hidden_layers)]
+        layered.save_layered_model(self.work / MODEL, shell, dirs, config, meta)
+        masks = [self.progress / f"masks-{i:03d}.safetensors" for i in range(config.num_hidden_layers)]
+        for i, part in enumerate(masks):  # written by save_layer; remade from the layer if a crash lost it
+            if not part.is_file():
+                checkpoint.save_packed_layer_masks(part, config, i, self.pruned_layer(config, i))
+        checkpoint.join_packed_masks(self.work / MASKS, masks)
         write_json(self.work / RESULTS, record)
         shutil.rmtree(self.work / PROGRESS, ignore_errors=True)
         if self.work != self.path:

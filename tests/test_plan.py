@@ -200,3 +200,50 @@ def test_gpu_paper_protocol_refuses_an_unknown_method(tmp_path):
     proc = subprocess.run([sys.executable, str(GPU_PROTOCOL), "--dry-run", "--methods", "obs", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 2 and "unknown --methods ['obs']" in proc.stderr
+
+
+# ------------------------------------------------------------------ streamed runs, --memory
+
+
+def test_a_streamed_plan_holds_one_layer_not_the_model():
+    config = cards.card_config(cards.get_card("llama-3.1-8b"))
+    whole = plan_memory(config, "8b", method="wanda", nsamples=8, seqlen=512)
+    streamed = plan_memory(config, "8b", method="wanda", nsamples=8, seqlen=512, stream=True)
+    h, i = config.hidden_size, config.intermediate_size
+    q, kv = config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
+    layer = F32 * (2 * h * q + 2 * h * kv + 3 * h * i + 2 * h)  # one dense layer, float32
+    assert streamed.dense_weight_bytes == layer
+    assert whole.dense_weight_bytes > 30 * layer  # 32 layers and the embeddings
+    # hidden states and one group's work are the same in both: the weights are the difference
+    assert streamed.peak_bytes < whole.peak_bytes / 10
+
+
+@pytest.mark.parametrize("model", ["llama-3.1-8b", "llama-3.1-70b"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_memory_budget_picks_settings_that_fit_one_80gb_gpu(model, method, capsys):
+    assert cli_main(["plan", "--model", model, "--prune-method", method, "--nsamples", "128", "--seqlen", "2048",
+                     "--memory", "80GiB"]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("peak per device: ") and "--stream" in first, first
+    assert float(first.split()[3]) <= 80 and first.split()[4] == "GiB"
+
+
+def test_memory_budget_no_setting_can_meet_is_one_line(capsys):
+    rc = cli_main(["plan", "--model", "llama-3.1-70b", "--prune-method", "wanda", "--nsamples", "128", "--seqlen",
+                   "2048", "--memory", "4GiB"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no setting brings llama-3.1-70b under --memory 4GiB" in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("text, value", [("80GiB", 80 * 2**30), ("24G", 24 * 2**30), ("512MiB", 2**29), ("1000", 1000)])
+def test_memory_sizes(text, value):
+    from nlprune.plan import parse_bytes
+
+    assert parse_bytes(text) == value
+
+
+def test_a_memory_size_that_is_not_one_is_refused(capsys):
+    rc = cli_main(["plan", "--model", "llama-3.1-8b", "--memory", "lots"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--memory 'lots': write a size such as 80GiB" in err

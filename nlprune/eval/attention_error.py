@@ -8,13 +8,15 @@ rather than errors accumulated upstream.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlprune.modeling.forward import embed, rope_tables, run_layer
-from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+from nlprune.modeling.forward import embed, rope_tables, rope_tables_of, run_layer
+from nlprune.modeling.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
 
 
 @eqx.filter_jit
@@ -44,4 +46,24 @@ def attention_error(
         for i, (d, p) in enumerate(zip(dense.model.layers, pruned.model.layers, strict=True)):
             errors[i] += float(layer_attention_error(d, p, h, cos, sin))
             h = run_layer(d, h, cos, sin)
+    return (errors / windows.shape[0]).tolist()
+
+
+def attention_error_streamed(
+    config: LlamaConfig, embed_rows: Callable[[np.ndarray], np.ndarray], dense_layer: Callable[[int], DecoderLayer],
+    pruned_layer: Callable[[int], DecoderLayer], windows: np.ndarray, batch_size: int = 1,
+) -> list[float]:
+    """:func:`attention_error` holding one dense and one pruned decoder layer at a time
+    (``embed_rows(ids)``: the embedding rows; ``dense_layer(i)``, ``pruned_layer(i)``: layer
+    i of each model). The same sums in the same order: the same numbers."""
+    windows = np.asarray(windows, np.int32)
+    cos, sin = rope_tables_of(config, windows.shape[1])
+    hidden = [jnp.asarray(embed_rows(windows[s : s + batch_size])) for s in range(0, windows.shape[0], batch_size)]
+    errors = np.zeros(config.num_hidden_layers)
+    for i in range(config.num_hidden_layers):
+        d, p = dense_layer(i), pruned_layer(i)
+        for b, h in enumerate(hidden):
+            errors[i] += float(layer_attention_error(d, p, h, cos, sin))
+            hidden[b] = run_layer(d, h, cos, sin)
+        del d, p
     return (errors / windows.shape[0]).tolist()

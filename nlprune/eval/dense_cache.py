@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from nlprune import cards
-from nlprune.eval.perplexity import perplexity
+from nlprune.eval.perplexity import perplexity, perplexity_streamed
 from nlprune.runs import note, write_json
 
 
@@ -104,7 +104,12 @@ def dense_perplexity(
             return DensePerplexity(float(entry["perplexity"]), True, str(entry.get("computed")), str(path))
         if problem:
             note(f"ignoring the dense perplexity cache {path}: {problem}; recomputing it.")
-    result = perplexity(loaded.model, windows, batch_size=batch_size, progress=progress, desc="dense perplexity")
+    if loaded.model is None:  # a streamed run: the dense layers are read from disk one at a time
+        reader = loaded.reader
+        result = perplexity_streamed(reader.shell(), reader.layer, windows, batch_size=batch_size, progress=progress,
+                                     desc="dense perplexity")
+    else:
+        result = perplexity(loaded.model, windows, batch_size=batch_size, progress=progress, desc="dense perplexity")
     entry = {
         "schema": DENSE_CACHE_SCHEMA, "version": 1, "key": key, "perplexity": result.perplexity,
         "tokens": result.tokens, "windows": result.windows, "seconds": result.seconds,

@@ -18,16 +18,24 @@ next-token NLL). Its numerics equal these pieces' up to float rounding; pruning 
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 
 from nlprune.modeling.inference import batch_token_nll, hidden_states, token_nll
-from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+from nlprune.modeling.llama import (
+    DecoderLayer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    rope_cos_sin,
+    rope_inverse_frequencies,
+)
 
 __all__ = [
     "after_attention", "after_mlp", "attn_context", "attn_input", "batch_token_nll", "embed",
-    "hidden_states", "layer_inputs", "mlp_hidden", "mlp_input", "rope_tables", "run_layer",
+    "hidden_states", "layer_inputs", "mlp_hidden", "mlp_input", "rope_tables", "rope_tables_of", "run_layer",
     "token_nll",
 ]
 
@@ -38,10 +46,15 @@ def embed(model: LlamaForCausalLM, ids: jax.Array) -> jax.Array:
     return model.embed(ids)
 
 
-@eqx.filter_jit
 def rope_tables(model: LlamaForCausalLM, seq_len: int) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables of positions 0..seq_len-1, shared by every layer."""
-    return model.rope(jnp.arange(seq_len))
+    return rope_tables_of(model.config, seq_len)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def rope_tables_of(config: LlamaConfig, seq_len: int) -> tuple[jax.Array, jax.Array]:
+    """:func:`rope_tables` from the config alone (a streamed run holds no model)."""
+    return rope_cos_sin(jnp.asarray(rope_inverse_frequencies(config)), jnp.arange(seq_len))
 
 
 @eqx.filter_jit

@@ -130,11 +130,12 @@ def _file_request(config: LlamaConfig, sparsity_ratio: float | None, plan: str |
 
 
 def build_profile(
-    request: ProfileRequest, model: LlamaForCausalLM, calibration: np.ndarray, batch_size: int = 8,
-    progress: bool = True, mesh: Any = None,
+    request: ProfileRequest, model: LlamaForCausalLM | None, calibration: np.ndarray, batch_size: int = 8,
+    progress: bool = True, mesh: Any = None, num_layers: int | None = None,
 ) -> tuple[SparsityProfile, dict[str, Any] | None]:
-    """The profile to prune with, and OWL's record (None for the others)."""
-    n_layers = model.config.num_hidden_layers
+    """The profile to prune with, and OWL's record (None for the others). ``model`` None (a
+    streamed run): ``num_layers`` instead; OWL, which runs the whole model, needs the model."""
+    n_layers = model.config.num_hidden_layers if model is not None else num_layers
     if request.kind == "uniform":
         return SparsityProfile.uniform(request.target, n_layers), None
     if request.kind == "file":

@@ -39,10 +39,10 @@ from nlprune.modeling.forward import (
     layer_inputs,
     mlp_hidden,
     mlp_input,
-    rope_tables,
+    rope_tables_of,
     run_layer,
 )
-from nlprune.modeling.llama import DecoderLayer, LlamaForCausalLM
+from nlprune.modeling.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
 from nlprune.modeling.masks import set_linears
 from nlprune.prune.base import INPUT_GROUPS, GroupContext, PruneResult, PruningMethod
 from nlprune.prune.refit import refit_group
@@ -240,16 +240,33 @@ class PruneReport:
     pattern: str
     ratio: float
     true_sequential: bool
-    prune_seconds: float  # pruning only: no model load, evaluation or checkpoint writes
+    prune_seconds: float  # pruning only: no model load, layer reads, evaluation or checkpoint writes
     checkpoint_seconds: float
     layer_seconds: list[float]
     sparsity: dict[str, float]  # per linear, HF names
     overall_sparsity: float  # over all prunable linears
     layer_sparsity: list[float] = dataclasses.field(default_factory=list)  # per decoder layer
     mesh: dict[str, Any] | None = None  # parallel.describe: axes, devices, fallbacks taken
+    read_seconds: float = 0.0  # reading layers from disk (streamed runs)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def layer_zeros(index: int, layer: DecoderLayer) -> dict[str, tuple[int, int]]:
+    """(exact zeros, size) of each prunable linear's effective weight, HF names."""
+    out = {}
+    for name, lin in layer.linears().items():
+        w = parallel.to_host(lin.effective_weight)
+        out[linear_name(index, name)] = (int(w.size - np.count_nonzero(w)), int(w.size))
+    return out
+
+
+def sparsity_of(zeros: list[dict[str, tuple[int, int]]]) -> tuple[dict[str, float], float, list[float]]:
+    """Per linear, overall and per layer sparsity from :func:`layer_zeros` of every layer."""
+    per = {name: z / n for layer in zeros for name, (z, n) in layer.items()}
+    sums = [(sum(z for z, _ in layer.values()), sum(n for _, n in layer.values())) for layer in zeros]
+    return per, sum(z for z, _ in sums) / sum(n for _, n in sums), [z / n for z, n in sums]
 
 
 def measured_sparsity(model: LlamaForCausalLM) -> tuple[dict[str, float], float]:
@@ -260,17 +277,20 @@ def measured_sparsity(model: LlamaForCausalLM) -> tuple[dict[str, float], float]
 
 def measured_sparsity_by_layer(model: LlamaForCausalLM) -> tuple[dict[str, float], float, list[float]]:
     """Fraction of exact zeros per prunable linear, overall, and per decoder layer."""
-    per, per_layer, zeros, total = {}, [], 0, 0
-    for i, layer in enumerate(model.model.layers):
-        layer_zeros, layer_total = 0, 0
-        for name, lin in layer.linears().items():
-            w = parallel.to_host(lin.effective_weight)
-            z = int(w.size - np.count_nonzero(w))
-            per[linear_name(i, name)] = z / w.size
-            layer_zeros, layer_total = layer_zeros + z, layer_total + w.size
-        per_layer.append(layer_zeros / layer_total)
-        zeros, total = zeros + layer_zeros, total + layer_total
-    return per, zeros / total, per_layer
+    return sparsity_of([layer_zeros(i, layer) for i, layer in enumerate(model.model.layers)])
+
+
+def _check_method(method: PruningMethod) -> None:
+    if not isinstance(method, PruningMethod):
+        raise TypeError(f"prune_model takes a configured method (nlprune.methods.get_method), not {method!r}")
+
+
+def _profile(pattern: SparsityPattern | SparsityProfile, num_layers: int) -> SparsityProfile:
+    if isinstance(pattern, SparsityPattern):
+        return SparsityProfile.uniform(pattern, num_layers)
+    if pattern.num_layers != num_layers:
+        raise ValueError(f"the sparsity profile is for {pattern.num_layers} layers, the model has {num_layers}.")
+    return pattern
 
 
 def prune_model(
@@ -282,7 +302,7 @@ def prune_model(
     progress: bool = True,
     start_layer: int = 0,
     hidden: jax.Array | None = None,
-    on_layer_done: Callable[[int, LlamaForCausalLM, jax.Array], None] | None = None,
+    on_layer_done: Callable[[int, DecoderLayer, jax.Array], None] | None = None,
     true_sequential: bool = True,
     mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[LlamaForCausalLM, PruneReport]:
@@ -292,60 +312,93 @@ def prune_model(
     ``pattern`` the sparsity of every linear, or a :class:`~nlprune.sparsity.SparsityProfile`
     giving each layer (or linear) its own.
     ``start_layer`` with ``hidden`` (the inputs of that layer) resumes a run;
-    ``on_layer_done(i, model, outputs_of_layer_i)`` is called after each layer (checkpoints);
-    its time is not counted in ``prune_seconds``.
+    ``on_layer_done(i, pruned_layer_i, outputs_of_layer_i)`` is called after each layer
+    (checkpoints); its time is not counted in ``prune_seconds``.
     ``true_sequential`` calibrates each sublayer on the pruned sublayers before it (one
     forward per layer); False collects every sublayer's statistics from the dense layer
     first, as Wanda's reference code does (two forwards per layer).
     ``mesh``: run on a device mesh (``nlprune.parallel.parse_mesh``); None or one device is
     the one-device path.
     """
-    if not isinstance(method, PruningMethod):
-        raise TypeError(f"prune_model takes a configured method (nlprune.methods.get_method), not {method!r}")
-    if isinstance(pattern, SparsityPattern):
-        pattern = SparsityProfile.uniform(pattern, len(model.model.layers))
-    elif pattern.num_layers != len(model.model.layers):
-        raise ValueError(f"the sparsity profile is for {pattern.num_layers} layers, the model has {len(model.model.layers)}.")
-    with parallel.use_mesh(mesh):
-        return _prune_model(
-            model, calibration, method, pattern, batch_size, progress, start_layer, hidden, on_layer_done,
-            true_sequential,
-        )
-
-
-def _prune_model(
-    model, calibration, method, profile, batch_size, progress, start_layer, hidden, on_layer_done, true_sequential,
-) -> tuple[LlamaForCausalLM, PruneReport]:
-    calibration = jnp.asarray(calibration, jnp.int32)
-    cos, sin = parallel.replicate(rope_tables(model, calibration.shape[1]))
-    start = time.perf_counter()
-    if hidden is None:
-        hidden = embed(model, calibration)
-    hidden = parallel.shard_windows(hidden)
+    _check_method(method)
     layers = list(model.model.layers)
-    seconds, checkpoint_seconds = [], 0.0
+    profile = _profile(pattern, len(layers))
+
+    def keep(i, layer, outputs):
+        layers[i] = layer
+        if on_layer_done is not None:
+            on_layer_done(i, layer, outputs)
+
+    with parallel.use_mesh(mesh):
+        if hidden is None:
+            hidden = embed(model, jnp.asarray(calibration, jnp.int32))
+        report = prune_layers(
+            model.config, layers.__getitem__, hidden, method, profile, batch_size, progress, start_layer, keep,
+            true_sequential, [layer_zeros(i, layers[i]) for i in range(start_layer)],
+        )
+    return eqx.tree_at(lambda m: m.model.layers, model, layers), report
+
+
+def prune_streamed(
+    config: LlamaConfig,
+    read_layer: Callable[[int], DecoderLayer],
+    hidden: jax.Array,
+    method: PruningMethod,
+    pattern: SparsityPattern | SparsityProfile,
+    on_layer_done: Callable[[int, DecoderLayer, jax.Array], None],
+    batch_size: int = 8,
+    progress: bool = True,
+    start_layer: int = 0,
+    true_sequential: bool = True,
+    earlier_zeros: list[dict[str, tuple[int, int]]] | None = None,
+) -> PruneReport:
+    """:func:`prune_model` holding one decoder layer at a time: layer i comes from
+    ``read_layer(i)`` (from disk), ``hidden`` are layer ``start_layer``'s calibration inputs
+    (the embedded windows at 0), and each pruned layer goes to ``on_layer_done`` and is then
+    dropped. ``earlier_zeros``: :func:`layer_zeros` of the layers before ``start_layer``."""
+    _check_method(method)
+    profile = _profile(pattern, config.num_hidden_layers)
+    return prune_layers(config, read_layer, hidden, method, profile, batch_size, progress, start_layer,
+                        on_layer_done, true_sequential, list(earlier_zeros or []))
+
+
+def prune_layers(
+    config, read_layer, hidden, method, profile, batch_size, progress, start_layer, on_layer_done, true_sequential,
+    zeros,
+) -> PruneReport:
+    """The layer loop shared by :func:`prune_model` and :func:`prune_streamed`."""
+    cos, sin = parallel.replicate(rope_tables_of(config, hidden.shape[1]))
+    start = time.perf_counter()
+    hidden = parallel.shard_windows(hidden)
+    seconds, checkpoint_seconds, read_seconds = [], 0.0, 0.0
     prune_one = prune_layer_true_sequential if true_sequential else prune_layer
     target = profile.target
     name = target.name if profile.is_uniform else f"{target.name} ({profile.source} profile)"
-    bar = tqdm(range(start_layer, len(layers)), desc=f"{method.name} {name}", unit="layer", disable=not progress)
+    bar = tqdm(range(start_layer, config.num_hidden_layers), desc=f"{method.name} {name}", unit="layer",
+               disable=not progress)
     for i in bar:
         t0 = time.perf_counter()
+        bar.set_postfix_str(f"layer {i}: reading")
+        layer = parallel.place_layer(read_layer(i))
+        jax.block_until_ready(layer)
+        t1 = time.perf_counter()
+        read_seconds += t1 - t0
         bar.set_postfix_str(f"layer {i}: " + ("sublayers in order" if true_sequential else "dense statistics first"))
         patterns = target if profile.is_uniform else profile.layer_patterns(i)
-        layers[i], hidden = prune_one(parallel.place_layer(layers[i]), hidden, cos, sin, method, patterns, batch_size)
+        layer, hidden = prune_one(layer, hidden, cos, sin, method, patterns, batch_size)
         hidden.block_until_ready()
-        seconds.append(time.perf_counter() - t0)
+        seconds.append(time.perf_counter() - t1)
+        zeros.append(layer_zeros(i, layer))
         if on_layer_done is not None:
             bar.set_postfix_str(f"layer {i}: checkpoint")
-            t1 = time.perf_counter()
-            on_layer_done(i, eqx.tree_at(lambda m: m.model.layers, model, layers), hidden)
-            checkpoint_seconds += time.perf_counter() - t1
-    model = eqx.tree_at(lambda m: m.model.layers, model, layers)
-    elapsed = time.perf_counter() - start - checkpoint_seconds
-    per, overall, per_layer = measured_sparsity_by_layer(model)
+            t2 = time.perf_counter()
+            on_layer_done(i, layer, hidden)
+            checkpoint_seconds += time.perf_counter() - t2
+        del layer
+    elapsed = time.perf_counter() - start - checkpoint_seconds - read_seconds
+    per, overall, per_layer = sparsity_of(zeros)
     mesh = parallel.current_mesh()
-    report = PruneReport(
+    return PruneReport(
         method.name, target.name, target.ratio, true_sequential, elapsed, checkpoint_seconds, seconds, per, overall,
-        per_layer, None if mesh is None else parallel.describe(mesh),
+        per_layer, None if mesh is None else parallel.describe(mesh), read_seconds,
     )
-    return model, report

@@ -3,6 +3,7 @@ record, timing, the transformers reference, the records they write."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -110,6 +111,7 @@ class PruneRun:
     path: Path
     wall_seconds: float
     load_average: tuple[float, float]
+    peak_rss_bytes: int = 0  # the process's high-water mark (wait4), whatever the run's record says
 
 
 def prune_run(flags: list[str] | tuple[str, ...], output: Path, data_dir: str, *, env: dict[str, str] | None = None,
@@ -122,15 +124,14 @@ def prune_run(flags: list[str] | tuple[str, ...], output: Path, data_dir: str, *
            "--overwrite"]
     before = os.getloadavg()[0]
     start = time.perf_counter()
-    if log is None:
-        proc = subprocess.run(cmd, env=env)
-    else:
-        with open(log, "w") as out:
-            proc = subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+    with open(log, "w") if log is not None else contextlib.nullcontext() as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT if out else None)
+        _, status, usage = os.wait4(proc.pid, 0)  # the child's own peak resident set
+        proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"nlprune prune {shlex.join(flags)} failed (rc {proc.returncode})"
                          + (f"; its output: {log}" if log else ""))
     wall = time.perf_counter() - start
     record = json.loads((Path(output) / "results.json").read_text())
     return PruneRun("nlprune prune " + " ".join(flags), record, Path(output), wall,
-                    (round(before, 2), round(os.getloadavg()[0], 2)))
+                    (round(before, 2), round(os.getloadavg()[0], 2)), usage.ru_maxrss * 1024)

@@ -307,6 +307,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = dict(
         method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
         data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, options=options, stream=args.stream,
+        attention_windows=args.attention_windows,
     )
     if args.output:
         from nlprune.runs import check_output_file
@@ -345,6 +346,8 @@ def add_plan_parser(sub) -> None:
     add_run_args(p, required_method=False)
     p.add_argument("--devices", type=int, default=None, help="plan for N devices on 'data' (= --mesh data=N)")
     p.add_argument("--stream", action="store_true", help="plan a streamed run (prune --stream: one layer resident)")
+    p.add_argument("--attention-windows", type=int, default=4,
+                   help="held-out windows of the attention-error metric, as prune's flag (0: none)")
     p.add_argument("--memory", default=None, metavar="SIZE",
                    help="a memory budget per device (e.g. 80GiB for one 80 GB GPU): pick the least change of settings that "
                    "fits it (--stream, smaller batches, the method's own memory options) and plan with it; on a CPU, "

@@ -72,15 +72,17 @@ def summary(run) -> dict:
     }
 
 
-def plan_peak(flags: list[str]) -> dict:
-    """`nlprune plan` with the row's model, method and calibration flags, streamed."""
-    keep = {"--model", "--prune-method", "--sparsity-ratio", "--sparsity-type", "--nsamples", "--seqlen"}
+def plan_peak(flags: list[str], work: Path) -> dict:
+    """`nlprune plan` with the row's model, method, calibration and attention-window flags, streamed."""
+    keep = {"--model", "--prune-method", "--sparsity-ratio", "--sparsity-type", "--nsamples", "--seqlen",
+            "--attention-windows"}
     args = [a for i, a in enumerate(flags) if a in keep or (i and flags[i - 1] in keep)]
-    cmd = [sys.executable, "-m", "nlprune.cli", "plan", *args, "--stream", "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    plan = json.loads(out)
-    return {"command": "nlprune plan " + " ".join(cmd[3:]), "peak_bytes": plan["peak_bytes"],
-            "cpu_process_bytes": plan.get("cpu_process_bytes")}
+    cmd = [sys.executable, "-m", "nlprune.cli", "plan", *args, "--stream"]
+    subprocess.run([*cmd, "--output", str(work / "plan.json")], capture_output=True, text=True, check=True)
+    plan = json.loads((work / "plan.json").read_text())
+    return {"command": "nlprune plan " + " ".join(cmd[4:]), "peak_bytes": plan["peak_bytes"],
+            "cpu_process_bytes": plan.get("cpu_process_bytes"), "peak_stage": plan["peak_stage"],
+            "cpu_process_at": plan.get("cpu_process_at")}
 
 
 def run_row(name: str, data_dir: str, work: Path) -> dict:
@@ -96,7 +98,7 @@ def run_row(name: str, data_dir: str, work: Path) -> dict:
                 k: memory[k] == stream[k] for k in ("masks_sha256", "perplexity", "attention_error", "overall_sparsity")})
         else:
             stream = summary(prune_run([*flags, "--stream"], work / name, data_dir, log=work / f"{name}.log"))
-            out.update(stream=stream, plan=plan_peak(flags))
+            out.update(stream=stream, plan=plan_peak(flags, work))
     finally:
         for p in work.glob(f"{name}*"):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else None

@@ -5,7 +5,8 @@ stored one decoder layer per state checkpoint (the run's per-layer resume state,
 not copied) beside the arrays outside the layers and a sidecar naming every layer's checksum:
 
     model/nlprune_checkpoint.json   kind "layered-model": config, meta, layer checksums
-    model/shell-embed_tokens/ ...   states: embed_tokens, norm, lm_head (None when tied)
+    model/shell-embed_tokens.bin    raw arrays in the source's precision (norm, lm_head alike;
+                                    no lm_head when tied): dtype, shape, sha256 in the sidecar
     model/layer-000/ ...            states: each linear's weight, mask (bits), bias; the norms
 
 :func:`nlprune.checkpoint.load_model` reads it as a whole model; :func:`open_layered` reads it
@@ -15,6 +16,7 @@ a layer at a time.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -26,11 +28,10 @@ import numpy as np
 from nlprune.atomic import write_atomically
 from nlprune.checkpoint import (
     FORMAT, SIDECAR, VERSION, CheckpointError, _check_replaceable, _is_binary, _json_or_raise, _open,
-    _sidecar_checksum, config_differences, load_state, read_meta, save_state,
+    _sidecar_checksum, config_differences, load_state, read_meta,
 )
 from nlprune.modeling.llama import (
     PRUNABLE_LINEARS,
-    SHELL_PARTS,
     DecoderLayer,
     LlamaConfig,
     LlamaForCausalLM,
@@ -73,30 +74,52 @@ def layer_from_state(config: LlamaConfig, state: dict[str, Any]) -> DecoderLayer
     return set_linears(layer, masks) if masks else layer
 
 
-def shell_state(model: LlamaForCausalLM) -> dict[str, Any]:
-    """The arrays outside the decoder layers, each behind a zero-argument callable (so that a
-    large model's embeddings and head are read and written one at a time): the embeddings,
-    the final norm and the LM head's weight (None when tied)."""
-    head = model.lm_head
-    return {"embed_tokens": lambda: np.asarray(model.model.embed_tokens.weight),
-            "norm": lambda: np.asarray(model.model.norm.weight),
-            "lm_head": lambda: None if head is None else np.asarray(head.weight)}
+def shell_from_files(config: LlamaConfig, folder: Path, shell: dict[str, Any]) -> LlamaForCausalLM:
+    """The model without its layers, from the shell files :func:`save_layered_model` wrote."""
+    import ml_dtypes
 
-
-def shell_from_state(config: LlamaConfig, state: dict[str, Any]) -> LlamaForCausalLM:
     from nlprune.convert import hf
 
-    named = {"model.embed_tokens.weight": state["embed_tokens"], "model.norm.weight": state["norm"]}
-    if state["lm_head"] is not None:
-        named["lm_head.weight"] = state["lm_head"]
+    named = {}
+    for part, hf_name in SHELL_NAMES.items():
+        info = shell.get(part)
+        if info is None:
+            continue
+        where = folder / f"{SHELL}-{part}.bin"
+        stored = np.dtype(ml_dtypes.bfloat16) if info["dtype"] == "bfloat16" else np.dtype(info["dtype"])
+        try:
+            values = np.fromfile(where, dtype=stored)
+        except OSError as e:
+            raise CheckpointError(f"cannot read {where} ({e.strerror or e}); the checkpoint is incomplete.") from None
+        if values.size != int(np.prod(info["shape"], dtype=np.int64)) or (
+                hashlib.sha256(values.view(np.uint8)).hexdigest() != info["sha256"]):
+            raise CheckpointError(f"{where} is not the array its sidecar recorded (size or sha256 differs); the "
+                                  "checkpoint is damaged: rerun the prune.")
+        named[hf_name] = values.reshape(info["shape"])
     return hf.shell_from_state(config, named)
+
+
+SHELL_NAMES = {"embed_tokens": "model.embed_tokens.weight", "norm": "model.norm.weight", "lm_head": "lm_head.weight"}
+
+
+def _write_shell_part(path: Path, tensor) -> dict[str, Any]:
+    """Write one shell array from (dtype, shape, byte chunks); its sidecar entry."""
+    dtype, shape, chunks = tensor
+    digest = hashlib.sha256()
+    with open(path, "wb") as f:
+        for chunk in chunks:
+            digest.update(chunk)
+            f.write(chunk)
+    return {"dtype": dtype, "shape": list(shape), "sha256": digest.hexdigest()}
 
 
 def save_layered_model(path: str | Path, shell: dict[str, Any], layer_dirs: list[Path], config: LlamaConfig,
                        meta: dict[str, Any] | None = None) -> Path:
-    """Atomically write a layered model from a shell (:func:`shell_state`: each part behind a
-    callable) and one state checkpoint per layer (hard-linked where the file system allows,
-    else copied)."""
+    """Atomically write a layered model from its shell and one state checkpoint per layer
+    (hard-linked where the file system allows, else copied). ``shell`` maps each of
+    :data:`SHELL_NAMES` to a callable giving ``(dtype, shape, byte chunks)`` of the array
+    (``LayerReader.tensor_bytes``), or to None (a tied LM head): each is copied a chunk at a
+    time into a raw file, its dtype, shape and sha256 in the sidecar."""
     path = Path(path)
     _check_replaceable(path)
     checksums = [read_meta(d)["checksum"] for d in layer_dirs]
@@ -111,12 +134,12 @@ def save_layered_model(path: str | Path, shell: dict[str, Any], layer_dirs: list
             shutil.copy2(src, dst)
 
     def write(tmp: Path) -> None:
-        for part in SHELL_PARTS:  # one at a time: an 8B model's embeddings alone are 2 GB
-            save_state(tmp / f"{SHELL}-{part}", {"value": shell[part]()})
+        parts = {part: None if shell[part] is None else _write_shell_part(tmp / f"{SHELL}-{part}.bin", shell[part]())
+                 for part in SHELL_NAMES}
         for i, d in enumerate(layer_dirs):
             shutil.copytree(d, tmp / f"layer-{i:03d}", copy_function=link_or_copy)
-        (tmp / SIDECAR).write_text(_json_or_raise({**sidecar, "checksum": _sidecar_checksum(sidecar)},
-                                                  "checkpoint meta"))
+        full = {**sidecar, "shell": parts}
+        (tmp / SIDECAR).write_text(_json_or_raise({**full, "checksum": _sidecar_checksum(full)}, "checkpoint meta"))
 
     return write_atomically(path, write)
 
@@ -136,6 +159,7 @@ class LayeredModel:
     config: LlamaConfig
     meta: dict[str, Any]
     checksums: list[str]
+    shell_files: dict[str, Any]  # part -> {dtype, shape, sha256} (None: a tied head)
 
     def layer(self, i: int) -> DecoderLayer:
         where = self.path / f"layer-{i:03d}"
@@ -146,8 +170,7 @@ class LayeredModel:
         return layer_from_state(self.config, {k: v for k, v in state.items()})
 
     def shell(self) -> LlamaForCausalLM:
-        state = {part: load_state(self.path / f"{SHELL}-{part}")[0]["value"] for part in SHELL_PARTS}
-        return shell_from_state(self.config, state)
+        return shell_from_files(self.config, self.path, self.shell_files)
 
     def whole(self) -> LlamaForCausalLM:
         shell = self.shell()
@@ -168,4 +191,7 @@ def open_layered(path: str | Path, expect_config: LlamaConfig | None = None) -> 
     if expect_config is not None and config != expect_config:
         raise CheckpointError(f"checkpoint {path} is for another model configuration: "
                               f"{'; '.join(config_differences(config, expect_config))}.")
-    return LayeredModel(path, config, sidecar.get("meta", {}), checksums)
+    shell = sidecar.get("shell")
+    if not isinstance(shell, dict) or set(shell) != set(SHELL_NAMES):
+        raise CheckpointError(f"{path / SIDECAR}: no complete shell entry; the checkpoint is damaged: rerun the prune.")
+    return LayeredModel(path, config, sidecar.get("meta", {}), checksums, shell)

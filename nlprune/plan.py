@@ -329,10 +329,9 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
     plan = MemoryPlan(name, s, json_ready(method.options.as_dict()), stages, peak, dense, notes)
     if s.data * s.model == 1:
         runtime = RUNTIME_BYTES + LOADER_RESIDUE * dense
-        if s.stream:  # the layer's state while it is written; at the end, the largest shell array
-            # and the packed masks of every layer (1 bit a weight)
-            writing = max(final_weights + WRITE_COPIES * F32 * layer_pruned,
-                          F32 * c.vocab_size * H * (1 + WRITE_COPIES) + L * layer_pruned / 8)
+        if s.stream:  # the layer's state while it is written; at the end the packed masks of every
+            # layer (1 bit a weight; the embeddings and head are copied file to file in chunks)
+            writing = max(final_weights + WRITE_COPIES * F32 * layer_pruned, L * layer_pruned / 8)
         else:
             pruned_model_weights = F32 * (other + L * layer_pruned)
             writing = final_weights + WRITE_COPIES * pruned_model_weights

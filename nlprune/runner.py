@@ -10,6 +10,7 @@ loads), ``load_inputs`` (model, calibration and evaluation windows, the sparsity
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import hashlib
 import json
@@ -312,15 +313,13 @@ def prune_layers_streamed(req: PruneRequest, checked: Checked, inputs: Inputs, f
 
 
 def shell_parts(reader) -> dict[str, Any]:
-    """The reader's embeddings, final norm and LM head in their stored precision, each read only
-    when written (:func:`nlprune.layered.save_layered_model`)."""
-    from nlprune.convert.lazy import EMBED
+    """The reader's embeddings, final norm and LM head (None when tied) as the layered model
+    copies them: in their stored precision, a chunk at a time (:func:`nlprune.layered.save_layered_model`)."""
+    from nlprune.layered import SHELL_NAMES
 
-    def head():
-        return None if reader.config.tie_word_embeddings else reader.stored_tensor("lm_head.weight")
-
-    return {"embed_tokens": lambda: reader.stored_tensor(EMBED), "norm": lambda: reader.stored_tensor("model.norm.weight"),
-            "lm_head": head}
+    tied = reader.config.tie_word_embeddings
+    return {part: None if (part == "lm_head" and tied) else functools.partial(reader.tensor_bytes, name)
+            for part, name in SHELL_NAMES.items()}
 
 
 def evaluate(record: dict[str, Any], req: PruneRequest, checked: Checked, inputs: Inputs,

@@ -395,7 +395,7 @@ class RunDir:
 
     def finish_streamed(self, shell: dict[str, Any], config, record: dict[str, Any], meta: dict[str, Any]) -> None:
         """:meth:`finish` for a streamed run: the model is its per-layer states (linked, not
-        copied) and ``shell`` (:func:`nlprune.layered.shell_state`); the packed masks are
+        copied) and ``shell`` (:func:`nlprune.runner.shell_parts`); the packed masks are
         gathered one layer at a time."""
         dirs = [self._checked_layer(i) for i in range(config.num_hidden_layers)]
         layered.save_layered_model(self.work / MODEL, shell, dirs, config, meta)

@@ -162,4 +162,18 @@ def test_a_bfloat16_model_keeps_its_embeddings_exact_in_the_run(tiny_model_dir, 
     reader = open_reader(cards.resolve_model(str(tiny_model_dir), random_weights=1), dtype="bfloat16")
     np.testing.assert_array_equal(np.asarray(pruned.model.embed_tokens.weight), reader.tensor("model.embed_tokens.weight"))
     assert str(pruned.model.embed_tokens.weight.dtype) == "float32"
-    assert next(iter((tmp_path / "run" / "model").glob("shell-embed_tokens"))).is_dir()
+    config = reader.config
+    stored = tmp_path / "run" / "model" / "shell-embed_tokens.bin"
+    assert stored.stat().st_size == config.vocab_size * config.hidden_size * 2  # kept in bfloat16
+
+
+def test_a_damaged_shell_array_is_named(prune_cli, tmp_path):
+    from nlprune.checkpoint import CheckpointError
+
+    assert prune_cli(tmp_path / "run", "--prune-method", "magnitude", "--sparsity-ratio", "0.5", "--stream") == 0
+    stored = tmp_path / "run" / "model" / "shell-norm.bin"
+    data = bytearray(stored.read_bytes())
+    data[0] ^= 1
+    stored.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="shell-norm.bin"):
+        api.load_run(tmp_path / "run")

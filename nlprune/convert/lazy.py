@@ -65,6 +65,8 @@ EMBED = "model.embed_tokens.weight"
 
 # safetensors dtype -> how its bytes are stored (bfloat16 as raw 16-bit patterns).
 _STORED_AS = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
+STORED_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+CHUNK_BYTES = 64 << 20  # what tensor_bytes reads at a time
 
 
 # --------------------------------------------------------------------------- readers
@@ -88,9 +90,13 @@ class LayerReader:
         """A fresh float32 array of the HF-named tensor ``name``."""
         raise NotImplementedError
 
-    def stored_tensor(self, name: str) -> np.ndarray:
-        """The tensor in the precision it is stored in where numpy has one (else float32)."""
-        return self.tensor(name)
+    def tensor_bytes(self, name: str) -> tuple[str, tuple[int, ...], Iterator[bytes]]:
+        """(dtype name, shape, the raw little-endian bytes in chunks) of a tensor in the
+        precision it is stored in where numpy has one (else float32): a streamed run copies
+        its model's embeddings and head this way, without holding them."""
+        values = self.tensor(name)
+        view = memoryview(np.ascontiguousarray(values)).cast("B")
+        return "float32", values.shape, (bytes(view[i : i + CHUNK_BYTES]) for i in range(0, len(view), CHUNK_BYTES))
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 embedding rows of integer ``ids`` (any shape): ``ids.shape + (hidden,)``;
@@ -231,15 +237,19 @@ class SafetensorsReader(LayerReader):
         # Always a copy: the mapping is dropped on return, so no file stays mapped.
         return values.copy() if np.may_share_memory(values, mapped) else values
 
-    def stored_tensor(self, name: str) -> np.ndarray:
-        """The tensor in its stored precision (bfloat16 as ``ml_dtypes.bfloat16``), a copy: a
-        streamed run writes the embeddings and head of its model in it (half of float32's
-        memory and disk for a bfloat16 model, and nothing lost)."""
-        import ml_dtypes
-
+    def tensor_bytes(self, name: str) -> tuple[str, tuple[int, ...], Iterator[bytes]]:
+        """The stored bytes, read from the file in chunks (not mapped: mapped pages would count
+        as the process's memory): a bfloat16 model's embeddings stay bfloat16, nothing lost."""
         entry = self._entry(name)
-        mapped = self._mapped(entry)
-        return np.array(mapped.view(ml_dtypes.bfloat16) if entry.dtype == "BF16" else mapped)
+        size = int(np.prod(entry.shape, dtype=np.int64)) * _STORED_AS[entry.dtype].itemsize
+
+        def chunks():
+            with open(entry.file, "rb") as f:
+                f.seek(entry.start)
+                for done in range(0, size, CHUNK_BYTES):
+                    yield f.read(min(CHUNK_BYTES, size - done))
+
+        return STORED_DTYPE_NAMES[entry.dtype], tuple(entry.shape), chunks()
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
         entry = self._entry(EMBED)

@@ -94,7 +94,15 @@ def _orbax():
 
 def _checkpointer():
     # Synchronous: the sidecar must only be written once the arrays are on disk.
-    return _orbax().Checkpointer(_orbax().StandardCheckpointHandler())
+    ocp = _orbax()
+    if jax.process_count() == 1:
+        return ocp.Checkpointer(ocp.StandardCheckpointHandler())
+    # Several JAX processes: this one alone (a run's writer, process 0, saves whole arrays by
+    # itself; see nlprune.processes), not Orbax's default of every process at a barrier.
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(multiprocessing_options=alone),
+                            multiprocessing_options=alone)
 
 
 def _json_or_raise(obj: Any, what: str) -> str:

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 import warnings
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
 from nlprune.cli_methods import add_method_args, method_options
 from nlprune.cli_prune import add_flag
 from nlprune.cli_prune import add_prune_extras, print_prune_extras
+from nlprune.processes import ProcessFailed
 from nlprune.request import FLAG_OF_FIELD, PruneRequest
 from nlprune.runconfig import apply_config, config_argument
 
@@ -197,12 +199,15 @@ def prune_request(args: argparse.Namespace) -> PruneRequest:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from nlprune import parallel
+    from nlprune import parallel, processes
 
     parallel.initialize_distributed(args.distributed)  # before anything touches a device
     from nlprune import runner
 
-    _, record = runner.run(prune_request(args))
+    with processes.one_run("nlprune prune"):  # several processes: a failure in one ends all
+        _, record = runner.run(prune_request(args))
+    if not processes.is_writer():
+        return 0  # process 0 reports the run
     a = record["args"]
     print(
         f"{a['model']}: {a['prune_method']} {a['sparsity_type']} at {a['sparsity_ratio']:g} -> "
@@ -240,7 +245,8 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     add_run_args(p, required_method=True)
     p.add_argument(
         "--distributed", action="store_true",
-        help="call jax.distributed.initialize first (one process per host, same command on each); "
+        help="call jax.distributed.initialize first (one process per host, same command on each; process 0 "
+        "alone writes --output; a process silent for $NLPRUNE_PEER_TIMEOUT s, default 30, ends the run); "
         "implied when JAX_COORDINATOR_ADDRESS is set",
     )
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
@@ -474,6 +480,20 @@ def _one_line(text: object) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nlprune import processes
+
+    try:
+        rc = _main(argv)
+    except BaseException:
+        if processes.several():  # its traceback, then out without JAX's shutdown wait
+            traceback.print_exc()
+            processes.leave(1)
+        raise
+    processes.leave(rc)  # several processes after a failure: out now (see processes.leave)
+    return rc
+
+
+def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         parser = build_parser(config_argument(argv))
@@ -506,6 +526,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except ProcessFailed as e:  # another process of a jax.distributed run
+        print(f"{command}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     except OSError as e:  # the machine's, not the input's: disk full, permissions, I/O
         where = f" ({e.filename})" if e.filename else ""
         hint = ""

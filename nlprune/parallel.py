@@ -132,16 +132,27 @@ def initialize_distributed(force: bool = False) -> bool:
     """``jax.distributed.initialize`` when asked (``--distributed``) or when the environment
     names a coordinator (JAX_COORDINATOR_ADDRESS, with JAX_NUM_PROCESSES and JAX_PROCESS_ID).
     Without the variables, JAX detects SLURM, Open MPI, Kubernetes and TPU pods itself.
-    Must run before anything touches a device; returns whether it initialised."""
+    JAX's heartbeat and shutdown timeouts are set from NLPRUNE_PEER_TIMEOUT (see
+    :mod:`nlprune.processes`). Must run before anything touches a device; returns whether it
+    initialised."""
+    import inspect
+
+    from nlprune import processes
+
     address = os.environ.get("JAX_COORDINATOR_ADDRESS")
     if not force and not address:
         return False
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = processes.jax_timeouts(set(inspect.signature(jax.distributed.initialize).parameters))
     if address:
         kwargs["coordinator_address"] = address
         for key, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
             if os.environ.get(env):
                 kwargs[key] = int(os.environ[env])
+    with contextlib.suppress(AttributeError):  # (a JAX without it)
+        # JAX's preemption service takes SIGTERM over as a notice to checkpoint at a sync point,
+        # which nlprune has none of: the process would run on. nlprune's own handler ends it
+        # between layers (each layer is saved), and the rerun resumes.
+        jax.config.update("jax_enable_preemption_service", False)
     jax.distributed.initialize(**kwargs)
     return True
 
@@ -322,6 +333,8 @@ def place_model(model: Any, mesh: Mesh | None = None) -> Any:
 def to_host(x: jax.Array) -> np.ndarray:
     """A (possibly sharded, possibly multi-process) array as one numpy array on this host."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        if x.is_fully_replicated:  # every device holds all of it: no collective needed
+            return np.asarray(x.addressable_data(0))
         from jax.experimental import multihost_utils
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))

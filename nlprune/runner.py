@@ -30,7 +30,7 @@ from nlprune.loaded import Loaded, check_count, load, load_streamed, machine, sc
 from nlprune.modeling.llama import LlamaForCausalLM
 from nlprune.plan import ATTN_ERROR_BATCH, config_of
 from nlprune.request import PruneRequest
-from nlprune.runs import RunDir
+from nlprune.runs import RunDir, open_for_writing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,12 +380,14 @@ def evaluate(record: dict[str, Any], req: PruneRequest, checked: Checked, inputs
 
 def run(req: PruneRequest) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """Check, load, prune, evaluate, record (``api.prune``)."""
-    from nlprune import parallel
+    from nlprune import parallel, processes
     from nlprune.prune.layerwise import linear_sizes
     from nlprune.provenance import git_state
 
+    if not processes.is_writer():  # several processes (jax.distributed): progress shown by process 0
+        req = dataclasses.replace(req, progress=False)
     checked = check(req)
-    run_dir = RunDir(req.output) if req.output is not None else None
+    run_dir = open_for_writing(req.output) if req.output is not None else None  # process 0 writes
     # Claimed at once (a finished run, another writer or a foreign folder is refused before
     # anything loads); released on every exit, and a failure removes what the claim created.
     with run_dir.claimed(req.overwrite) if run_dir is not None else contextlib.nullcontext():

@@ -50,7 +50,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row -> (kind, flags without --stre
     "recommended-2of4": ("pair", ["--config", "recipes/recommended-2of4.toml"]),
     "llama3.1-8b-sparsegpt": ("big", ["--model", "llama-3.1-8b", *BIG, "sparsegpt", "--sparsity-ratio", "0.5",
                                       *CPU_CALIBRATION, "--dtype", "bfloat16", "--attention-windows", "0"]),
-    # Llama-3.1-8B's layer shape, 4 of its 32 layers (SparseGPT on all 32 takes ~2 h here): the
+    # Llama-3.1-8B's layer shape, 4 of its 32 layers (SparseGPT on all 32: most of an hour here): the
     # peak memory is one layer's, so it is the whole model's; the time is per layer
     "llama3.1-8b-4layers-sparsegpt": ("big", ["--model", "@llama-3.1-8b-4layers", *BIG, "sparsegpt",
                                               "--sparsity-ratio", "0.5", *CPU_CALIBRATION, "--dtype", "bfloat16",
@@ -144,16 +144,16 @@ def gib(b) -> str:
 
 def table(records: dict[str, dict]) -> str:
     lines = ["| row | masks sha256 equal | C4 ppl in memory | streamed | peak RSS GiB in memory | streamed | "
-             "prune s in memory | streamed | commit |", "|---|---|---|---|---|---|---|---|---|"]
+             "prune s in memory | streamed | commit (streamed run) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in records.items():
         if r["kind"] != "pair":
             continue
         m, s = r["memory"], r["stream"]
         lines.append(f"| {name} | {r['identical']['masks_sha256']} | {m['perplexity']:.4f} | {s['perplexity']:.4f} | "
                      f"{gib(m['peak_rss_bytes'])} | {gib(s['peak_rss_bytes'])} | {m['prune_seconds']:.1f} | "
-                     f"{s['prune_seconds']:.1f} | {r['code']['commit'][:7]} |")
+                     f"{s['prune_seconds']:.1f} | {s['record_code']['commit'][:7]} |")
     lines += ["", "| row | peak RSS GiB (wait4) | plan GiB (--stream, process) | plan / measured | prune s | "
-              "s per layer (median) | read s | checkpoint s | commit |", "|---|---|---|---|---|---|---|---|---|"]
+              "s per layer (median) | read s | checkpoint s | commit (run) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in records.items():
         if r["kind"] != "big":
             continue
@@ -162,7 +162,7 @@ def table(records: dict[str, dict]) -> str:
         planned = plan.get("cpu_process_bytes") or plan["peak_bytes"]
         lines.append(f"| {name} | {gib(s['peak_rss_bytes'])} | {gib(planned)} | {planned / s['peak_rss_bytes']:.2f} | "
                      f"{s['prune_seconds']:.1f} | {per:.1f} | {s['read_seconds']:.1f} | {s['checkpoint_seconds']:.1f} | "
-                     f"{r['code']['commit'][:7]} |")
+                     f"{s['record_code']['commit'][:7]} |")
     return "\n".join(lines) + "\n"
 
 

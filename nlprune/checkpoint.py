@@ -197,10 +197,10 @@ def _open(path: str | Path, kind: str) -> tuple[Path, dict[str, Any]]:
             f"this one reads up to {VERSION}); upgrade nlprune."
         )
     if sidecar.get("kind") != kind:
-        loader = {"model": "load_model", "state": "load_state", "layered-model": "layered.open_layered"}.get(sidecar.get("kind"), "?")
+        loader = {"model": "nlprune.checkpoint.load_model", "state": "nlprune.checkpoint.load_state",
+                  "layered-model": "nlprune.layered.load_any_model"}.get(sidecar.get("kind"), "?")
         raise CheckpointError(
-            f"{path} holds a {sidecar.get('kind')!r} checkpoint, not a {kind!r} one; read it "
-            f"with nlprune.checkpoint.{loader}."
+            f"{path} holds a {sidecar.get('kind')!r} checkpoint, not a {kind!r} one; read it with {loader}."
         )
     stored = [v for v in sidecar["leaves"].values() if v["encoding"] != "empty"]
     if stored and not (path / ARRAYS).is_dir():
@@ -342,11 +342,6 @@ def load_model(
     With ``expect_config``, a checkpoint of any other architecture is refused, naming the
     fields that differ.
     """
-    from nlprune import layered
-
-    if layered.is_layered(path):  # a streamed run's model: assembled layer by layer
-        model = layered.open_layered(path, expect_config)
-        return model.whole(), model.meta
     path, sidecar = _open(path, "model")
     try:
         config = LlamaConfig.from_hf_dict(sidecar["config"])

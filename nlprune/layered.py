@@ -144,6 +144,17 @@ def save_layered_model(path: str | Path, shell: dict[str, Any], layer_dirs: list
     return write_atomically(path, write)
 
 
+def load_any_model(path: str | Path, expect_config: LlamaConfig | None = None) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    """``(model, meta)`` of a run's model folder: a layered model (a streamed run's) assembled
+    whole, else :func:`nlprune.checkpoint.load_model`."""
+    from nlprune.checkpoint import load_model
+
+    if is_layered(path):
+        model = open_layered(path, expect_config)
+        return model.whole(), model.meta
+    return load_model(path, expect_config)
+
+
 def is_layered(path: str | Path) -> bool:
     try:
         return read_meta(path).get("kind") == LAYERED_KIND

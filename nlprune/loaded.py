@@ -76,7 +76,7 @@ def machine() -> dict[str, Any]:
 
 def load_run(run_dir: str | Path) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """The pruned model of a run directory and its results record."""
-    from nlprune.checkpoint import load_model
+    from nlprune.layered import load_any_model
 
     run = open_finished(run_dir)
     try:
@@ -89,7 +89,7 @@ def load_run(run_dir: str | Path) -> tuple[LlamaForCausalLM, dict[str, Any]]:
             f"{run.results_path} is not the record of a pruning run (damaged or overwritten); "
             "rerun `nlprune prune --overwrite` to remake the run."
         )
-    model, _ = load_model(run.path / MODEL)
+    model, _ = load_any_model(run.path / MODEL)
     return model, record
 
 

@@ -339,3 +339,18 @@ def to_host(x: jax.Array) -> np.ndarray:
 
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
+
+
+def gathered(tree: Any, keep: bool = True) -> Any:
+    """Every array leaf of ``tree`` whole on the host (a sharded array across processes is
+    gathered: every process must call this together); ``keep`` False drops each leaf once
+    gathered (a process that writes nothing)."""
+    import equinox as eqx
+
+    def host(x):
+        if not eqx.is_array(x):
+            return x
+        whole = to_host(x)
+        return whole if keep else None
+
+    return jax.tree.map(host, tree)

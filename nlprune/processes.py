@@ -407,24 +407,3 @@ def leave(rc: int, wait: float = 10.0) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(rc)
-
-
-# --------------------------------------------------------------------------- gathering
-
-
-def gathered(tree: Any, keep: bool = True) -> Any:
-    """Every array leaf of ``tree`` whole on the host (a sharded array across processes is
-    gathered: every process must call this together); ``keep`` False drops each leaf once
-    gathered (a process that writes nothing)."""
-    import equinox as eqx
-    import jax
-
-    from nlprune import parallel
-
-    def host(x):
-        if not eqx.is_array(x):
-            return x
-        whole = parallel.to_host(x)
-        return whole if keep else None
-
-    return jax.tree.map(host, tree)

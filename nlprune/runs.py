@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlprune import atomic, checkpoint, layered, processes
+from nlprune import atomic, checkpoint, layered, parallel, processes
 from nlprune.modeling.llama import PRUNABLE_LINEARS, DecoderLayer, LlamaForCausalLM
 from nlprune.modeling.masks import set_linears
 
@@ -480,12 +480,12 @@ class SharedRunDir(RunDir):
 
     def save_layer(self, index, layer, hidden, fingerprint, seconds=0.0, config=None) -> None:
         writer = processes.is_writer()
-        layer, hidden = processes.gathered(layer, keep=writer), processes.gathered(hidden, keep=writer)
+        layer, hidden = parallel.gathered(layer, keep=writer), parallel.gathered(hidden, keep=writer)
         if writer:
             RunDir.save_layer(self, index, layer, hidden, fingerprint, seconds, config)
 
     def finish(self, model, record, meta) -> None:
-        host = processes.gathered(model, keep=processes.is_writer())
+        host = parallel.gathered(model, keep=processes.is_writer())
         processes.from_writer(lambda: RunDir.finish(self, host, record, meta))
 
 

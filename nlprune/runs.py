@@ -388,6 +388,11 @@ class RunDir:
         state, and swap a staged rerun onto the old run; then release the lock."""
         checkpoint.save_model(self.work / MODEL, model, meta)
         checkpoint.save_packed_masks(self.work / MASKS, model)
+        self._publish(record)
+
+    def _publish(self, record: dict[str, Any]) -> None:
+        """results.json last (it marks the run finished), the resume state dropped, a staged
+        rerun swapped onto the old run, the lock released."""
         write_json(self.work / RESULTS, record)
         shutil.rmtree(self.work / PROGRESS, ignore_errors=True)
         if self.work != self.path:
@@ -398,8 +403,8 @@ class RunDir:
 
     def finish_streamed(self, shell: dict[str, Any], config, record: dict[str, Any], meta: dict[str, Any]) -> None:
         """:meth:`finish` for a streamed run: the model is its per-layer states (linked, not
-        copied) and ``shell`` (:func:`nlprune.runner.shell_parts`); the packed masks are
-        gathered one layer at a time."""
+        copied) and ``shell`` (:func:`nlprune.runner.shell_parts`); the packed masks file is
+        joined from the per-layer ones save_layer wrote."""
         dirs = [self._checked_layer(i) for i in range(config.num_hidden_layers)]
         layered.save_layered_model(self.work / MODEL, shell, dirs, config, meta)
         masks = [self.progress / f"masks-{i:03d}.safetensors" for i in range(config.num_hidden_layers)]
@@ -407,13 +412,7 @@ class RunDir:
             if not part.is_file():
                 checkpoint.save_packed_layer_masks(part, config, i, self.pruned_layer(config, i))
         checkpoint.join_packed_masks(self.work / MASKS, masks)
-        write_json(self.work / RESULTS, record)
-        shutil.rmtree(self.work / PROGRESS, ignore_errors=True)
-        if self.work != self.path:
-            with atomic.deferred_signals():
-                atomic.swap_into(self.work, self.path)
-            self.work = self.path
-        self.release()
+        self._publish(record)
 
 
 def open_finished(run_dir: str | Path) -> RunDir:

@@ -255,8 +255,9 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
              help="hold one decoder layer in memory at a time: each is read from the model's files when its turn "
              "comes and kept only in --output (models larger than memory; same masks and perplexities)")
     add_flag(p, "--dtype", choices=("float32", "bfloat16"), default="float32",
-             help="with --stream --random-weights: the dtype the random weights are written to disk in "
-             "(computation is float32 either way)")
+             help="the precision the weights are held in and the run directory stores (linears, embeddings, "
+             "head; with --stream --random-weights also the one they are written to disk in); methods, "
+             "activations, Hessians and perplexity compute in float32 either way")
     add_data_args(p)
     p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
     add_prune_extras(p)
@@ -313,7 +314,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     settings = dict(
         method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
         data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, options=options, stream=args.stream,
-        attention_windows=args.attention_windows,
+        attention_windows=args.attention_windows, dtype=args.dtype,
     )
     if args.output:
         from nlprune.runs import check_output_file
@@ -344,7 +345,7 @@ def add_plan_parser(sub) -> None:
     p = sub.add_parser(
         "plan",
         help="peak memory per device of a prune, from the model's config alone",
-        description="Plan the peak memory per device of `nlprune prune` (float32): weights, "
+        description="Plan the peak memory per device of `nlprune prune`: weights, "
         "calibration hidden states, one layer's activations, Hessians and the non-linear step's "
         "n x n attention, for a mesh, and which options lower it. Needs no weights; takes the "
         "same options as prune.",
@@ -352,6 +353,8 @@ def add_plan_parser(sub) -> None:
     add_run_args(p, required_method=False)
     p.add_argument("--devices", type=int, default=None, help="plan for N devices on 'data' (= --mesh data=N)")
     p.add_argument("--stream", action="store_true", help="plan a streamed run (prune --stream: one layer resident)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="the precision the weights are held in, as prune's flag")
     p.add_argument("--attention-windows", type=int, default=4,
                    help="held-out windows of the attention-error metric, as prune's flag (0: none)")
     p.add_argument("--memory", default=None, metavar="SIZE",

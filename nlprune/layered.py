@@ -37,6 +37,7 @@ from nlprune.modeling.llama import (
     LlamaForCausalLM,
     with_layers,
 )
+from nlprune.modeling.precision import cast_layer, cast_model, storage_dtype
 
 LAYERED_KIND = "layered-model"
 SHELL = "shell"
@@ -59,8 +60,8 @@ def layer_state(layer: DecoderLayer) -> dict[str, Any]:
 
 
 def layer_from_state(config: LlamaConfig, state: dict[str, Any]) -> DecoderLayer:
-    """The decoder layer of :func:`layer_state` (masks in their weight's dtype, as
-    ``set_linears`` keeps them)."""
+    """The decoder layer of :func:`layer_state` (0/1 masks as booleans, relaxed ones in their
+    weight's dtype, as ``set_linears`` keeps them)."""
     from nlprune.convert import hf
     from nlprune.modeling.masks import set_linears
 
@@ -71,7 +72,8 @@ def layer_from_state(config: LlamaConfig, state: dict[str, Any]) -> DecoderLayer
     layer = hf.layer_from_state(config, named, 0)
     lins = layer.linears()
     masks = {n: (lins[n].weight, jax.numpy.asarray(e["mask"])) for n, e in state.items() if "mask" in e}
-    return set_linears(layer, masks) if masks else layer
+    layer = set_linears(layer, masks) if masks else layer
+    return cast_layer(layer, np.asarray(state["q_proj"]["weight"]).dtype)  # as it was held (--dtype)
 
 
 def shell_from_files(config: LlamaConfig, folder: Path, shell: dict[str, Any]) -> LlamaForCausalLM:
@@ -181,7 +183,10 @@ class LayeredModel:
         return layer_from_state(self.config, {k: v for k, v in state.items()})
 
     def shell(self) -> LlamaForCausalLM:
-        return shell_from_files(self.config, self.path, self.shell_files)
+        """Embeddings and head in the run's precision (``--dtype``; a bfloat16 source's shell files
+        are bfloat16 even when the run held float32)."""
+        dtype = (self.meta.get("args") or {}).get("dtype", "float32")
+        return cast_model(shell_from_files(self.config, self.path, self.shell_files), storage_dtype(dtype))
 
     def whole(self) -> LlamaForCausalLM:
         shell = self.shell()

@@ -15,6 +15,7 @@ import numpy as np
 
 from nlprune import cards
 from nlprune.modeling.llama import LlamaForCausalLM
+from nlprune.modeling.precision import cast_model, storage_dtype
 from nlprune.runs import MODEL, RunDirError, open_finished
 
 
@@ -25,6 +26,7 @@ class Loaded:
     source: cards.ModelSource
     load_seconds: float
     reader: Any = None  # a streamed run's nlprune.convert.lazy.LayerReader (model is then None)
+    dtype: str = "float32"  # the precision the weights are held in (nlprune.modeling.precision)
 
     @property
     def config(self):
@@ -36,33 +38,38 @@ class Loaded:
         return {**self.source.describe(), "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer)}
 
 
-def load(model: str = cards.DEFAULT_MODEL, random_weights: int | None = None) -> Loaded:
-    """Resolve ``model`` (card name, HF folder or .gguf), load weights (float32) and tokenizer.
+def load(model: str = cards.DEFAULT_MODEL, random_weights: int | None = None, dtype: str = "float32") -> Loaded:
+    """Resolve ``model`` (card name, HF folder or .gguf), load weights and tokenizer; the
+    weights are held in ``dtype`` (float32, or bfloat16: :mod:`nlprune.modeling.precision`).
 
     ``random_weights=SEED``: seeded random weights of the model's exact config instead of its
     own (nothing downloaded; the record's model description says so, with the seed)."""
     start = time.perf_counter()
+    held = storage_dtype(dtype)
     source = cards.resolve_model(model, random_weights=random_weights)
-    weights = cards.load_model(source)
+    weights = cast_model(cards.load_model(source), held)
     tokenizer = cards.load_tokenizer(source)
-    return Loaded(weights, tokenizer, source, time.perf_counter() - start)
+    return Loaded(weights, tokenizer, source, time.perf_counter() - start, dtype=dtype)
 
 
 def load_streamed(model: str = cards.DEFAULT_MODEL, random_weights: int | None = None,
                   dtype: str = "float32", progress: bool = True) -> Loaded:
     """:func:`load` without the weights: a reader that gives one decoder layer at a time from
-    disk, its files checked now. Random weights are first written to disk layer by layer
-    (``dtype``), so a model of any size never exists in memory whole."""
+    disk, its files checked now, handing out layers in ``dtype``. Random weights are first
+    written to disk layer by layer (in ``dtype``), so a model of any size never exists in
+    memory whole."""
     from nlprune.convert.lazy import open_reader
 
     start = time.perf_counter()
+    storage_dtype(dtype)
     source = cards.resolve_model(model, random_weights=random_weights)
     reader = open_reader(source, dtype=dtype, progress=progress)
+    reader.storage = dtype
     reader.check()
     if source.kind == "random":  # the written files' digest: the arrays are never all in memory
         source._sha256 = cards.files_sha256(sorted(reader.folder.glob("*.safetensors")))
     tokenizer = cards.load_tokenizer(source)
-    return Loaded(None, tokenizer, source, time.perf_counter() - start, reader)
+    return Loaded(None, tokenizer, source, time.perf_counter() - start, reader, dtype)
 
 
 def machine() -> dict[str, Any]:

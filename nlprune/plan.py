@@ -5,7 +5,8 @@ pipeline's stages for the last decoder layer (where the most pruned layers are h
 up, per device, what each stage holds in float32:
 
   weights       the dense model (linears' rows over 'model', the rest replicated) and the
-                pruned linears so far (weight + float mask each: 2x a linear);
+                pruned linears so far (weight + boolean mask each), in --dtype's precision
+                (float32 or bfloat16) and the layer being pruned as a float32 copy;
   hidden states the calibration windows' hidden states (windows over 'data'): the layer's
                 input, and the intermediates the true-sequential order keeps;
   activations   one forward batch's temporaries: the attention scores (windows x heads x
@@ -43,6 +44,8 @@ from nlprune.sparsity import parse_pattern
 from nlprune.methods import DEFAULT_METHOD
 
 F32 = 4  # bytes: nlprune prunes in float32
+MASK = 1  # bytes per weight of a pruned linear's boolean mask
+STORED = {"float32": 4, "bfloat16": 2}  # bytes per held weight (--dtype)
 
 # Measured copies of a buffer kept alive at once (see the module docstring).
 ATTN_FORWARD_COPIES = 1.75  # scores + probabilities of a forward batch's causal attention blocks
@@ -76,6 +79,7 @@ class PlanSettings:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # the method's options, as given
     attention_windows: int = 4  # held-out windows of the attention-error metric (api.prune's default)
     stream: bool = False  # --stream: one decoder layer resident (read from disk, written to the run)
+    dtype: str = "float32"  # --dtype: the precision the weights are held in (computed in float32)
 
     def configured_method(self):
         """The method as a prune with these options would run it (options resolved, validated)."""
@@ -199,79 +203,100 @@ def _validate(s: PlanSettings) -> None:
             raise ValueError(f"plan: {k} must be an integer >= 1, got {v!r}")
     if not isinstance(s.attention_windows, int) or s.attention_windows < 0:
         raise ValueError(f"plan: attention_windows must be an integer >= 0, got {s.attention_windows!r}")
+    if s.dtype not in STORED:
+        raise ValueError(f"plan: unknown dtype {s.dtype!r}; choose one of {', '.join(STORED)}")
     from nlprune.methods import available_methods
 
     if s.method not in available_methods():
         raise ValueError(f"plan: unknown method {s.method!r}; known methods: {', '.join(available_methods())}")
 
 
-def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
-    method = s.configured_method()  # the plan asks the method what it holds, never its name
-    notes: list[str] = []
-    lins = _linears(c)
-    H, I, L, n, seq = c.hidden_size, c.intermediate_size, c.num_hidden_layers, s.nsamples, s.seqlen
-    nh, G, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    rep = nh // G
+@dataclasses.dataclass
+class _Layout:
+    """What one planned run holds per device, in elements or bytes (see the module docstring)."""
 
-    # windows over 'data' when they divide, else replicated (as nlprune.parallel places them)
-    d = s.data if s.nsamples % s.data == 0 else 1
-    if s.data > 1 and d == 1:
-        notes.append(f"{n} windows do not divide over data={s.data}: the hidden states are replicated")
-    n_dev = n // d
-    call = min(s.batch_size, n_dev)  # windows per forward call per device
-    T = n_dev * seq  # tokens per device
+    lins: dict[str, tuple[int, int]]  # (out, in) of each prunable linear
+    lin_pruned: dict[str, int]  # elements per device of each pruned linear
+    dense: int  # bytes of the weights loaded before pruning starts
+    other: int  # elements of the embeddings, head and norms
+    held_layers: int  # pruned layers held before the last one
+    stored: int  # bytes per held weight (--dtype)
+    hessian: bool  # the method (or its refit) builds X^T X
+    tokens: int  # calibration tokens per device
+    call: int  # windows per forward call per device
 
-    def rows_dev(out: int) -> int:
-        return out // s.model if out % s.model == 0 else out
+    @property
+    def layer_pruned(self) -> int:
+        return sum(self.lin_pruned.values())
 
-    lin_dev = {k: rows_dev(o) * i for k, (o, i) in lins.items()}  # elements per device
-    layer_lin = sum(lin_dev.values())
-    other = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * H
-    # streamed: only the layer being pruned, read from disk (the embedding rows of the
-    # calibration tokens are read alone; the model's other layers stay on disk)
-    dense = F32 * (layer_lin + 2 * H) if s.stream else F32 * (other + L * layer_lin)
-    held_layers = 0 if s.stream else L - 1  # pruned layers held before the last one
-
-    pattern = parse_pattern(s.sparsity_type, 0.5 if s.sparsity_type == "unstructured" else None)
-    hessian = method.needs_hessian
-    rows_shard = method.shards_rows(pattern)
-    if s.model > 1 and not rows_shard:
-        notes.append(f"{method.name} {pattern.name} ranks more than a row at a time: the pruned weights are replicated")
-    lin_pruned = {k: (rows_dev(o) if rows_shard else o) * i for k, (o, i) in lins.items()}
-    layer_pruned = sum(lin_pruned.values())
-
-    def pruned_before(stage: str) -> int:  # weights + float masks of the pruned linears
+    def pruned_before(self, stage: str) -> int:
+        """Bytes of the pruned linears (weight + boolean mask) held when ``stage`` runs: every
+        earlier layer's (stored) and this layer's done so far (its float32 copy)."""
         done = []
         for st, names in _PRUNES.items():
             if st == stage:
                 break
             done += names
-        if stage in ("attention forward",):
+        if stage == "attention forward":
             done = list(_PRUNES["q/k/v"])
         elif stage == "mlp forward":
             done = [*_PRUNES["q/k/v"], *_PRUNES["o"], *_PRUNES["gate/up"]]
         elif stage == "layer output":
-            done = list(lins)
-        return F32 * 2 * (held_layers * layer_pruned + sum(lin_pruned[k] for k in done))
+            done = list(self.lins)
+        return ((self.stored + MASK) * self.held_layers * self.layer_pruned
+                + (F32 + MASK) * sum(self.lin_pruned[k] for k in done))
 
-    def prune_work(stage: str) -> tuple[int, int]:
+    def prune_work(self, method, stage: str) -> tuple[int, int]:
         """(Hessians, method work) of pruning one stage's linears."""
         names = _PRUNES[stage]
-        in_f = lins[names[0]][1]
-        biggest = max(lin_pruned[k] for k in names)
-        if hessian:
+        in_f = self.lins[names[0]][1]
+        if self.hessian:
             by_shape: dict[tuple[int, int], int] = {}
             for k in names:
-                by_shape[lins[k]] = by_shape.get(lins[k], 0) + lin_pruned[k]
+                by_shape[self.lins[k]] = by_shape.get(self.lins[k], 0) + self.lin_pruned[k]
             factor = max(FACTOR_COPIES, method.hessian_copies)  # the refit's factorisation, or the method's own
             work = max(OBS_COPIES, method.work_copies)
             return F32 * in_f * in_f * (1 + factor), int(F32 * work * max(by_shape.values()))
-        return 0, int(F32 * max(WEIGHT_WORK_COPIES, method.work_copies) * biggest)
+        return 0, int(F32 * max(WEIGHT_WORK_COPIES, method.work_copies) * max(self.lin_pruned[k] for k in names))
 
-    hid = F32 * T * H
+
+def _layout(c: LlamaConfig, s: PlanSettings, method, notes: list[str]) -> _Layout:
+    lins = _linears(c)
+    H, L = c.hidden_size, c.num_hidden_layers
+    # windows over 'data' when they divide, else replicated (as nlprune.parallel places them)
+    d = s.data if s.nsamples % s.data == 0 else 1
+    if s.data > 1 and d == 1:
+        notes.append(f"{s.nsamples} windows do not divide over data={s.data}: the hidden states are replicated")
+    n_dev = s.nsamples // d
+
+    def rows_dev(out: int) -> int:
+        return out // s.model if out % s.model == 0 else out
+
+    layer_lin = sum(rows_dev(o) * i for o, i in lins.values())  # elements per device
+    other = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * H
+    # streamed: only the layer being pruned, read from disk (the embedding rows of the
+    # calibration tokens are read alone; the model's other layers stay on disk)
+    stored = STORED[s.dtype]
+    compute_copy = F32 * layer_lin if stored != F32 else 0  # the float32 copy of the layer being pruned
+    dense = (stored * layer_lin + F32 * 2 * H if s.stream else stored * (other + L * layer_lin)) + compute_copy
+    pattern = parse_pattern(s.sparsity_type, 0.5 if s.sparsity_type == "unstructured" else None)
+    rows_shard = method.shards_rows(pattern)
+    if s.model > 1 and not rows_shard:
+        notes.append(f"{method.name} {pattern.name} ranks more than a row at a time: the pruned weights are replicated")
+    lin_pruned = {k: (rows_dev(o) if rows_shard else o) * i for k, (o, i) in lins.items()}
+    return _Layout(lins, lin_pruned, dense, other, 0 if s.stream else L - 1, stored, method.needs_hessian,
+                   n_dev * s.seqlen, min(s.batch_size, n_dev))
+
+
+def _stages(c: LlamaConfig, s: PlanSettings, method, lay: _Layout, notes: list[str]) -> dict[str, dict[str, int]]:
+    """Each stage of the last layer's pruning: what it holds, by category."""
+    H, I, seq = c.hidden_size, c.intermediate_size, s.seqlen
+    nh, G, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    hid, call = F32 * lay.tokens * H, lay.call
     stages: dict[str, dict[str, int]] = {}
 
-    def stage(name_, weights, hidden, acts=0, hess=0, work=0, nn=0):
+    def stage(name_, hidden, acts=0, hess=0, work=0, nn=0, weights=None):
+        weights = lay.dense + lay.pruned_before(name_) if weights is None else weights
         stages[name_] = {
             "weights": int(weights), "hidden states": int(hidden), "activations": int(acts),
             "Hessians": int(hess), "method work": int(work), "attention n x n": int(nn),
@@ -279,35 +304,35 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
 
     # q/k/v: the layer input and the attention input (input_layernorm(h)), and what the method
     # itself holds there (the non-linear solve's n x n attention)
-    h_, w_ = prune_work("q/k/v")
-    extra = method.qkv_memory(MemoryShape(c, n, seq, s.data, s.model, d))
+    h_, w_ = lay.prune_work(method, "q/k/v")
+    d = s.data if s.nsamples % s.data == 0 else 1
+    extra = method.qkv_memory(MemoryShape(c, s.nsamples, seq, s.data, s.model, d))
     notes += extra.notes
-    stage("q/k/v", dense + pruned_before("q/k/v"), 2 * hid + extra.hidden, 0, h_, max(w_, extra.work), extra.attention)
+    stage("q/k/v", 2 * hid + extra.hidden, 0, h_, max(w_, extra.work), extra.attention)
     q_tokens = F32 * call * seq * (nh + 2 * G) * hd
     # the forward attention goes in blocks of QUERY_BLOCK queries against the keys up to each
     # block's end (llama.Attention.context); XLA keeps every block's scores alive at once
     causal = sum((min(b + QUERY_BLOCK, seq) - b) * min(b + QUERY_BLOCK, seq) for b in range(0, seq, QUERY_BLOCK))
-    attn = F32 * ATTN_FORWARD_COPIES * call * nh * causal
-    ctx = F32 * T * nh * hd
-    stage("attention forward", dense + pruned_before("attention forward"), hid + ctx, attn + q_tokens)
-    h_, w_ = prune_work("o")
-    stage("o", dense + pruned_before("o"), hid + ctx, 0, h_, w_)
-    h_, w_ = prune_work("gate/up")
-    stage("gate/up", dense + pruned_before("gate/up"), 3 * hid, 0, h_, w_)
-    mlp = F32 * MLP_FORWARD_COPIES * call * seq * I
-    act = F32 * T * I
-    stage("mlp forward", dense + pruned_before("mlp forward"), 2 * hid + act, mlp)
-    h_, w_ = prune_work("down")
-    stage("down", dense + pruned_before("down"), 2 * hid + act, 0, h_, w_)
-    stage("layer output", dense + pruned_before("layer output"), 3 * hid + act)
-    final_weights = dense + pruned_before("layer output")
+    ctx = F32 * lay.tokens * nh * hd
+    stage("attention forward", hid + ctx, F32 * ATTN_FORWARD_COPIES * call * nh * causal + q_tokens)
+    stage("o", hid + ctx, 0, *lay.prune_work(method, "o"))
+    stage("gate/up", 3 * hid, 0, *lay.prune_work(method, "gate/up"))
+    act = F32 * lay.tokens * I
+    stage("mlp forward", 2 * hid + act, F32 * MLP_FORWARD_COPIES * call * seq * I)
+    stage("down", 2 * hid + act, 0, *lay.prune_work(method, "down"))
+    stage("layer output", 3 * hid + act)
     if s.attention_windows:  # after the last layer: the dense and the pruned model side by side
         b = min(s.attention_windows, ATTN_ERROR_BATCH)
-        stage("attention error", final_weights, 2 * F32 * b * seq * H, 0, 0, 0,
-              F32 * ATTN_ERROR_COPIES * b * nh * seq * seq)
+        stage("attention error", 2 * F32 * b * seq * H, 0, 0, 0, F32 * ATTN_ERROR_COPIES * b * nh * seq * seq,
+              weights=lay.dense + lay.pruned_before("layer output"))
     else:
-        stage("attention error", 0, 0)
-    if not hessian:
+        stage("attention error", 0, weights=0)
+    return stages
+
+
+def _notes(s: PlanSettings, method, lins: dict[str, tuple[int, int]]) -> list[str]:
+    notes = []
+    if not method.needs_hessian:
         notes.append(f"{method.name} needs no Hessian (only ||x_j||^2 per input feature)")
     elif method.options.refit and not method.uses_hessian:
         notes.append("--refit: each group's Hessian X^T X and its least-squares work are held while it is re-fitted")
@@ -316,28 +341,32 @@ def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
         if bad:
             notes.append(f"rows of {', '.join(bad)} do not divide over model={s.model}: replicated")
     if s.stream:
-        notes.append(
-            "--stream: weights are the layer being pruned (read from disk) and its pruned linears, each a "
-            "weight and a float mask; every other layer stays on disk"
-        )
+        notes.append("--stream: weights are the layer being pruned (read from disk) and its pruned linears, each a "
+                     "weight and a boolean mask; every other layer stays on disk")
     else:
-        notes.append(
-            "weights include the dense model (kept for the attention-error metric) and the pruned "
-            "linears so far, each a weight and a float mask"
-        )
+        notes.append("weights include the dense model (kept for the attention-error metric) and the pruned "
+                     "linears so far, each a weight and a boolean mask")
+    return notes
+
+
+def _plan(c: LlamaConfig, name: str, s: PlanSettings) -> MemoryPlan:
+    method = s.configured_method()  # the plan asks the method what it holds, never its name
+    notes: list[str] = []
+    lay = _layout(c, s, method, notes)
+    stages = _stages(c, s, method, lay, notes)
+    notes += _notes(s, method, lay.lins)
     peak = max(stages, key=lambda k: sum(stages[k].values()))
-    plan = MemoryPlan(name, s, json_ready(method.options.as_dict()), stages, peak, dense, notes)
-    if s.data * s.model == 1:
-        runtime = RUNTIME_BYTES + LOADER_RESIDUE * dense
+    plan = MemoryPlan(name, s, json_ready(method.options.as_dict()), stages, peak, lay.dense, notes)
+    if s.data * s.model == 1:  # a CPU: the device's memory is the process's
+        final_weights = lay.dense + lay.pruned_before("layer output")
+        L = c.num_hidden_layers
         if s.stream:  # the layer's state while it is written; at the end the packed masks of every
             # layer (1 bit a weight; the embeddings and head are copied file to file in chunks)
-            writing = max(final_weights + WRITE_COPIES * F32 * layer_pruned, L * layer_pruned / 8)
+            writing = max(final_weights + WRITE_COPIES * lay.stored * lay.layer_pruned, L * lay.layer_pruned / 8)
         else:
-            pruned_model_weights = F32 * (other + L * layer_pruned)
-            writing = final_weights + WRITE_COPIES * pruned_model_weights
-        at = "writing the run" if writing > plan.peak_bytes else f"stage {peak}"
-        plan.cpu_process_bytes = int(runtime + max(writing, plan.peak_bytes))
-        plan.cpu_process_at = at
+            writing = final_weights + WRITE_COPIES * lay.stored * (lay.other + L * lay.layer_pruned)
+        plan.cpu_process_bytes = int(RUNTIME_BYTES + LOADER_RESIDUE * lay.dense + max(writing, plan.peak_bytes))
+        plan.cpu_process_at = "writing the run" if writing > plan.peak_bytes else f"stage {peak}"
     return plan
 
 
@@ -380,7 +409,8 @@ def fit_memory(config: LlamaConfig, name: str, budget: int, **settings: Any) -> 
     """The plan of the least change to ``settings`` that brings the peak per device under
     ``budget``, with the flags that make it; (None, []) when
     no setting can. Tried in order: as given; --stream; then smaller forward batches; then
-    each of the method's own memory options; then both."""
+    each of the method's own memory options; then both; then each of those with the weights
+    held in bfloat16."""
     s = PlanSettings(**settings)
     shape = MemoryShape(config, s.nsamples, s.seqlen, s.data, s.model, s.data if s.nsamples % s.data == 0 else 1)
     batches = [(f"--batch-size {b}", {"batch_size": b}) for b in (4, 2, 1) if b < s.batch_size]
@@ -389,6 +419,8 @@ def fit_memory(config: LlamaConfig, name: str, budget: int, **settings: Any) -> 
     tries = [([], {}), (["--stream"], {"stream": True})]
     tries += [(["--stream", flag], {"stream": True, **change}) for flag, change in batches + own]
     tries += [(["--stream", f1, f2], {"stream": True, **c1, **c2}) for f1, c1 in own for f2, c2 in batches]
+    if s.dtype != "bfloat16":  # last: it rounds the weights, the others only reorder the work
+        tries += [([*flags, "--dtype bfloat16"], {**change, "dtype": "bfloat16"}) for flags, change in tries]
     for flags, change in tries:
         if "options" in change:
             change = {**change, "options": {**s.options, **change["options"]}}

@@ -54,7 +54,7 @@ class PruneRequest:
     run_config: dict[str, Any] | None = None  # the resolved flags to record (None: this request's)
     random_weights: int | None = None  # a seed: seeded random weights of the model's config
     stream: bool = False  # one decoder layer in memory at a time: read from disk, kept only in output
-    dtype: str = "float32"  # random weights written to disk for --stream: float32 or bfloat16
+    dtype: str = "float32"  # weights held and written in float32 or bfloat16 (computed in float32)
 
 
 # Fields the command line sets otherwise: the method's options come from its own flags, the

@@ -28,6 +28,7 @@ from nlprune.eval.dense_cache import dense_perplexity
 from nlprune.eval.perplexity import perplexity
 from nlprune.loaded import Loaded, check_count, load, load_streamed, machine, score_tasks
 from nlprune.modeling.llama import LlamaForCausalLM
+from nlprune.modeling.precision import storage_dtype
 from nlprune.plan import ATTN_ERROR_BATCH, config_of
 from nlprune.request import PruneRequest
 from nlprune.runs import RunDir, open_for_writing
@@ -72,7 +73,7 @@ REFUSE_ABOVE = 1.5  # x the machine's memory: the plan is within ~20% of measure
 
 
 def check_memory_plan(model: str | Loaded, method: str, options: dict[str, Any], pattern, nsamples: int,
-                      seqlen: int, batch_size: int, mesh) -> None:
+                      seqlen: int, batch_size: int, mesh, dtype: str = "float32") -> None:
     """Plan the run's memory (nlprune plan) before anything loads, on a CPU where the device's
     memory is the process's: refuse a run planned beyond 1.5x the machine's memory (it would
     swap for hours or be killed), warn above 1x. Nothing is refused where the plan cannot be
@@ -87,7 +88,7 @@ def check_memory_plan(model: str | Loaded, method: str, options: dict[str, Any],
         sizes = parallel.axis_sizes(mesh)
         plan = plan_memory(config, name, method=method, options=options, nsamples=nsamples, seqlen=seqlen,
                            batch_size=batch_size, data=sizes["data"], model=sizes["model"],
-                           sparsity_type=pattern.name)
+                           sparsity_type=pattern.name, dtype=model.dtype if isinstance(model, Loaded) else dtype)
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except Exception:  # noqa: BLE001  (planning is advice; the run itself checks what it must)
         return
@@ -170,13 +171,14 @@ def check(req: PruneRequest) -> Checked:
                                   req.owl_m, req.owl_lambda, req.layer_sparsity)
     if profile_req.plan is not None:  # the plan itself, not the file's name: the run reruns from its config alone
         config["layer_sparsity"] = profile_req.plan
+    storage_dtype(req.dtype)
     method = get_method(req.prune_method, **(req.options or {}))  # options resolved and validated once
     method.check_pattern(profile_req.target)
     if req.stream:
         check_streamable(req, profile_req, mesh)
     else:  # (the plan counts a whole model in memory: a streamed run holds one layer)
         check_memory_plan(model, method.name, req.options or {}, profile_req.target, req.nsamples, req.seqlen,
-                          req.batch_size, mesh)
+                          req.batch_size, mesh, req.dtype)
     source = calibration_source(req.calib_dataset)
     task_names, task_dir = check_prune_tasks(req.tasks, req.task_data_dir, req.data_dir, req.limit, req.dense_tasks)
     return Checked(method, profile_req, mesh, source, task_names, task_dir, eval_counts, config)
@@ -193,7 +195,7 @@ def load_inputs(req: PruneRequest, checked: Checked) -> Inputs:
     if req.stream:
         loaded = load_streamed(req.model, req.random_weights, req.dtype, req.progress)
     else:
-        loaded = req.model if isinstance(req.model, Loaded) else load(req.model, req.random_weights)
+        loaded = req.model if isinstance(req.model, Loaded) else load(req.model, req.random_weights, req.dtype)
     if checked.mesh is not None:  # the dense model too: it is evaluated beside the pruned one
         loaded = dataclasses.replace(loaded, model=parallel.place_model(loaded.model, checked.mesh))
     config = loaded.config
@@ -245,6 +247,8 @@ def fingerprint(args: dict[str, Any], checked: Checked, inputs: Inputs, model_de
         "calibration_windows_sha256": hashlib.sha256(
             np.ascontiguousarray(inputs.calibration, np.int32).tobytes()).hexdigest(),
     }
+    if inputs.loaded.dtype != "float32":  # (a float32 run's fingerprint is as it always was)
+        fp["dtype"] = inputs.loaded.dtype
     if not inputs.profile.is_uniform:  # (a uniform run's fingerprint is as it always was: its state resumes)
         fp["layer_ratios"] = inputs.profile.layer_ratios and list(inputs.profile.layer_ratios)
         fp["linear_ratios"] = dict(inputs.profile.linear_ratios)
@@ -314,11 +318,13 @@ def prune_layers_streamed(req: PruneRequest, checked: Checked, inputs: Inputs, f
 
 def shell_parts(reader) -> dict[str, Any]:
     """The reader's embeddings, final norm and LM head (None when tied) as the layered model
-    copies them: in their stored precision, a chunk at a time (:func:`nlprune.layered.save_layered_model`)."""
+    copies them, a chunk at a time (:func:`nlprune.layered.save_layered_model`): in their stored
+    precision, the embeddings and head rounded to bfloat16 under ``--dtype bfloat16``."""
     from nlprune.layered import SHELL_NAMES
 
     tied = reader.config.tie_word_embeddings
-    return {part: None if (part == "lm_head" and tied) else functools.partial(reader.tensor_bytes, name)
+    copy = lambda part: reader.tensor_bytes if part == "norm" else reader.stored_bytes  # norms stay as stored
+    return {part: None if (part == "lm_head" and tied) else functools.partial(copy(part), name)
             for part, name in SHELL_NAMES.items()}
 
 
@@ -392,7 +398,7 @@ def run(req: PruneRequest) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     # anything loads); released on every exit, and a failure removes what the claim created.
     with run_dir.claimed(req.overwrite) if run_dir is not None else contextlib.nullcontext():
         inputs = load_inputs(req, checked)
-        args = {**run_args(req, checked), "model": inputs.loaded.source.name}
+        args = {**run_args(req, checked), "model": inputs.loaded.source.name, "dtype": inputs.loaded.dtype}
         model_desc = inputs.loaded.describe()
         fp = fingerprint(args, checked, inputs, model_desc)
         pruned, report, start_layer, earlier = prune_layers(req, checked, inputs, fp, run_dir)

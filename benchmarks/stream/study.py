@@ -57,6 +57,10 @@ ROWS: dict[str, tuple[str, list[str]]] = {  # row -> (kind, flags without --stre
                                               "--attention-windows", "0"]),
     "best-50": ("pair", [*SMOL, "--prune-method", "nonlinear", "--recipe", "best", "--sparsity-ratio", "0.5"]),
     "best-2of4": ("pair", [*SMOL, "--prune-method", "nonlinear", "--recipe", "best", "--sparsity-type", "2:4"]),
+    # weights held in bfloat16 (--dtype): streamed == in memory still, and the perplexity against wanda-50's
+    "wanda-50-bf16": ("pair", [*SMOL, "--prune-method", "wanda", "--sparsity-ratio", "0.5", "--dtype", "bfloat16"]),
+    "sparsegpt-2of4-bf16": ("pair", [*SMOL, "--prune-method", "sparsegpt", "--sparsity-type", "2:4",
+                                     "--dtype", "bfloat16"]),
 }
 
 
@@ -80,7 +84,7 @@ def summary(run) -> dict:
 def plan_peak(flags: list[str], work: Path) -> dict:
     """`nlprune plan` with the row's model, method, calibration and attention-window flags, streamed."""
     keep = {"--model", "--prune-method", "--sparsity-ratio", "--sparsity-type", "--nsamples", "--seqlen",
-            "--attention-windows"}
+            "--attention-windows", "--dtype"}
     args = [a for i, a in enumerate(flags) if a in keep or (i and flags[i - 1] in keep)]
     cmd = [sys.executable, "-m", "nlprune.cli", "plan", *args, "--stream"]
     subprocess.run([*cmd, "--output", str(work / "plan.json")], capture_output=True, text=True, check=True)

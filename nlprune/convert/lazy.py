@@ -57,6 +57,7 @@ from nlprune.modeling.llama import (
     shell_key,
     with_layers,
 )
+from nlprune.modeling.precision import cast_layer, cast_model, storage_dtype
 
 INDEX_FILE = "model.safetensors.index.json"
 RANDOM_MARKER = "nlprune-random.json"
@@ -77,9 +78,12 @@ class LayerReader:
 
     Subclasses give :meth:`check`, :meth:`tensor` (one HF-named tensor) and
     :meth:`embed_rows`; layers, the shell and the whole model are built from :meth:`tensor`
-    exactly as :func:`nlprune.convert.hf.from_state_dict` builds them."""
+    exactly as :func:`nlprune.convert.hf.from_state_dict` builds them. ``storage`` (``--dtype``)
+    is the precision :meth:`layer` and :meth:`shell` hand out their linears, embeddings and
+    head in (see :mod:`nlprune.modeling.precision`); embedding rows are float32 (of the held values)."""
 
     config: LlamaConfig
+    storage: str = "float32"
 
     def check(self) -> None:
         """Raise :class:`WeightsError` (one line: the file and the fix) unless every expected
@@ -100,23 +104,42 @@ class LayerReader:
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
         """float32 embedding rows of integer ``ids`` (any shape): ``ids.shape + (hidden,)``;
-        only those rows are read."""
+        only those rows are read (rounded to bfloat16 first when ``storage`` is)."""
         raise NotImplementedError
 
     def layer(self, i: int) -> DecoderLayer:
         """Decoder layer ``i`` (float32 jax arrays, no masks)."""
         if not 0 <= i < self.config.num_hidden_layers:
             raise IndexError(f"layer {i} does not exist: the model has {self.config.num_hidden_layers} layers.")
-        return layer_from_state(self.config, _OnDemand(self), i)
+        return cast_layer(layer_from_state(self.config, _OnDemand(self), i), storage_dtype(self.storage))
 
     def shell(self) -> LlamaForCausalLM:
         """The model without decoder layers: embedding, final norm, LM head (None when tied)."""
-        return shell_from_state(self.config, _OnDemand(self))
+        return cast_model(shell_from_state(self.config, _OnDemand(self)), storage_dtype(self.storage))
+
+    def stored_bytes(self, name: str) -> tuple[str, tuple[int, ...], Iterator[bytes]]:
+        """:meth:`tensor_bytes` in the run's precision: rounded to bfloat16 a chunk at a time
+        when ``storage`` is bfloat16 and the file holds more."""
+        dtype, shape, chunks = self.tensor_bytes(name)
+        if self.storage != "bfloat16" or dtype == "bfloat16":
+            return dtype, shape, chunks
+        import ml_dtypes
+
+        wide = np.dtype(dtype)
+        return "bfloat16", shape, (np.frombuffer(c, wide).astype(ml_dtypes.bfloat16).tobytes() for c in chunks)
 
     def dense_model(self) -> LlamaForCausalLM:
         """The whole model in memory (small models and tests)."""
         layers = [self.layer(i) for i in range(self.config.num_hidden_layers)]
         return with_layers(self.shell(), layers)
+
+    def _as_held(self, rows: np.ndarray) -> np.ndarray:
+        """float32 rows as the held embeddings give them: rounded to bfloat16 first under it."""
+        if self.storage != "bfloat16":
+            return rows
+        import ml_dtypes
+
+        return rows.astype(ml_dtypes.bfloat16).astype(np.float32)
 
     def _flat_ids(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids)
@@ -254,7 +277,7 @@ class SafetensorsReader(LayerReader):
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
         entry = self._entry(EMBED)
         rows = self._mapped(entry)[self._flat_ids(ids)]  # reads only these rows' pages
-        return stored_to_float32(rows, entry.dtype).reshape(*np.shape(ids), self.config.hidden_size)
+        return self._as_held(stored_to_float32(rows, entry.dtype).reshape(*np.shape(ids), self.config.hidden_size))
 
 
 def stored_to_float32(stored: np.ndarray, dtype: str) -> np.ndarray:
@@ -349,7 +372,7 @@ class GGUFLayerReader(LayerReader):
 
     def embed_rows(self, ids: np.ndarray) -> np.ndarray:
         rows = gguf_convert.dequantized_rows(self._tensor(EMBED), self._flat_ids(ids))
-        return rows.reshape(*np.shape(ids), self.config.hidden_size)
+        return self._as_held(rows.reshape(*np.shape(ids), self.config.hidden_size))
 
 
 def random_folder(source: "cards.ModelSource", dtype: str = "float32") -> Path:

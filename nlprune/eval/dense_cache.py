@@ -96,6 +96,8 @@ def dense_perplexity(
         "windows_shape": list(windows.shape),
         "code_version": forward_code_version(),
     }
+    if getattr(loaded, "dtype", "float32") != "float32":  # weights held in bfloat16 (--dtype)
+        key["dtype"] = loaded.dtype
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cards.cache_dir() / "dense_perplexity" / f"{name}.json"
     if use_cache:

@@ -406,7 +406,9 @@ class Embedding(eqx.Module):
     weight: jax.Array  # (vocab, hidden)
 
     def __call__(self, ids):
-        return jnp.take(self.weight, ids, axis=0)
+        rows = jnp.take(self.weight, ids, axis=0)
+        # weights held in bfloat16 (--dtype) still compute in float32
+        return rows.astype(jnp.float32) if rows.dtype in (jnp.bfloat16, jnp.float16) else rows
 
 
 class LlamaModel(eqx.Module):

@@ -62,12 +62,18 @@ def apply_masks(model: LlamaForCausalLM) -> LlamaForCausalLM:
 
 
 def set_linears(layer: DecoderLayer, updates: dict[str, tuple[jax.Array, jax.Array]]) -> DecoderLayer:
-    """Replace (weight, mask) of the named linears; masks are stored as float leaves."""
+    """Replace (weight, mask) of the named linears. A boolean mask stays boolean (a byte per
+    weight, a quarter of a float32 mask); any other mask (a relaxed one) takes its weight's dtype."""
     names = list(updates)
 
     def nodes(l):
         lins = l.linears()
         return [node for n in names for node in (lins[n].weight, lins[n].mask)]
 
-    values = [v for n in names for v in (updates[n][0], updates[n][1].astype(updates[n][0].dtype))]
+    values = [v for n in names for v in (updates[n][0], _mask_leaf(updates[n][1], updates[n][0].dtype))]
     return eqx.tree_at(nodes, layer, values, is_leaf=lambda x: x is None)
+
+
+def _mask_leaf(mask: jax.Array, weight_dtype: Any) -> jax.Array:
+    mask = jnp.asarray(mask)
+    return mask if mask.dtype == jnp.bool_ else mask.astype(weight_dtype)

@@ -44,6 +44,7 @@ from nlprune.modeling.forward import (
 )
 from nlprune.modeling.llama import DecoderLayer, LlamaConfig, LlamaForCausalLM
 from nlprune.modeling.masks import set_linears
+from nlprune.modeling.precision import cast_layer, in_float32, layer_dtype
 from nlprune.prune.base import INPUT_GROUPS, GroupContext, PruneResult, PruningMethod
 from nlprune.prune.refit import refit_group
 from nlprune.prune.stats import LayerStats
@@ -385,7 +386,9 @@ def prune_layers(
         read_seconds += t1 - t0
         bar.set_postfix_str(f"layer {i}: " + ("sublayers in order" if true_sequential else "dense statistics first"))
         patterns = target if profile.is_uniform else profile.layer_patterns(i)
-        layer, hidden = prune_one(layer, hidden, cos, sin, method, patterns, batch_size)
+        stored = layer_dtype(layer)  # methods prune in float32; the layer is kept as it came (--dtype)
+        layer, hidden = prune_one(in_float32(layer), hidden, cos, sin, method, patterns, batch_size)
+        layer = cast_layer(layer, stored)
         hidden.block_until_ready()
         seconds.append(time.perf_counter() - t1)
         zeros.append(layer_zeros(i, layer))

@@ -43,7 +43,7 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/mesh")
     ap.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
     args = ap.parse_args()
-    from nlprune.checkpoint import load_packed_masks
+    from nlprune.packed_masks import load_packed_masks
 
     out = Path(args.out)
     rows, one_device_ppl = [], {}

@@ -16,15 +16,16 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from nlprune.modeling.llama import RANDOM_SCHEME, LlamaConfig, LlamaForCausalLM
+from nlprune.modeling.init import RANDOM_SCHEME, RANDOM_STD
+from nlprune.modeling.llama import LlamaConfig, LlamaForCausalLM
 
 DEFAULT_MODEL = "smollm2-135m"
 # --random-weights: every linear and the embedding N(0, RANDOM_STD^2), every norm's gain
-# 1 + N(0, 0.1^2) (nlprune.modeling.llama.init_llama): residual-stream activations stay of
+# 1 + N(0, 0.1^2) (nlprune.modeling.init.init_llama): residual-stream activations stay of
 # order one through many layers, and attention scores neither vanish nor saturate.
 # Each decoder layer has its own key (RANDOM_SCHEME), so a model larger than memory can be
-# written to disk layer by layer (nlprune.convert.lazy.write_random_folder).
-RANDOM_STD = 0.02
+# written to disk layer by layer (nlprune.convert.random_weights.write_random_folder).
+# (RANDOM_STD is defined beside init_llama.)
 
 
 class ModelNotFound(ValueError):
@@ -249,7 +250,7 @@ def load_model(source: ModelSource) -> LlamaForCausalLM:
     if source.kind == "random":
         import jax
 
-        from nlprune.modeling.llama import init_llama
+        from nlprune.modeling.init import init_llama
 
         spec = source.random_weights
         model = init_llama(source.config, jax.random.key(spec["seed"]), std=spec["std"])
@@ -262,6 +263,31 @@ def load_model(source: ModelSource) -> LlamaForCausalLM:
     from nlprune.convert.hf import load_hf_folder
 
     return load_hf_folder(source.weights_path)
+
+
+def random_folder(source: ModelSource, dtype: str = "float32") -> Path:
+    """Where a ``random`` source's weights are written: ``<cache>/random/<name>-seed<seed>-<dtype>``."""
+    return cache_dir() / "random" / f"{source.name}-seed{source.random_weights['seed']}-{dtype}"
+
+
+def open_reader(source: ModelSource, dtype: str = "float32", progress: bool = True):
+    """A layer reader of the source's weights (:class:`nlprune.convert.lazy.LayerReader`): one
+    decoder layer at a time from disk. A ``random`` source is written to :func:`random_folder`
+    first (once; ``dtype`` is the written precision)."""
+    from nlprune.convert.lazy import GGUFLayerReader, SafetensorsReader
+
+    if source.kind == "hf":
+        return SafetensorsReader(source.weights_path)
+    if source.kind == "gguf":
+        return GGUFLayerReader(source.weights_path)
+    if source.kind == "random":
+        from nlprune.convert.random_weights import write_random_folder
+
+        spec = source.random_weights
+        folder = write_random_folder(source.config, spec["seed"], random_folder(source, dtype), dtype, spec["std"],
+                                     progress)
+        return SafetensorsReader(folder)
+    raise ValueError(f"model source kind {source.kind!r} has no layer reader (hf, gguf or random).")
 
 
 def load_tokenizer(source: ModelSource):

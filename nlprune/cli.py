@@ -15,11 +15,12 @@ import sys
 import threading
 import traceback
 import warnings
-from pathlib import Path
 
 from nlprune import cards
 from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
-from nlprune.cli_methods import add_method_args, method_options
+from nlprune.cli_args import add_data_args, add_random_weights_arg, add_run_args, write_json
+from nlprune.cli_methods import method_options
+from nlprune.cli_plan import add_plan_parser
 from nlprune.cli_prune import add_flag
 from nlprune.cli_prune import add_prune_extras, print_prune_extras
 from nlprune.processes import ProcessFailed
@@ -31,12 +32,6 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     ValueError, TypeError, FileNotFoundError, ImportError, FileExistsError, NotADirectoryError,
     IsADirectoryError,
 )
-
-
-def _write_json(path: str | Path, record: dict) -> None:
-    from nlprune.runs import write_json
-
-    write_json(Path(path), record)
 
 
 # --------------------------------------------------------------------------- models
@@ -65,22 +60,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def _comma_list(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
-
-
-def add_random_weights_arg(p: argparse.ArgumentParser) -> None:
-    add_flag(p, "--random-weights", type=int, default=None, metavar="SEED",
-             help="seeded random weights of --model's exact config (card, folder with config.json, or .gguf) "
-             "with its tokenizer, instead of its own weights: nothing is downloaded; the record says so")
-
-
-def add_data_args(p: argparse.ArgumentParser) -> None:
-    add_flag(
-        p,
-        "--data-dir",
-        default=None,
-        help="local folder with C4 shards / wiki.test.raw instead of the hub "
-        "(default: $NLPRUNE_DATA_DIR, else the hub)",
-    )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -132,7 +111,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(format_table(tasks))
         record = {**record, "zero_shot": tasks} if record else tasks
     if args.output:
-        _write_json(args.output, record)
+        write_json(args.output, record)
         print(f"wrote {args.output}")
     return 0
 
@@ -149,40 +128,12 @@ def cmd_compare_tasks(args: argparse.Namespace) -> int:
         print(f"{side}: {path} ({info['model']}{', run ' + info['run'] if info['run'] else ''})")
     print(format_comparison(result))
     if args.output:
-        _write_json(args.output, {**result, "a_path": str(args.a), "b_path": str(args.b)})
+        write_json(args.output, {**result, "a_path": str(args.a), "b_path": str(args.b)})
         print(f"wrote {args.output}")
     return 0
 
 
 # --------------------------------------------------------------------------- prune
-
-
-def add_run_args(p: argparse.ArgumentParser, *, required_method: bool) -> None:
-    """What prune and plan share: the model, the method and its options, the pattern, the
-    calibration size, the forward batch and the mesh."""
-    from nlprune.methods import DEFAULT_METHOD, available_methods
-
-    p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
-    add_flag(p, "--prune-method", required=required_method, default=None if required_method else DEFAULT_METHOD,
-             choices=available_methods(), help="pruning method" + ("" if required_method else f" ({DEFAULT_METHOD})"))
-    add_flag(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
-    add_flag(p, "--sparsity-type", default="unstructured",
-             help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
-             "sparse, 1:4 is 75%%)")
-    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    add_flag(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    add_mesh_args(p)
-    add_method_args(p)
-
-
-def add_mesh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--mesh", default=None, metavar="SPEC",
-        help="device mesh, e.g. data=2,model=2: 'data' shards the calibration windows, 'model' the "
-        "weights' rows and the non-linear method's KV groups; sizes multiply to the device count "
-        "(default: every device on 'data'; one device = the one-device path)",
-    )
 
 
 def prune_request(args: argparse.Namespace) -> PruneRequest:
@@ -290,79 +241,6 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_prune)
     return p
-
-
-# --------------------------------------------------------------------------- plan
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from nlprune import parallel
-    from nlprune.methods import get_method
-    from nlprune.plan import config_of, plan_memory
-    from nlprune.sparsity import parse_pattern
-
-    if args.mesh and args.devices:
-        raise ValueError("give --mesh or --devices, not both (--devices N is --mesh data=N).")
-    if args.devices is not None and args.devices < 1:
-        raise ValueError(f"--devices must be >= 1, got {args.devices}.")
-    sizes = parallel.parse_mesh_spec(args.mesh) if args.mesh else {"data": args.devices or 1, "model": 1}
-    default_ratio = 0.5 if args.sparsity_type == "unstructured" else None
-    pattern = parse_pattern(args.sparsity_type, args.sparsity_ratio if args.sparsity_ratio is not None else default_ratio)
-    options = method_options(args)
-    get_method(args.prune_method, **options).check_pattern(pattern)  # what prune would refuse, plan refuses
-    config, name = config_of(args.model)
-    settings = dict(
-        method=args.prune_method, sparsity_type=args.sparsity_type, nsamples=args.nsamples, seqlen=args.seqlen,
-        data=sizes["data"], model=sizes["model"], batch_size=args.batch_size, options=options, stream=args.stream,
-        attention_windows=args.attention_windows, dtype=args.dtype,
-    )
-    if args.output:
-        from nlprune.runs import check_output_file
-
-        check_output_file(args.output, overwrite=True)
-    if args.memory is not None:
-        from nlprune.plan import fit_memory, gib, parse_bytes
-
-        budget = parse_bytes(args.memory)
-        plan, flags = fit_memory(config, name, budget, **settings)
-        if plan is None:
-            smallest = plan_memory(config, name, **{**settings, "stream": True, "batch_size": 1})
-            raise ValueError(f"no setting brings {name} under --memory {args.memory}: the least it needs is about "
-                             f"{gib(smallest.peak_bytes)} per device (--stream --batch-size 1); "
-                             "use more devices (--mesh) or fewer calibration tokens (--nsamples, --seqlen).")
-        print(f"peak per device: {gib(plan.peak_bytes)} under --memory {args.memory} with "
-              f"{' '.join(flags) if flags else 'the settings as given'}")
-    else:
-        plan = plan_memory(config, name, **settings)
-    print(plan.table())
-    if args.output:
-        _write_json(args.output, plan.as_dict())
-        print(f"wrote {args.output}")
-    return 0
-
-
-def add_plan_parser(sub) -> None:
-    p = sub.add_parser(
-        "plan",
-        help="peak memory per device of a prune, from the model's config alone",
-        description="Plan the peak memory per device of `nlprune prune`: weights, "
-        "calibration hidden states, one layer's activations, Hessians and the non-linear step's "
-        "n x n attention, for a mesh, and which options lower it. Needs no weights; takes the "
-        "same options as prune.",
-    )
-    add_run_args(p, required_method=False)
-    p.add_argument("--devices", type=int, default=None, help="plan for N devices on 'data' (= --mesh data=N)")
-    p.add_argument("--stream", action="store_true", help="plan a streamed run (prune --stream: one layer resident)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="the precision the weights are held in, as prune's flag")
-    p.add_argument("--attention-windows", type=int, default=4,
-                   help="held-out windows of the attention-error metric, as prune's flag (0: none)")
-    p.add_argument("--memory", default=None, metavar="SIZE",
-                   help="a memory budget per device (e.g. 80GiB for one 80 GB GPU): pick the least change of settings that "
-                   "fits it (--stream, smaller batches, the method's own memory options) and plan with it; on a CPU, "
-                   "compare the plan's CPU line (the process) with the machine's memory")
-    p.add_argument("--output", default=None, help="also write the plan as JSON here")
-    p.set_defaults(func=cmd_plan)
 
 
 # --------------------------------------------------------------------------- parser

@@ -58,12 +58,10 @@ def load_streamed(model: str = cards.DEFAULT_MODEL, random_weights: int | None =
     disk, its files checked now, handing out layers in ``dtype``. Random weights are first
     written to disk layer by layer (in ``dtype``), so a model of any size never exists in
     memory whole."""
-    from nlprune.convert.lazy import open_reader
-
     start = time.perf_counter()
     storage_dtype(dtype)
     source = cards.resolve_model(model, random_weights=random_weights)
-    reader = open_reader(source, dtype=dtype, progress=progress)
+    reader = cards.open_reader(source, dtype=dtype, progress=progress)
     reader.storage = dtype
     reader.check()
     if source.kind == "random":  # the written files' digest: the arrays are never all in memory

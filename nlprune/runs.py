@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nlprune import atomic, checkpoint, layered, parallel, processes
+from nlprune import atomic, checkpoint, layered, packed_masks, parallel, processes
 from nlprune.modeling.llama import PRUNABLE_LINEARS, DecoderLayer, LlamaForCausalLM
 from nlprune.modeling.masks import set_linears
 
@@ -366,7 +366,7 @@ class RunDir:
         settings, every finished layer's checksum and time)."""
         state = layered.layer_state(layer)  # the whole layer: a streamed run's model is these
         if config is not None:  # a streamed run's masks file is joined from these at the end
-            checkpoint.save_packed_layer_masks(self.progress / f"masks-{index:03d}.safetensors", config, index, layer)
+            packed_masks.save_packed_layer_masks(self.progress / f"masks-{index:03d}.safetensors", config, index, layer)
         where = checkpoint.save_state(
             self.progress / f"layer-{index:03d}", state,
             {"layer": index, "fingerprint_sha256": fingerprint_sha256(fingerprint)},
@@ -387,7 +387,7 @@ class RunDir:
         """Write the outputs (results.json last: it marks the run finished), drop the resume
         state, and swap a staged rerun onto the old run; then release the lock."""
         checkpoint.save_model(self.work / MODEL, model, meta)
-        checkpoint.save_packed_masks(self.work / MASKS, model)
+        packed_masks.save_packed_masks(self.work / MASKS, model)
         self._publish(record)
 
     def _publish(self, record: dict[str, Any]) -> None:
@@ -410,8 +410,8 @@ class RunDir:
         masks = [self.progress / f"masks-{i:03d}.safetensors" for i in range(config.num_hidden_layers)]
         for i, part in enumerate(masks):  # written by save_layer; remade from the layer if a crash lost it
             if not part.is_file():
-                checkpoint.save_packed_layer_masks(part, config, i, self.pruned_layer(config, i))
-        checkpoint.join_packed_masks(self.work / MASKS, masks)
+                packed_masks.save_packed_layer_masks(part, config, i, self.pruned_layer(config, i))
+        packed_masks.join_packed_masks(self.work / MASKS, masks)
         self._publish(record)
 
 

@@ -27,7 +27,8 @@ def status(key: str) -> int:
 
 
 def main(path: str) -> None:
-    from nlprune.modeling.llama import LlamaConfig, init_llama
+    from nlprune.modeling.init import init_llama
+    from nlprune.modeling.llama import LlamaConfig
     from nlprune.methods import get_method
     from nlprune.prune.pipeline import prune_model
     from nlprune.sparsity import parse_pattern

@@ -21,16 +21,14 @@ from nlprune.checkpoint import (
     SIDECAR,
     CheckpointError,
     load_model,
-    load_packed_masks,
     load_state,
     save_model,
-    save_packed_masks,
     save_state,
-    set_masks,
 )
 from nlprune.convert.hf import expected_shapes, from_state_dict
 from nlprune.modeling.llama import LlamaConfig
 from nlprune.modeling.masks import linear_paths, mask_filter_spec, with_masks
+from nlprune.packed_masks import load_packed_masks, save_packed_masks, set_masks
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -394,7 +392,7 @@ _WRITE_MASKS = textwrap.dedent(
     """
     import sys
     import numpy as np
-    from nlprune.checkpoint import save_packed_masks
+    from nlprune.packed_masks import save_packed_masks
     from nlprune.convert.hf import expected_shapes, from_state_dict
     from nlprune.modeling.llama import LlamaConfig
     from nlprune.modeling.masks import with_masks

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nlprune import checkpoint
+from nlprune import checkpoint, packed_masks
 from nlprune.cli import main as cli_main
 from test_parallel import simulated_env
 
@@ -136,7 +136,7 @@ def one_process_run(tiny_model_dir, shared_data_dir, tmp_path_factory) -> Path:
 def assert_same_run(run: Path, reference: Path) -> None:
     """Masks bit for bit, and every weight too: the 4-device mesh runs the same XLA programs in
     one process or two (the sums over 'data' add the same two halves)."""
-    a, b = checkpoint.load_packed_masks(run / "masks.safetensors"), checkpoint.load_packed_masks(reference / "masks.safetensors")
+    a, b = packed_masks.load_packed_masks(run / "masks.safetensors"), packed_masks.load_packed_masks(reference / "masks.safetensors")
     assert a.keys() == b.keys() and len(a) == 6 * 7
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -19,10 +19,11 @@ from safetensors.numpy import load_file, save_file
 from test_llama_parity import random_hf_model, tiny_hf_config
 
 from nlprune import cards
-from nlprune.convert import lazy
+from nlprune.convert import lazy, random_weights
 from nlprune.convert.gguf import load_gguf
 from nlprune.convert.hf import WeightsError, expected_shapes, load_hf_folder, to_state_dict
-from nlprune.modeling.llama import LlamaConfig, init_layer, init_llama, layer_key
+from nlprune.modeling.init import init_layer, init_llama, layer_key
+from nlprune.modeling.llama import LlamaConfig
 
 TIED = tiny_hf_config(vocab_size=256, tie_word_embeddings=True)
 UNTIED_BIAS = tiny_hf_config(vocab_size=256, attention_bias=True, mlp_bias=True)
@@ -54,7 +55,7 @@ def test_hf_reader_equals_the_whole_model_loader(cfg, layout, tmp_path):
     if layout == "sharded":
         assert (folder / lazy.INDEX_FILE).is_file() and len(list(folder.glob("*.safetensors"))) > 2
     whole = load_hf_folder(folder)
-    reader = lazy.open_reader(cards.resolve_model(str(folder)))
+    reader = cards.open_reader(cards.resolve_model(str(folder)))
     reader.check()
     assert reader.config == whole.config
     for i in range(whole.config.num_hidden_layers):
@@ -146,7 +147,7 @@ def test_check_names_a_shape_that_disagrees_with_the_config(tmp_path):
 def test_random_folder_is_init_llama_bit_for_bit(cfg, tmp_path):
     config = LlamaConfig.from_hf_dict(cfg)
     expected = init_llama(config, jax.random.key(7), std=0.05)
-    folder = lazy.write_random_folder(config, 7, tmp_path / "random", std=0.05, progress=False)
+    folder = random_weights.write_random_folder(config, 7, tmp_path / "random", std=0.05, progress=False)
     shards = sorted(folder.glob("*.safetensors"))
     assert len(shards) == config.num_hidden_layers + 1  # one per layer, one for the rest
     reader = lazy.SafetensorsReader(folder)
@@ -165,7 +166,7 @@ def test_random_folder_is_init_llama_bit_for_bit(cfg, tmp_path):
 def test_random_folder_in_16_bits_is_init_llama_rounded(dtype, tmp_path):
     config = LlamaConfig.from_hf_dict(UNTIED_BIAS)
     expected = init_llama(config, jax.random.key(1), std=0.05)
-    folder = lazy.write_random_folder(config, 1, tmp_path / dtype, dtype=dtype, std=0.05, progress=False)
+    folder = random_weights.write_random_folder(config, 1, tmp_path / dtype, dtype=dtype, std=0.05, progress=False)
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == dtype
     assert (folder / "model-00002-of-00003.safetensors").stat().st_size < 0.6 * sum(
         4 * math.prod(s) for k, s in expected_shapes(config).items() if k.startswith("model.layers.0.")
@@ -182,15 +183,15 @@ def test_random_folder_in_16_bits_is_init_llama_rounded(dtype, tmp_path):
 
 def test_random_folder_is_reused_refused_when_foreign_and_atomic(tmp_path, monkeypatch):
     config = LlamaConfig.from_hf_dict(TIED)
-    folder = lazy.write_random_folder(config, 0, tmp_path / "r", progress=False)
+    folder = random_weights.write_random_folder(config, 0, tmp_path / "r", progress=False)
     stamp = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
-    assert lazy.write_random_folder(config, 0, folder, progress=False) == folder
+    assert random_weights.write_random_folder(config, 0, folder, progress=False) == folder
     assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == stamp  # reused, not rewritten
     with pytest.raises(WeightsError, match="holds other random weights; delete it"):
-        lazy.write_random_folder(config, 1, folder, progress=False)
+        random_weights.write_random_folder(config, 1, folder, progress=False)
     (tmp_path / "mine").mkdir()
     with pytest.raises(WeightsError, match="holds something else than random weights"):
-        lazy.write_random_folder(config, 0, tmp_path / "mine", progress=False)
+        random_weights.write_random_folder(config, 0, tmp_path / "mine", progress=False)
 
     # a failure half-way leaves neither the folder nor its temporary sibling
     def fail_on_layer_1(config, key, std):
@@ -198,21 +199,21 @@ def test_random_folder_is_reused_refused_when_foreign_and_atomic(tmp_path, monke
             raise RuntimeError("disk on fire")
         return init_layer(config, key, std)
 
-    monkeypatch.setattr(lazy, "init_layer", fail_on_layer_1)
+    monkeypatch.setattr(random_weights, "init_layer", fail_on_layer_1)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        lazy.write_random_folder(config, 0, tmp_path / "half", progress=False)
+        random_weights.write_random_folder(config, 0, tmp_path / "half", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "r"]
 
 
 def test_open_reader_writes_a_random_source_into_the_cache_once(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("NLPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     source = cards.resolve_model(str(tiny_model_dir), random_weights=3)
-    reader = lazy.open_reader(source, progress=False)
+    reader = cards.open_reader(source, progress=False)
     assert reader.folder == tmp_path / "cache" / "random" / "tiny-llama32-seed3-float32"
     reader.check()
     # the same arrays as the in-memory random model (whose digest is the source's weights hash)
     assert cards.weights_digest(reader.dense_model()) == source.weights_sha256()
-    assert lazy.open_reader(source, dtype="bfloat16", progress=False).folder.name == "tiny-llama32-seed3-bfloat16"
+    assert cards.open_reader(source, dtype="bfloat16", progress=False).folder.name == "tiny-llama32-seed3-bfloat16"
 
 
 def test_random_source_records_the_per_layer_scheme(tiny_model_dir):
@@ -229,7 +230,7 @@ def test_writing_random_weights_keeps_peak_memory_under_half_the_model(tmp_path)
         """
         import json, re, sys
         from pathlib import Path
-        from nlprune.convert.lazy import write_random_folder
+        from nlprune.convert.random_weights import write_random_folder
         from nlprune.modeling.llama import LlamaConfig
 
         config = LlamaConfig(vocab_size=8192, hidden_size=1024, intermediate_size=4096, num_hidden_layers=16,
@@ -255,7 +256,7 @@ def test_writing_random_weights_keeps_peak_memory_under_half_the_model(tmp_path)
 def test_gguf_reader_equals_the_whole_model_loader():
     source = cards.resolve_model("smollm2-135m")
     whole = load_gguf(source.weights_path)
-    reader = lazy.open_reader(source)
+    reader = cards.open_reader(source)
     reader.check()
     assert reader.config == whole.config
     last = whole.config.num_hidden_layers - 1

@@ -17,7 +17,8 @@ from jax.flatten_util import ravel_pytree
 from nlprune.cli import main as cli_main
 from nlprune.methods import get_method
 from nlprune.modeling.forward import rope_tables
-from nlprune.modeling.llama import LlamaConfig, init_llama
+from nlprune.modeling.init import init_llama
+from nlprune.modeling.llama import LlamaConfig
 from nlprune.modeling.masks import set_linears
 from nlprune.nonlinear import binarize, groups, lipschitz, qk
 from nlprune.nonlinear.method import wanda_init

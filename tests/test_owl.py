@@ -240,7 +240,7 @@ def test_profile_object_checks():
 
 @pytest.mark.slow
 def test_an_interrupted_owl_run_resumes_to_the_same_masks(tiny_model_dir, shared_data_dir, tmp_path, prune_cli):
-    from nlprune.checkpoint import load_packed_masks
+    from nlprune.packed_masks import load_packed_masks
     from nlprune.runs import RunDir
 
     flags = ["--prune-method", "sparsegpt", "--sparsity-ratio", "0.6", "--sparsity-profile", "owl"]
@@ -276,7 +276,7 @@ def test_owl_on_a_four_device_mesh_plans_and_prunes_as_one_device(tiny_model_dir
     import subprocess
     import sys
 
-    from nlprune.checkpoint import load_packed_masks
+    from nlprune.packed_masks import load_packed_masks
 
     flags = ["--prune-method", "wanda", "--sparsity-ratio", "0.7", "--sparsity-profile", "owl"]
     one = tmp_path / "one"

@@ -241,7 +241,7 @@ def test_prune_command_on_a_mesh(tiny_model_dir, shared_data_dir, tmp_path):
     assert outs["data=1"]["mesh"]["devices"] == 1
     assert rec["sparsity"]["overall"] == pytest.approx(0.5)
     assert rec["perplexity"] == pytest.approx(outs["data=1"]["perplexity"], rel=1e-4)
-    from nlprune.checkpoint import load_packed_masks
+    from nlprune.packed_masks import load_packed_masks
 
     a, b = (load_packed_masks(outs[s]["dir"] / "masks.safetensors") for s in ("data=1", "data=2,model=2"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

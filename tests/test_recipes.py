@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from nlprune import api, cards
-from nlprune.checkpoint import load_packed_masks
+from nlprune.packed_masks import load_packed_masks
 from nlprune.cli import build_parser, main as cli_main, method_options
 from nlprune.methods import get_method
 

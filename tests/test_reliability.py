@@ -225,7 +225,7 @@ def test_eval_output_file_needs_overwrite(finished_run, tmp_path, capsys):
 
 
 def test_failed_overwrite_keeps_the_old_run_and_resumes(run_copy, tiny_model_dir, shared_data_dir, monkeypatch, capsys):
-    from nlprune import checkpoint
+    from nlprune import packed_masks
 
     before = snapshot(run_copy)
     old_model, old_record = api.load_run(run_copy)
@@ -233,7 +233,7 @@ def test_failed_overwrite_keeps_the_old_run_and_resumes(run_copy, tiny_model_dir
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "masks.safetensors")
 
-    monkeypatch.setattr(checkpoint, "save_packed_masks", disk_full)  # fails after every layer
+    monkeypatch.setattr(packed_masks, "save_packed_masks", disk_full)  # fails after every layer
     argv = prune_argv(tiny_model_dir, shared_data_dir, run_copy, "--overwrite", "--sparsity-ratio", "0.6")
     rc, _, err = run_cli(capsys, *argv)
     assert rc == 1 and "Traceback" not in err

@@ -153,13 +153,12 @@ def test_a_truncated_shard_is_one_line_before_the_first_layer(tiny_model_dir, sh
 
 def test_a_bfloat16_model_keeps_its_embeddings_exact_in_the_run(tiny_model_dir, shared_data_dir, tmp_path, monkeypatch):
     from nlprune import cards
-    from nlprune.convert.lazy import open_reader
-
+    
     monkeypatch.setenv("NLPRUNE_CACHE_DIR", str(tmp_path / "cache"))
     api.prune(str(tiny_model_dir), "wanda", 0.5, output=tmp_path / "run", nsamples=4, seqlen=64,
               data_dir=shared_data_dir, progress=False, random_weights=1, stream=True, dtype="bfloat16")
     pruned, _ = api.load_run(tmp_path / "run")
-    reader = open_reader(cards.resolve_model(str(tiny_model_dir), random_weights=1), dtype="bfloat16")
+    reader = cards.open_reader(cards.resolve_model(str(tiny_model_dir), random_weights=1), dtype="bfloat16")
     np.testing.assert_array_equal(np.asarray(pruned.model.embed_tokens.weight, np.float32),
                                   reader.tensor("model.embed_tokens.weight"))
     assert str(pruned.model.embed_tokens.weight.dtype) == "bfloat16"  # held as --dtype says

@@ -31,6 +31,10 @@ from nlprune.modeling.llama import (
 )
 
 
+INDEX_FILE = "model.safetensors.index.json"  # a sharded folder's tensor -> file map
+EMBED = "model.embed_tokens.weight"
+
+
 class WeightsError(ValueError):
     """Weights that do not match their config, or a checkpoint that cannot be read."""
 

@@ -18,11 +18,11 @@ import warnings
 
 from nlprune import cards
 from nlprune.atomic import Terminated, install_unraisable_hook, raise_terminated
-from nlprune.cli_args import add_data_args, add_random_weights_arg, add_run_args, write_json
+from nlprune.cli_args import RUN_FIELDS, add_data_args, add_random_weights_arg, add_request_flags, add_run_args, write_json
 from nlprune.cli_methods import method_options
 from nlprune.cli_plan import add_plan_parser
 from nlprune.cli_prune import add_flag
-from nlprune.cli_prune import add_prune_extras, print_prune_extras
+from nlprune.cli_prune import print_prune_extras
 from nlprune.processes import ProcessFailed
 from nlprune.request import FLAG_OF_FIELD, PruneRequest
 from nlprune.runconfig import apply_config, config_argument
@@ -56,10 +56,6 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- eval
-
-
-def _comma_list(text: str) -> tuple[str, ...]:
-    return tuple(x.strip() for x in text.split(",") if x.strip())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -194,51 +190,19 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
         "resumes an interrupted run.",
     )
     add_run_args(p, required_method=True)
+    # every other field of the request is a flag made from the field (nlprune/request.py)
+    add_request_flags(p, [f for f in FLAG_OF_FIELD if f not in RUN_FIELDS], required=("output",))
     p.add_argument(
         "--distributed", action="store_true",
         help="call jax.distributed.initialize first (one process per host, same command on each; process 0 "
         "alone writes --output; a process silent for $NLPRUNE_PEER_TIMEOUT s, default 30, ends the run); "
         "implied when JAX_COORDINATOR_ADDRESS is set",
     )
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
-    add_random_weights_arg(p)
-    add_flag(p, "--stream", action="store_true",
-             help="hold one decoder layer in memory at a time: each is read from the model's files when its turn "
-             "comes and kept only in --output (models larger than memory; same masks and perplexities)")
-    add_flag(p, "--dtype", choices=("float32", "bfloat16"), default="float32",
-             help="the precision the weights are held in and the run directory stores (linears, embeddings, "
-             "head; with --stream --random-weights also the one they are written to disk in); methods, "
-             "activations, Hessians and perplexity compute in float32 either way")
-    add_data_args(p)
-    p.add_argument("--output", required=True, help="run directory to write (RUN_DIR)")
-    add_prune_extras(p)
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in --output once the new one has finished (only an "
-                   "nlprune run is ever replaced)")
-    p.add_argument("--eval", action="store_true", help="also measure dense and pruned C4 perplexity")
     add_flag(p, "--no-cache", action="store_true",
              help="recompute the dense perplexity and the evaluation tokens instead of reading their caches")
-    add_flag(p, "--eval-nsamples", type=int, default=128, help="C4 test windows (default 128)")
-    add_flag(p, "--eval-seqlen", type=int, default=512, help="tokens per evaluation window (default 512)")
-    add_flag(p, "--eval-datasets", type=_comma_list, default=("c4",),
-             help="comma-separated evaluation sets of --eval: c4 (the test set, default), c4-validation (the "
-             "validation split), wikipedia and lambada (text unlike the calibration set) and their -validation halves, "
-             "wikitext2; NAME:N takes N windows")
-    add_flag(p, "--heldout-nsamples", type=int, default=64,
-             help="windows of each --eval-datasets set other than c4 and wikitext2 (default 64)")
-    add_flag(p, "--attention-windows", type=int, default=4,
-             help="C4 validation windows (of --seqlen tokens) on which the per-layer attention error is measured "
-             "(default 4; 0 skips it)")
-    add_flag(
-        p,
-        "--true-sequential",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="calibrate each sublayer (q/k/v, o, gate/up, down) on the already-pruned ones "
-        "before it, one forward per layer (default); --no-true-sequential collects all "
-        "statistics from the dense layer first, as Wanda's reference code does (a refit then "
-        "fits each sublayer towards its dense output on those dense inputs)",
-    )
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="a recipe: TOML, JSON or YAML with one key per flag (sparsity_ratio = 0.5, ...), or a run's "
+                   "results.json (its config); flags given on the command line win")
     p.set_defaults(func=cmd_prune)
     return p
 

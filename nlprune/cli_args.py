@@ -4,9 +4,9 @@ the calibration size, the mesh, the data folder), and writing a command's JSON o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from nlprune import cards
 from nlprune.cli_methods import add_method_args
 from nlprune.cli_prune import add_flag
 
@@ -17,37 +17,45 @@ def write_json(path: str | Path, record: dict) -> None:
     write(Path(path), record)
 
 
+RUN_FIELDS = ("model", "prune_method", "sparsity_ratio", "sparsity_type", "nsamples", "seqlen", "batch_size")
+
+
+def add_request_flags(p: argparse.ArgumentParser, names=None, *, required=()) -> None:
+    """The flags of :class:`~nlprune.request.PruneRequest`'s fields (``names``, default every
+    field that has one), each made from its field: ``--field-name`` (and ``--field_name``),
+    dest as :data:`~nlprune.request.FLAG_OF_FIELD` says, the field's help, argparse keywords
+    and default. ``required``: fields the command must be given."""
+    from nlprune.methods import available_methods
+    from nlprune.request import FLAG_OF_FIELD, PruneRequest
+
+    fields = {f.name: f for f in dataclasses.fields(PruneRequest) if f.metadata.get("flag")}
+    for name in names or fields:
+        spec = dict(fields[name].metadata["flag"])
+        dest = FLAG_OF_FIELD[name]
+        spec.setdefault("default", fields[name].default)
+        if spec.get("choices") == "methods":  # the registry, as it is when the parser is built
+            spec["choices"] = available_methods()
+        if name in required:
+            spec.update(required=True, default=None)
+        add_flag(p, "--" + dest.replace("_", "-"), dest=dest, **spec)
+
+
 def add_random_weights_arg(p: argparse.ArgumentParser) -> None:
-    add_flag(p, "--random-weights", type=int, default=None, metavar="SEED",
-             help="seeded random weights of --model's exact config (card, folder with config.json, or .gguf) "
-             "with its tokenizer, instead of its own weights: nothing is downloaded; the record says so")
+    add_request_flags(p, ["random_weights"])
 
 
 def add_data_args(p: argparse.ArgumentParser) -> None:
-    add_flag(
-        p,
-        "--data-dir",
-        default=None,
-        help="local folder with C4 shards / wiki.test.raw instead of the hub "
-        "(default: $NLPRUNE_DATA_DIR, else the hub)",
-    )
+    add_request_flags(p, ["data_dir"])
 
 
 def add_run_args(p: argparse.ArgumentParser, *, required_method: bool) -> None:
     """What prune and plan share: the model, the method and its options, the pattern, the
     calibration size, the forward batch and the mesh."""
-    from nlprune.methods import DEFAULT_METHOD, available_methods
+    from nlprune.methods import DEFAULT_METHOD
 
-    p.add_argument("--model", default=cards.DEFAULT_MODEL, help="card name, HF folder or .gguf file")
-    add_flag(p, "--prune-method", required=required_method, default=None if required_method else DEFAULT_METHOD,
-             choices=available_methods(), help="pruning method" + ("" if required_method else f" ({DEFAULT_METHOD})"))
-    add_flag(p, "--sparsity-ratio", type=float, default=None, help="fraction of weights removed, in [0, 1)")
-    add_flag(p, "--sparsity-type", default="unstructured",
-             help="unstructured, or N:M: keep N of every M consecutive weights of a row (2:4 and 4:8 are 50%% "
-             "sparse, 1:4 is 75%%)")
-    p.add_argument("--nsamples", type=int, default=8, help="calibration windows (default 8)")
-    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default 512)")
-    add_flag(p, "--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    add_request_flags(p, RUN_FIELDS, required=("prune_method",) if required_method else ())
+    if not required_method:
+        p.set_defaults(prune_method=DEFAULT_METHOD)
     add_mesh_args(p)
     add_method_args(p)
 

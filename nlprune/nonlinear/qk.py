@@ -292,15 +292,7 @@ def solve_qk(
     """
     validate_solver_options(lam, eta, steps, step_rule, window_batch, window_chunk)
     if straight_through is not None:
-        if step_rule not in ("fixed", "backtracking"):
-            raise ValueError(
-                f"--straight-through runs with --step-rule backtracking or fixed, not {step_rule}: "
-                "its loss is piecewise constant in the scores, so no bound can certify a step."
-            )
-        if step_rule == "backtracking" and eta is None:
-            raise ValueError("--straight-through with --step-rule backtracking needs --eta (its first try)")
-        if init is None:
-            raise ValueError("--straight-through needs a ranking to start from: use --mask-init wanda.")
+        _check_straight_through(step_rule, eta, init)
         lam = 0.0
     start = time.perf_counter()
     X = jnp.asarray(X)
@@ -308,53 +300,14 @@ def solve_qk(
     n_win = X.shape[0]
     batch, chunk = windows_plan(n_win, window_batch, window_chunk)
     project = project or step_rule == "certified"
-    groups = split_groups(attn)
-    if init is not None:
-        groups = with_qk_masks(groups, *(jnp.asarray(m, groups.q_proj.weight.dtype) for m in init))
-        if project:
-            groups = eqx.tree_at(
-                lambda a: (a.q_proj.mask, a.k_proj.mask), groups,
-                (jnp.clip(groups.q_proj.mask, 0, 1), jnp.clip(groups.k_proj.mask, 0, 1)),
-            )
-    masks, rest = partition_masks(groups)
-    n_groups = groups.q_proj.weight.shape[0]
+    masks, rest = partition_masks(_initial_groups(attn, init, project))
     store_target = chunk is None and not recompute_targets
     targets = None
     if store_target:
         targets = stacked_probs(eqx.combine(ones_like_masks(masks), rest), X, cos, sin)
     lam_arr = jnp.float32(lam)
-
-    lipschitz = None
-    floor = np.zeros(n_groups, np.float32)
-    if step_rule == "fixed":
-        etas0 = np.full(n_groups, descent.PAPER_REAL_ETA if eta is None else eta)
-    elif step_rule == "certified":
-        dense = eqx.combine(ones_like_masks(masks), rest)
-        lipschitz = np.array([
-            certified_qk_bound(tree_index(dense, g), X, cos, sin, lam, batch) for g in range(n_groups)
-        ])
-        if eta is not None and np.any(eta * lipschitz > 1.0):
-            g = int(np.argmax(lipschitz))
-            raise ValueError(
-                f"--eta {eta:g} is rejected by the certified bound: KV group {g} has L = "
-                f"{lipschitz[g]:.4g} on the box [0, 1], so the certified step is 1/L = "
-                f"{1 / lipschitz[g]:.4g} and eta exceeds it by a factor {eta * lipschitz[g]:.4g}. "
-                "Leave --eta out (eta = 1/L per group), or use --step-rule certified_local / "
-                "backtracking (guaranteed descent with larger steps), or --step-rule fixed to run "
-                "this eta without a guarantee."
-            )
-        etas0 = 1.0 / lipschitz if eta is None else np.full(n_groups, eta)
-    elif step_rule == "certified_local":
-        etas0 = np.full(n_groups, descent.PAPER_REAL_ETA if eta is None else eta)
-    else:  # backtracking: first try 1/|lambda_max| at M_0 unless eta is given
-        if eta is None:
-            tb = None if targets is None else targets[:, :batch]
-            curv = np.asarray(_curvature_vmapped(masks, rest, tb, X[:batch], cos, sin, lam_arr, chunk, n_win / batch))
-            if not np.all(np.isfinite(curv) & (curv > 0)):
-                raise ValueError(f"curvature estimate must be finite and > 0, got {curv}")
-            etas0 = 1.0 / curv
-        else:
-            etas0 = np.full(n_groups, eta)
+    first = (masks, rest, None if targets is None else targets[:, :batch], X[:batch], cos, sin)
+    etas0, lipschitz = _first_steps(step_rule, eta, lam, first, X, chunk, n_win / batch)
 
     rounds, per_round = step_rounds(n_win, batch, steps)
     config = descent.GDConfig(
@@ -369,27 +322,9 @@ def solve_qk(
                 "eta_relative needs the fixed or backtracking rule, a given eta and an init "
                 "(at M_0 = 1 the attention gradient is zero)"
             )
-        tb = None if targets is None else targets[:, :batch]
-        rms = np.asarray(_initial_grad_rms(masks, rest, tb, X[:batch], cos, sin, chunk, n_win / batch, straight_through))
+        rms = np.asarray(_initial_grad_rms(*first, chunk, n_win / batch, straight_through))
         etas0 = etas0 / np.maximum(rms, np.finfo(np.float32).tiny)
-    eta_arr, floor_arr = jnp.asarray(etas0, jnp.float32), jnp.asarray(floor)
-    if vmap:
-        # On a mesh (nlprune.parallel): the KV groups over the devices, every window on each.
-        masks, rest, targets, eta_arr, floor_arr = parallel.shard_groups((masks, rest, targets, eta_arr, floor_arr))
-        out_masks, losses, step_sizes = _solve_vmapped(
-            masks, rest, targets, eta_arr, floor_arr, *parallel.replicate((X, cos, sin)), lam_arr, st
-        )
-    else:
-        parts = [
-            _solve_single(
-                tree_index(masks, g), tree_index(rest, g),
-                None if targets is None else targets[g], eta_arr[g], floor_arr[g], X, cos, sin, lam_arr, st,
-            )
-            for g in range(n_groups)
-        ]
-        out_masks = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
-        losses = jnp.stack([p[1] for p in parts])
-        step_sizes = jnp.stack([p[2] for p in parts])
+    out_masks, losses, step_sizes = _solve_groups(masks, rest, targets, etas0, X, cos, sin, lam_arr, st, vmap)
     mask_q, mask_k = full_masks(out_masks)
     mask_q.block_until_ready()
     solution = QKSolution(
@@ -402,3 +337,81 @@ def solve_qk(
             custom_message=f"{step_rule} rule: the loss rose at {solution.n_increases} step(s)",
         )
     return solution
+
+
+def _check_straight_through(step_rule: str, eta: float | None, init) -> None:
+    if step_rule not in ("fixed", "backtracking"):
+        raise ValueError(
+            f"--straight-through runs with --step-rule backtracking or fixed, not {step_rule}: "
+            "its loss is piecewise constant in the scores, so no bound can certify a step."
+        )
+    if step_rule == "backtracking" and eta is None:
+        raise ValueError("--straight-through with --step-rule backtracking needs --eta (its first try)")
+    if init is None:
+        raise ValueError("--straight-through needs a ranking to start from: use --mask-init wanda.")
+
+
+def _initial_groups(attn: Attention, init, project: bool) -> Attention:
+    """The layer's KV groups with their starting masks: all ones (init None) or ``init``'s,
+    clipped to [0, 1] when the descent projects onto that box."""
+    groups = split_groups(attn)
+    if init is None:
+        return groups
+    groups = with_qk_masks(groups, *(jnp.asarray(m, groups.q_proj.weight.dtype) for m in init))
+    if project:
+        groups = eqx.tree_at(
+            lambda a: (a.q_proj.mask, a.k_proj.mask), groups,
+            (jnp.clip(groups.q_proj.mask, 0, 1), jnp.clip(groups.k_proj.mask, 0, 1)),
+        )
+    return groups
+
+
+def _first_steps(step_rule: str, eta: float | None, lam: float, first, X, chunk, scale: float):
+    """(each group's first step size, the certified bounds or None) under ``step_rule``;
+    ``first`` is (masks, rest, the first batch's targets, its windows, cos, sin)."""
+    masks, rest, tb, xb, cos, sin = first
+    n_groups = jax.tree.leaves(masks)[0].shape[0]
+    if step_rule in ("fixed", "certified_local"):
+        return np.full(n_groups, descent.PAPER_REAL_ETA if eta is None else eta), None
+    if step_rule == "certified":
+        dense = eqx.combine(ones_like_masks(masks), rest)
+        lipschitz = np.array([
+            certified_qk_bound(tree_index(dense, g), X, cos, sin, lam, xb.shape[0]) for g in range(n_groups)
+        ])
+        if eta is not None and np.any(eta * lipschitz > 1.0):
+            g = int(np.argmax(lipschitz))
+            raise ValueError(
+                f"--eta {eta:g} is rejected by the certified bound: KV group {g} has L = "
+                f"{lipschitz[g]:.4g} on the box [0, 1], so the certified step is 1/L = "
+                f"{1 / lipschitz[g]:.4g} and eta exceeds it by a factor {eta * lipschitz[g]:.4g}. "
+                "Leave --eta out (eta = 1/L per group), or use --step-rule certified_local / "
+                "backtracking (guaranteed descent with larger steps), or --step-rule fixed to run "
+                "this eta without a guarantee."
+            )
+        return (1.0 / lipschitz if eta is None else np.full(n_groups, eta)), lipschitz
+    if eta is not None:  # backtracking: the given first try
+        return np.full(n_groups, eta), None
+    # backtracking: first try 1/|lambda_max| at M_0
+    curv = np.asarray(_curvature_vmapped(masks, rest, tb, xb, cos, sin, jnp.float32(lam), chunk, scale))
+    if not np.all(np.isfinite(curv) & (curv > 0)):
+        raise ValueError(f"curvature estimate must be finite and > 0, got {curv}")
+    return 1.0 / curv, None
+
+
+def _solve_groups(masks, rest, targets, etas0, X, cos, sin, lam_arr, st, vmap: bool):
+    """Algorithm 1 on every KV group: vmapped (on a mesh, the groups over the devices and
+    every window on each), or one group after another (the reference)."""
+    floor = jnp.zeros(len(etas0), jnp.float32)
+    eta_arr = jnp.asarray(etas0, jnp.float32)
+    if vmap:
+        masks, rest, targets, eta_arr, floor = parallel.shard_groups((masks, rest, targets, eta_arr, floor))
+        return _solve_vmapped(masks, rest, targets, eta_arr, floor, *parallel.replicate((X, cos, sin)), lam_arr, st)
+    parts = [
+        _solve_single(
+            tree_index(masks, g), tree_index(rest, g),
+            None if targets is None else targets[g], eta_arr[g], floor[g], X, cos, sin, lam_arr, st,
+        )
+        for g in range(len(etas0))
+    ]
+    out_masks = jax.tree.map(lambda *xs: jnp.stack(xs), *[p[0] for p in parts])
+    return out_masks, jnp.stack([p[1] for p in parts]), jnp.stack([p[2] for p in parts])

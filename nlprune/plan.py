@@ -131,7 +131,8 @@ class MemoryPlan:
         s = self.settings
         lines = [
             f"{self.model}: {s.method} on {s.nsamples} x {s.seqlen} calibration tokens, mesh data={s.data},"
-            f"model={s.model} ({self.devices} device{'s' if self.devices > 1 else ''}), float32",
+            f"model={s.model} ({self.devices} device{'s' if self.devices > 1 else ''}), "
+            f"{'float32' if s.dtype == 'float32' else s.dtype + ' weights, float32 computation'}",
             f"peak per device: {gib(self.peak_bytes)} (stage: {self.peak_stage}, last layer)",
             *([f"on a CPU (its memory is the process's): {gib(self.cpu_process_bytes)} at {self.cpu_process_at}, "
                "with the runtime and the run directory's writing"] if self.cpu_process_bytes else []),
@@ -221,6 +222,7 @@ class _Layout:
     other: int  # elements of the embeddings, head and norms
     held_layers: int  # pruned layers held before the last one
     stored: int  # bytes per held weight (--dtype)
+    frees_dense: bool  # streamed, and the method never reads the dense layer: replaced weights are freed
     hessian: bool  # the method (or its refit) builds X^T X
     tokens: int  # calibration tokens per device
     call: int  # windows per forward call per device
@@ -243,8 +245,8 @@ class _Layout:
             done = [*_PRUNES["q/k/v"], *_PRUNES["o"], *_PRUNES["gate/up"]]
         elif stage == "layer output":
             done = list(self.lins)
-        return ((self.stored + MASK) * self.held_layers * self.layer_pruned
-                + (F32 + MASK) * sum(self.lin_pruned[k] for k in done))
+        this_layer = (MASK if self.frees_dense else F32 + MASK) * sum(self.lin_pruned[k] for k in done)
+        return (self.stored + MASK) * self.held_layers * self.layer_pruned + this_layer
 
     def prune_work(self, method, stage: str) -> tuple[int, int]:
         """(Hessians, method work) of pruning one stage's linears."""
@@ -274,18 +276,22 @@ def _layout(c: LlamaConfig, s: PlanSettings, method, notes: list[str]) -> _Layou
 
     layer_lin = sum(rows_dev(o) * i for o, i in lins.values())  # elements per device
     other = c.vocab_size * H * (1 if c.tie_word_embeddings else 2) + (2 * L + 1) * H
-    # streamed: only the layer being pruned, read from disk (the embedding rows of the
-    # calibration tokens are read alone; the model's other layers stay on disk)
+    # streamed: only the layer being pruned, read from disk and pruned as a float32 copy (the
+    # embedding rows of the calibration tokens are read alone; the other layers stay on disk);
+    # in memory: the model in --dtype's precision, and the float32 copy of the layer in hand
     stored = STORED[s.dtype]
-    compute_copy = F32 * layer_lin if stored != F32 else 0  # the float32 copy of the layer being pruned
-    dense = (stored * layer_lin + F32 * 2 * H if s.stream else stored * (other + L * layer_lin)) + compute_copy
+    if s.stream:
+        dense = F32 * (layer_lin + 2 * H)
+    else:
+        dense = stored * (other + L * layer_lin) + (F32 * layer_lin if stored != F32 else 0)
     pattern = parse_pattern(s.sparsity_type, 0.5 if s.sparsity_type == "unstructured" else None)
     rows_shard = method.shards_rows(pattern)
     if s.model > 1 and not rows_shard:
         notes.append(f"{method.name} {pattern.name} ranks more than a row at a time: the pruned weights are replicated")
     lin_pruned = {k: (rows_dev(o) if rows_shard else o) * i for k, (o, i) in lins.items()}
-    return _Layout(lins, lin_pruned, dense, other, 0 if s.stream else L - 1, stored, method.needs_hessian,
-                   n_dev * s.seqlen, min(s.batch_size, n_dev))
+    return _Layout(lins, lin_pruned, dense, other, 0 if s.stream else L - 1, stored,
+                   s.stream and not method.needs_dense_layer, method.needs_hessian, n_dev * s.seqlen,
+                   min(s.batch_size, n_dev))
 
 
 def _stages(c: LlamaConfig, s: PlanSettings, method, lay: _Layout, notes: list[str]) -> dict[str, dict[str, int]]:

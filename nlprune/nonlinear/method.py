@@ -78,6 +78,10 @@ class NonLinear(PruningMethod):
     def refit_blocksize(self) -> int:
         return self.blocksize
 
+    @property
+    def needs_dense_layer(self) -> bool:  # o_proj's stage starts from the dense weights
+        return True
+
     def refits_itself(self, group: str) -> tuple[str, ...]:
         """q/k (and v under the output objective) are re-fitted by gradient steps on the
         attention error, not by least squares."""

@@ -172,7 +172,7 @@ class GroupContext:
 
     group: str
     layer: DecoderLayer
-    dense_layer: DecoderLayer
+    dense_layer: DecoderLayer | None  # None when the method does not read it (needs_dense_layer)
     weights: tuple[jax.Array, ...]
     stats: LayerStats
     pattern: SparsityPattern
@@ -260,6 +260,13 @@ class PruningMethod(abc.ABC):
     def needs_hessian(self) -> bool:
         """Whether the statistics must carry X^T X: the method's own need, or the refit's."""
         return self.uses_hessian or self.options.refit
+
+    @property
+    def needs_dense_layer(self) -> bool:
+        """Whether ``ctx.dense_layer`` (the layer before any of its pruning) is read: the refit
+        fits towards the dense outputs. Without it the true-sequential pipeline lets each
+        pruned linear's dense weights go (a layer's worth of memory on a large model)."""
+        return self.options.refit
 
     def refits_itself(self, group: str) -> tuple[str, ...]:
         """Linears of ``group`` whose kept weights the method re-fits itself under ``refit``

@@ -216,7 +216,9 @@ def prune_layer_true_sequential(
     One forward pass per layer (the layer-at-once order needs two: a dense one for the
     statistics and a pruned one for the outputs)."""
     hess = method.needs_hessian
-    dense, layer_in = layer, hidden
+    # the layer before pruning, for methods that read it: without it each pruned linear's
+    # dense weights are freed as soon as they are replaced
+    dense, layer_in = (layer if method.needs_dense_layer else None), hidden
 
     def prune(layer, group, inputs):
         stats = _group_stats(inputs, batch_size, hess)
@@ -387,7 +389,8 @@ def prune_layers(
         bar.set_postfix_str(f"layer {i}: " + ("sublayers in order" if true_sequential else "dense statistics first"))
         patterns = target if profile.is_uniform else profile.layer_patterns(i)
         stored = layer_dtype(layer)  # methods prune in float32; the layer is kept as it came (--dtype)
-        layer, hidden = prune_one(in_float32(layer), hidden, cos, sin, method, patterns, batch_size)
+        layer = in_float32(layer)  # (rebound: the held copy is not kept beside the float32 one)
+        layer, hidden = prune_one(layer, hidden, cos, sin, method, patterns, batch_size)
         layer = cast_layer(layer, stored)
         hidden.block_until_ready()
         seconds.append(time.perf_counter() - t1)

@@ -82,9 +82,14 @@ class Recorder(PruningMethod):
 
     name = "recorder"
 
-    def __init__(self):
+    def __init__(self, reads_dense: bool = True):
         super().__init__()
         self.seen: list[GroupContext] = []
+        self.reads_dense = reads_dense
+
+    @property
+    def needs_dense_layer(self) -> bool:
+        return self.reads_dense
 
     def needs_inputs(self, group: str) -> bool:
         return True
@@ -124,6 +129,21 @@ def test_one_dispatch_path_hands_every_group_its_context(true_sequential, tiny_m
         o.dense_layer.input_layernorm(x), *loaded.model.rope(jnp.arange(32))))(o.hidden))
     differs = not np.allclose(np.asarray(o.inputs), dense_context, atol=1e-6)
     assert differs is true_sequential
+
+
+def test_a_method_that_never_reads_the_dense_layer_is_not_handed_one(tiny_model_dir):
+    """True-sequential: without needs_dense_layer the pipeline keeps no reference to the layer
+    before pruning (its replaced weights can be freed); the masks are the same either way."""
+    loaded = api.load(str(tiny_model_dir))
+    cal = np.random.default_rng(0).integers(0, loaded.model.config.vocab_size, (3, 32))
+    runs = {}
+    for reads in (True, False):
+        method = Recorder(reads_dense=reads)
+        runs[reads] = prune_model(loaded.model, cal, method, parse_pattern("unstructured", 0.5), progress=False,
+                                  batch_size=2)[0]
+        assert all((c.dense_layer is not None) is reads for c in method.seen)
+    for a, b in zip(jax.tree.leaves(runs[True]), jax.tree.leaves(runs[False]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 @pytest.mark.slow

@@ -226,6 +226,7 @@ class _Layout:
     hessian: bool  # the method (or its refit) builds X^T X
     tokens: int  # calibration tokens per device
     call: int  # windows per forward call per device
+    window_shards: int  # devices the calibration windows spread over
 
     @property
     def layer_pruned(self) -> int:
@@ -291,7 +292,7 @@ def _layout(c: LlamaConfig, s: PlanSettings, method, notes: list[str]) -> _Layou
     lin_pruned = {k: (rows_dev(o) if rows_shard else o) * i for k, (o, i) in lins.items()}
     return _Layout(lins, lin_pruned, dense, other, 0 if s.stream else L - 1, stored,
                    s.stream and not method.needs_dense_layer, method.needs_hessian, n_dev * s.seqlen,
-                   min(s.batch_size, n_dev))
+                   min(s.batch_size, n_dev), d)
 
 
 def _stages(c: LlamaConfig, s: PlanSettings, method, lay: _Layout, notes: list[str]) -> dict[str, dict[str, int]]:
@@ -311,8 +312,7 @@ def _stages(c: LlamaConfig, s: PlanSettings, method, lay: _Layout, notes: list[s
     # q/k/v: the layer input and the attention input (input_layernorm(h)), and what the method
     # itself holds there (the non-linear solve's n x n attention)
     h_, w_ = lay.prune_work(method, "q/k/v")
-    d = s.data if s.nsamples % s.data == 0 else 1
-    extra = method.qkv_memory(MemoryShape(c, s.nsamples, seq, s.data, s.model, d))
+    extra = method.qkv_memory(MemoryShape(c, s.nsamples, seq, s.data, s.model, lay.window_shards))
     notes += extra.notes
     stage("q/k/v", 2 * hid + extra.hidden, 0, h_, max(w_, extra.work), extra.attention)
     q_tokens = F32 * call * seq * (nh + 2 * G) * hd

@@ -13,6 +13,7 @@ wait4 (the whole process's high-water mark):
     python benchmarks/stream/study.py --data-dir ../shared/data              # every row not yet recorded
     python benchmarks/stream/study.py --data-dir ../shared/data --rows wanda-50
     python benchmarks/stream/study.py --table                                # table.md from the records
+    python benchmarks/stream/study.py --plans                                # the plans README quotes
 
 Records: benchmarks/stream/records/<row>.json (a row whose record exists is skipped; --rerun
 runs it again). Run folders go to --work-dir and are deleted after each row (an 8B run's
@@ -170,6 +171,30 @@ def table(records: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# What README's "What 8B and 70B need" quotes from `nlprune plan` (no weights needed): the 8 x 512
+# streamed peaks of the 70B shape, and the settings `--memory 80GiB` picks at 128 x 2048.
+PLANS = [
+    [*size, "--model", model, "--prune-method", method, *extra]
+    for model in ("llama-3.1-8b", "llama-3.1-70b") for method in ("wanda", "sparsegpt")
+    for size, extra in ((["--nsamples", "128", "--seqlen", "2048"], ["--memory", "80GiB"]),
+                        (["--nsamples", "128", "--seqlen", "2048"], ["--memory", "80GiB", "--dtype", "bfloat16"]),
+                        (["--nsamples", "8", "--seqlen", "512"], ["--stream"]))
+]
+
+
+def run_plans(work: Path) -> dict:
+    """Each of :data:`PLANS` through the command line: its first line and its plan's numbers."""
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for flags in PLANS:
+        cmd = [sys.executable, "-m", "nlprune.cli", "plan", *flags, "--output", str(work / "plan.json")]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        plan = json.loads((work / "plan.json").read_text())
+        rows.append({"command": "nlprune plan " + " ".join(flags), "first_line": out.splitlines()[1],
+                     "peak_bytes": plan["peak_bytes"], "cpu_process_bytes": plan.get("cpu_process_bytes")})
+    return {"row": "plans", "code": git_state(), "plans": rows}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("NLPRUNE_DATA_DIR"))
@@ -177,8 +202,12 @@ def main() -> int:
     ap.add_argument("--work-dir", default="/tmp/nlprune-stream")
     ap.add_argument("--rerun", action="store_true")
     ap.add_argument("--table", action="store_true", help="only write table.md from the records")
+    ap.add_argument("--plans", action="store_true", help="only record README's `nlprune plan` numbers (records/plans.json)")
     args = ap.parse_args()
     records_dir = HERE / "records"
+    if args.plans:
+        write_json(records_dir / "plans.json", run_plans(Path(args.work_dir)))
+        return 0
     if not args.table:
         if not args.data_dir:
             ap.error("--data-dir (or NLPRUNE_DATA_DIR) is needed to run rows")

@@ -190,7 +190,8 @@ def run_plans(work: Path) -> dict:
         cmd = [sys.executable, "-m", "nlprune.cli", "plan", *flags, "--output", str(work / "plan.json")]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         plan = json.loads((work / "plan.json").read_text())
-        rows.append({"command": "nlprune plan " + " ".join(flags), "first_line": out.splitlines()[1],
+        lines = [line for line in out.splitlines() if line.startswith(("peak per device", "on a CPU"))]
+        rows.append({"command": "nlprune plan " + " ".join(flags), "lines": lines,
                      "peak_bytes": plan["peak_bytes"], "cpu_process_bytes": plan.get("cpu_process_bytes")})
     return {"row": "plans", "code": git_state(), "plans": rows}
 

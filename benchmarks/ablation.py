@@ -4,15 +4,18 @@ perplexity on the C4 test set (128 x 512), on text unlike the calibration set (W
 paragraphs, LAMBADA fiction: 64 x 512 each) and on the validation sets (C4 validation and the
 other halves of the Wikipedia and LAMBADA text: 32 x 512 each).
 
-Rows, at 50% unstructured and at 2:4: {magnitude, Wanda, SparseGPT, non-linear q/k
+Rows, at 50%, 60%, 70% unstructured and at 2:4: {magnitude, Wanda, SparseGPT, non-linear q/k
 (straight-through) with the SparseGPT fill-in, ALPS, RIA} x {no refit, --refit, --refit with the ridge
---refit-percdamp 1.0 (chosen on validation by benchmarks/refit_study.py)}; `--recipe fast` (the
+--refit-percdamp 0.1, 1.0 or 10 (suffix -damp0.1, -damp1, -damp10)}; `--recipe fast` (the
 non-linear q/k with refit at fewer steps); the paper's recipe as
 Algorithm 1 is written (full-batch steps) and in its earlier one-window-per-step form, and with
 the certified and backtracking step rules (50% only: each full-batch row takes ~10x the others).
 
     .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/ablation
     .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/ablation --rows wanda-50 --table
+    # the damping sweep: validation sets only (choices need no test set)
+    .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/damping --validation-only \
+        --rows ria+refit-damp0.1-50 ria+refit-damp10-50
 
 Run directories go under OUT/runs (not committed); each row's record is OUT/results/NAME.json
 (the run's results.json plus the command, the load average and the batch), written when the
@@ -35,7 +38,13 @@ PROTOCOL = [*CPU_CALIBRATION, "--eval", "--eval-seqlen", "512", "--eval-datasets
             "lambada-validation:32"]
 TEST_SETS = ("c4", "wikipedia", "lambada")
 VALIDATION_SETS = ("c4-validation", "wikipedia-validation", "lambada-validation")
-PATTERNS = {"50": ["--sparsity-ratio", "0.5"], "2:4": ["--sparsity-type", "2:4"]}
+VALIDATION_PROTOCOL = [*CPU_CALIBRATION, "--eval", "--eval-seqlen", "512", "--eval-datasets",
+                       "c4-validation:32,wikipedia-validation:32,lambada-validation:32"]
+PATTERNS = {"50": ["--sparsity-ratio", "0.5"], "60": ["--sparsity-ratio", "0.6"], "70": ["--sparsity-ratio", "0.7"],
+            "2:4": ["--sparsity-type", "2:4"]}
+# --refit-percdamp of the refit rows: "+refit" is the default (0.01), the others name theirs
+DAMPINGS = {"": [], "-damp0.1": ["--refit-percdamp", "0.1"], "-damp1": ["--refit-percdamp", "1.0"],
+            "-damp10": ["--refit-percdamp", "10"]}
 NL_QK = ["--prune-method", "nonlinear", "--straight-through", "--linear-method", "sparsegpt"]
 
 
@@ -46,8 +55,8 @@ def rows() -> dict[str, list[str]]:
                            ("sparsegpt", ["--prune-method", "sparsegpt"]), ("nonlinear-qk", NL_QK),
                            ("alps", ["--prune-method", "alps"]), ("ria", ["--prune-method", "ria"])):
             out[f"{name}-{p}"] = args + pattern
-            out[f"{name}+refit-{p}"] = args + pattern + ["--refit"]
-            out[f"{name}+refit-damp1-{p}"] = args + pattern + ["--refit", "--refit-percdamp", "1.0"]
+            for suffix, damping in DAMPINGS.items():
+                out[f"{name}+refit{suffix}-{p}"] = args + pattern + ["--refit", *damping]
         out[f"fast-{p}"] = ["--prune-method", "nonlinear", "--recipe", "fast", *pattern]
         out[f"fast-damp1-{p}"] = ["--prune-method", "nonlinear", "--recipe", "fast", "--refit-percdamp", "1.0", *pattern]
         out[f"paper-{p}"] = ["--prune-method", "nonlinear", *pattern]
@@ -83,11 +92,16 @@ def summary(record: dict) -> dict:
     dense = {k: v["dense"] for k, v in record["perplexities"].items()}
 
     def gmean(names):
+        if not all(n in ppl for n in names):
+            return None  # a validation-only row (the damping sweep)
         return math.exp(sum(math.log(ppl[n]) for n in names) / len(names))
 
+    wiki_val = record["perplexities"].get("wikipedia-validation", {})
     return {
         "name": record["row"]["name"], "command": record["row"]["command"], "batch": record["row"]["batch"],
         "perplexity": ppl, "dense": dense, "test_mean": gmean(TEST_SETS), "validation_mean": gmean(VALIDATION_SETS),
+        # Wikipedia's validation half: by article since 2026-12-07 (its part says so), by passage before
+        "split": "article" if "without" in wiki_val.get("part", "") else "passage",
         "prune_seconds": record["prune_seconds"], "load_average": record["row"]["load_average"],
         "attention_error": record.get("attention_error", {}).get("mean"),
     }
@@ -110,27 +124,39 @@ def table(out: Path) -> None:
         "attn err (val) | prune s | x SparseGPT | batch, load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    if rows_:
-        d = rows_[0]["dense"]
+    full = [r for r in rows_ if r["test_mean"] is not None and r["validation_mean"] is not None]
+    if full:
+        d = full[0]["dense"]
         lines.append(f"| dense | {d['c4']:.2f} | {d['wikipedia']:.2f} | {d['lambada']:.2f} | | {d['c4-validation']:.2f} | "
                      f"{d['wikipedia-validation']:.2f} | {d['lambada-validation']:.2f} | | | | | |")
+    def cell(value, mark=""):
+        return "" if value is None else f"{value:.2f}{mark}"
+
     for r in rows_:
         p = r["perplexity"]
         base = ref.get(r["name"].rsplit("-", 1)[1])
         ratio = f"{r['prune_seconds'] / base['prune_seconds']:.2f}" if base and base["batch"] == r["batch"] else "-"
         attn = f"{r['attention_error']:.2e}" if r["attention_error"] is not None else ""
+        old = "†" if r["split"] == "passage" else ""
+        test_mean = cell(r["test_mean"])
         lines.append(
-            f"| {r['name']} | {p['c4']:.2f} | {p['wikipedia']:.2f} | {p['lambada']:.2f} | **{r['test_mean']:.2f}** | "
-            f"{p['c4-validation']:.2f} | {p['wikipedia-validation']:.2f} | {p['lambada-validation']:.2f} | "
-            f"{r['validation_mean']:.2f} | {attn} | {r['prune_seconds']:.1f} | {ratio} | {r['batch']}, "
+            f"| {r['name']} | {cell(p.get('c4'))} | {cell(p.get('wikipedia'))} | {cell(p.get('lambada'))} | "
+            f"{'**' + test_mean + '**' if test_mean else ''} | {cell(p.get('c4-validation'))} | "
+            f"{cell(p.get('wikipedia-validation'), old)} | {cell(p.get('lambada-validation'))} | "
+            f"{cell(r['validation_mean'], old)} | {attn} | {r['prune_seconds']:.1f} | {ratio} | {r['batch']}, "
             f"{r['load_average'][0]}-{r['load_average'][1]} |"
         )
     lines += ["", "Commands: table.json (`command` of each row, with `--data-dir DIR --output RUN_DIR`)."]
+    if any(r["split"] == "passage" for r in rows_):
+        lines += ["", "† Wikipedia validation half split by passage (records before 2026-12-07's fix): it shares "
+                  "138 articles with the Wikipedia test half. Rows without † use the split by article; compare "
+                  "validation means only between rows of the same split."]
     seeds = seed_table(every)
     lines += seeds["lines"]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     write_json(out / "table.json", {"rows": every, "seeds": seeds["rows"]})
-    plot(rows_, out / "table.png")
+    if full:
+        plot(full, out / "table.png")
     print("\n".join(lines))
 
 
@@ -146,7 +172,8 @@ def seed_table(every: list[dict]) -> dict:
     for r in every:
         base, seed = split_name(r["name"])
         by_row.setdefault(base, {})[seed] = r
-    full = {n: v for n, v in by_row.items() if {0, 1, 2} <= set(v)}
+    # a row's three seeds must share one Wikipedia split, and rows are compared within one split
+    full = {n: v for n, v in by_row.items() if {0, 1, 2} <= set(v) and len({v[s]["split"] for s in (0, 1, 2)}) == 1}
     if not full:
         return {"lines": [], "rows": []}
     lines = ["", "Calibration seeds 0, 1, 2 (mean ± standard deviation over seeds; paired: the row's log "
@@ -157,6 +184,8 @@ def seed_table(every: list[dict]) -> dict:
         names = [n for n in full if n.endswith("-" + p)]
         if not names:
             continue
+        split = "article" if any(full[n][0]["split"] == "article" for n in names) else "passage"
+        names = [n for n in names if full[n][0]["split"] == split]
         val = {n: [full[n][s]["validation_mean"] for s in (0, 1, 2)] for n in names}
         best = min(names, key=lambda n: statistics.mean(math.log(v) for v in val[n]))
         for n in sorted(names, key=lambda n: statistics.mean(math.log(v) for v in val[n])):
@@ -164,7 +193,8 @@ def seed_table(every: list[dict]) -> dict:
             diffs = [100 * (math.log(a) - math.log(b)) for a, b in zip(val[n], val[best])]
             mean_d, se = statistics.mean(diffs), statistics.stdev(diffs) / math.sqrt(len(diffs))
             verdict = "best" if n == best else ("loses" if mean_d > 2 * se else "tie")
-            lines.append(f"| {n} | {statistics.mean(val[n]):.2f} ± {statistics.stdev(val[n]):.2f} | "
+            mark = "†" if split == "passage" else ""
+            lines.append(f"| {n} | {statistics.mean(val[n]):.2f} ± {statistics.stdev(val[n]):.2f}{mark} | "
                          f"{statistics.mean(test):.2f} ± {statistics.stdev(test):.2f} | "
                          f"{'' if n == best else f'{mean_d:+.2f}% ± {se:.2f}'} | {verdict} |")
             out_rows.append({"name": n, "validation_means": val[n], "test_means": test, "best": best,
@@ -211,6 +241,8 @@ def main() -> None:
     ap.add_argument("--batch", default=time.strftime("%Y-%m-%d %H:%M"), help="the batch's name in the records")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0],
                     help="calibration seeds of each row (records of seed S > 0 are named ROW@seedS)")
+    ap.add_argument("--validation-only", action="store_true",
+                    help="evaluate the validation sets only (the damping sweep: choices need no test set)")
     ap.add_argument("--table", action="store_true", help="only rebuild the table from the records")
     args = ap.parse_args()
     out = Path(args.out)
@@ -223,7 +255,8 @@ def main() -> None:
             if path.exists():
                 print(f"{name}: done before, skipped", flush=True)
                 continue
-            write_json(path, run_row(name, row_args, out, args.data_dir, args.batch))
+            protocol = VALIDATION_PROTOCOL if args.validation_only else PROTOCOL
+            write_json(path, run_row(name, row_args, out, args.data_dir, args.batch, protocol))
     table(out)
 
 

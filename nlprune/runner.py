@@ -368,6 +368,8 @@ def evaluate(record: dict[str, Any], req: PruneRequest, checked: Checked, inputs
                 "pruned": ppl.perplexity, "dense": dense.perplexity, "nsamples": len(windows),
                 "seqlen": req.eval_seqlen, "tokens": ppl.tokens, "files": prov["files"], "seconds": ppl.seconds,
                 "dense_cache": {"cached": dense.cached, "computed": dense.computed, "path": dense.path},
+                # which text: a split's definition can change (Wikipedia's halves split by article)
+                **{k: prov[k] for k in ("part", "text_sha256") if k in prov},
             }
         if "c4" in inputs.eval_sets:  # the test set's numbers at the top level, as before
             c4 = record["perplexities"]["c4"]

@@ -44,23 +44,53 @@ def test_no_calibration_draw_and_no_validation_document_comes_from_the_test_spli
 
 
 def test_out_of_distribution_sets(tokenizer, shared_data_dir):
+    import gzip
+    import json
+
     wiki, prov = ood_documents("wikipedia", shared_data_dir)
-    assert len(wiki) == len(set(wiki)) == prov["num_docs"] and 2000 < len(wiki) < 3270  # deduplicated
+    with gzip.open(prov["files"][0]["path"], "rt") as f:
+        questions = [json.loads(line)["passage"] for line in f if line.strip()]
+    # one document per distinct passage, in the order each first appears
+    assert len(wiki) == len(set(wiki)) == prov["num_docs"] == len(set(questions)) < len(questions)
+    assert wiki == sorted(set(questions), key=questions.index)
     lambada, _ = ood_documents("lambada", shared_data_dir)
     assert len(lambada) > 5000
     for name, docs in (("wikipedia", wiki), ("lambada", lambada)):
         w, p = evaluation_windows(tokenizer, name, 16, 256, shared_data_dir, progress=False)
         assert w.shape == (16, 256) and p["files"][0]["sha256"] and p["part"] == "first half"
         v, q = evaluation_windows(tokenizer, f"{name}-validation", 16, 256, shared_data_dir, progress=False)
-        assert q["part"] == "second half" and p["num_docs"] + q["num_docs"] == len(docs)
+        assert q["part"].startswith("second half") and 0 < q["num_docs"] <= len(docs) - p["num_docs"]
+        # the test half is the first passages in file order (recorded test numbers stay valid)
+        assert tokenizer.decode(w[0][:32]).strip()[:40] in docs[0]
         # no passage is read by both halves' windows, and both read some
         test_text, val_text = tokenizer.decode(w.reshape(-1)), tokenizer.decode(v.reshape(-1))
         heads = [d[:80] for d in docs if len(d) >= 80]
         in_test = {h for h in heads if h in test_text}
         in_val = {h for h in heads if h in val_text}
         assert in_test and in_val and not in_test & in_val, name
+
+
+def test_wikipedia_halves_share_no_article(shared_data_dir):
+    """BoolQ asks several questions of one article, so a split by passage would put one
+    article's text on both sides: the validation half drops every passage whose article
+    ("Title -- ..." in SuperGLUE's passages) the test half holds."""
+    from nlprune.data.heldout import ood_halves
+
+    wiki, _ = ood_documents("wikipedia", shared_data_dir)
+    test, validation = ood_halves("wikipedia", wiki)
+    titles = [d.split(" -- ")[0] for d in wiki]
+    assert all(" -- " in d for d in wiki)
+    # by position alone the halves would share articles: the split has something to do
+    half = len(wiki) // 2
+    assert set(titles[:half]) & set(titles[half:])
+    test_titles = {d.split(" -- ")[0] for d in test}
+    val_titles = {d.split(" -- ")[0] for d in validation}
+    assert test == wiki[:half] and validation and not test_titles & val_titles
+    assert not set(test) & set(validation)
+    # nothing else is dropped: every later passage of an article the test half lacks is kept
+    assert validation == [d for d, t in zip(wiki[half:], titles[half:]) if t not in test_titles]
     with pytest.raises(ValueError, match="unknown evaluation set 'wiki'"):
-        evaluation_windows(tokenizer, "wiki", 4, 256, shared_data_dir)
+        evaluation_windows(None, "wiki", 4, 256, shared_data_dir)
 
 
 def test_attention_error_reads_validation_windows(tiny_model_dir, shared_data_dir, monkeypatch):

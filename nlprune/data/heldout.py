@@ -17,7 +17,9 @@ Out of distribution (local files of the zero-shot tasks, ``DIR/tasks``; no hub):
   ``"lambada"``    the LAMBADA test passages (fiction from novels), in file order, joined by a
                    blank line: the first half of them (a test set);
   ``"wikipedia-validation"``, ``"lambada-validation"``  the second halves, for choosing:
-                   text of the same kinds that the reported sets never show.
+                   text of the same kinds that the reported sets never show. Wikipedia's is
+                   split by article: passages of an article the first half reads are dropped
+                   from it (:func:`ood_halves`).
 
 Every set is cut like the test set: joined, tokenized once, non-overlapping windows from the
 start (:func:`evaluation_windows` takes any of them by name).
@@ -69,9 +71,9 @@ def heldout_windows(
     elif dataset.removesuffix("-validation") in _OOD_FILES:
         kind = dataset.removesuffix("-validation")
         docs, prov = ood_documents(kind, data_dir)
-        half = len(docs) // 2
-        docs = docs[half:] if dataset.endswith("-validation") else docs[:half]
-        prov.update(dataset=dataset, part="second half" if dataset.endswith("-validation") else "first half",
+        test, validation = ood_halves(kind, docs)
+        docs = validation if dataset.endswith("-validation") else test
+        prov.update(dataset=dataset, part=_PART[kind]["validation" if dataset.endswith("-validation") else "test"],
                     num_docs=len(docs))
     else:
         raise DataError(f"unknown held-out set {dataset!r}; choose from {', '.join(HELDOUT)}.")
@@ -83,6 +85,34 @@ def heldout_windows(
                 text_sha256=cache["text_sha256"], total_tokens=int(ids.shape[0]), windows_available=available,
                 tokenizer=cache["tokenizer"], cache={"path": cache["path"], "hit": cache["hit"]})
     return windows, prov
+
+
+_PART = {
+    "wikipedia": {"test": "first half",
+                  "validation": "second half, without the passages of articles the first half has"},
+    "lambada": {"test": "first half", "validation": "second half"},
+}
+
+
+def article_title(passage: str) -> str:
+    """The Wikipedia article a BoolQ passage comes from: SuperGLUE's passages start with
+    ``"Title -- "``; a passage without that prefix is its own article."""
+    title, sep, _ = passage.partition(" -- ")
+    return title if sep else passage
+
+
+def ood_halves(dataset: str, docs: list[str]) -> tuple[list[str], list[str]]:
+    """Test and validation passages of an out-of-distribution set. The test half is the first
+    half of the passages in file order (every recorded test number stays valid); the
+    validation half is the rest, and for Wikipedia without the passages of any article the
+    test half reads from, so no article is in both (BoolQ asks several questions of one
+    article). LAMBADA's passages name no book, so its halves are split by position only."""
+    half = len(docs) // 2
+    test, rest = docs[:half], docs[half:]
+    if dataset == "wikipedia":
+        seen = {article_title(d) for d in test}
+        rest = [d for d in rest if article_title(d) not in seen]
+    return test, rest
 
 
 def documents_read_by_test(tokenizer: Any, data_dir: str | os.PathLike[str] | None = None,

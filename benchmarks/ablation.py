@@ -30,16 +30,20 @@ import argparse
 import json
 import math
 import time
+import tomllib
 from pathlib import Path
 
-from common import CPU_CALIBRATION, machine_line, prune_run, write_json
+from common import machine_line, prune_run, write_json
 
-PROTOCOL = [*CPU_CALIBRATION, "--eval", "--eval-seqlen", "512", "--eval-datasets", "c4:128,wikipedia:64,lambada:64,c4-validation:32,wikipedia-validation:32,"
-            "lambada-validation:32"]
+from nlprune.runconfig import PROTOCOL_DIR
+
+PROTOCOL = ["--protocol", "cpu"]  # nlprune/protocols/cpu.toml: 8 x 512 calibration, the test and validation sets
 TEST_SETS = ("c4", "wikipedia", "lambada")
 VALIDATION_SETS = ("c4-validation", "wikipedia-validation", "lambada-validation")
-VALIDATION_PROTOCOL = [*CPU_CALIBRATION, "--eval", "--eval-seqlen", "512", "--eval-datasets",
-                       "c4-validation:32,wikipedia-validation:32,lambada-validation:32"]
+# the damping sweep: the cpu protocol's own validation windows, without its test sets
+VALIDATION_PROTOCOL = [*PROTOCOL, "--eval-datasets", ",".join(
+    s for s in tomllib.loads((PROTOCOL_DIR / "cpu.toml").read_text())["eval-datasets"]
+    if s.split(":")[0] in VALIDATION_SETS)]
 PATTERNS = {"50": ["--sparsity-ratio", "0.5"], "60": ["--sparsity-ratio", "0.6"], "70": ["--sparsity-ratio", "0.7"],
             "2:4": ["--sparsity-type", "2:4"]}
 # --refit-percdamp of the refit rows: "+refit" is the default (0.01), the others name theirs
@@ -67,9 +71,8 @@ def rows() -> dict[str, list[str]]:
 
 
 def seeded(protocol: list[str], seed: int) -> list[str]:
-    out = list(protocol)
-    out[out.index("--seed") + 1] = str(seed)
-    return out
+    """The protocol at calibration seed ``seed`` (the command line's --seed wins over the protocol's 0)."""
+    return list(protocol) + (["--seed", str(seed)] if seed else [])
 
 
 def split_name(name: str) -> tuple[str, int]:

@@ -25,7 +25,7 @@ from nlprune.cli_prune import add_flag
 from nlprune.cli_prune import print_prune_extras
 from nlprune.processes import ProcessFailed
 from nlprune.request import FLAG_OF_FIELD, PruneRequest
-from nlprune.runconfig import apply_config, config_argument
+from nlprune.runconfig import apply_config, apply_protocol, config_argument, protocol_argument
 
 # Errors that are the user's input, reported as one line without a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (
@@ -203,6 +203,10 @@ def add_prune_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, metavar="FILE",
                    help="a recipe: TOML, JSON or YAML with one key per flag (sparsity_ratio = 0.5, ...), or a run's "
                    "results.json (its config); flags given on the command line win")
+    p.add_argument("--protocol", default=None, metavar="NAME|FILE",
+                   help="calibration and evaluation settings by name (cpu: 8 x 512 calibration, 512-token test and "
+                   "validation windows; field: 128 x 2048 and 2048-token windows; nlprune/protocols/) or a TOML "
+                   "file of those flags; over a --config recipe's, under the command line's")
     p.set_defaults(func=cmd_prune)
     return p
 
@@ -217,7 +221,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
+def build_parser(prune_config: str | None = None, protocol: str | None = None) -> argparse.ArgumentParser:
     """The command line; ``prune_config``: a recipe file whose values become prune's defaults."""
     parser = _Parser(
         prog="nlprune",
@@ -283,6 +287,8 @@ def build_parser(prune_config: str | None = None) -> argparse.ArgumentParser:
     prune_parser = add_prune_parser(sub)
     if prune_config is not None:
         apply_config(prune_parser, prune_config)
+    if protocol is not None:  # after the recipe: the protocol decides what the run is measured on
+        apply_protocol(prune_parser, protocol)
     add_plan_parser(sub)
 
     from nlprune.experiments.synthetic_report import add_parser as add_synthetic_parser
@@ -341,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        parser = build_parser(config_argument(argv))
+        parser = build_parser(config_argument(argv), protocol_argument(argv))
     except USER_ERRORS as e:  # a recipe file that cannot be used
         print(f"nlprune prune: error: {_one_line(e)}", file=sys.stderr)
         return 2

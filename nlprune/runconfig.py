@@ -31,11 +31,11 @@ class ConfigError(ValueError):
     """A recipe file that cannot be used as asked."""
 
 
-def read_config_file(path: str | Path) -> dict[str, Any]:
+def read_config_file(path: str | Path, flag: str = "--config") -> dict[str, Any]:
     """The keys of a recipe file (TOML, JSON, YAML), or of a run's results.json (its ``config``)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"--config file {path} does not exist.")
+        raise FileNotFoundError(f"{flag} file {path} does not exist.")
     suffix = path.suffix.lower()
     try:
         if suffix == ".toml":
@@ -47,24 +47,24 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             try:
                 import yaml
             except ImportError:
-                raise ConfigError(f"--config {path}: reading YAML needs PyYAML; write the recipe as TOML or JSON.") from None
+                raise ConfigError(f"{flag} {path}: reading YAML needs PyYAML; write the recipe as TOML or JSON.") from None
             values = yaml.safe_load(path.read_text())
         else:
-            raise ConfigError(f"--config {path}: unknown kind of file; give a .toml, .json or .yaml recipe (or a run's results.json).")
+            raise ConfigError(f"{flag} {path}: unknown kind of file; give a .toml, .json or .yaml recipe (or a run's results.json).")
     except (tomllib.TOMLDecodeError, ValueError, UnicodeDecodeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"--config {path} cannot be parsed: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{flag} {path} cannot be parsed: {' '.join(str(e).split())}") from None
     except Exception as e:  # yaml's own errors
-        raise ConfigError(f"--config {path} cannot be parsed: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"{flag} {path} cannot be parsed: {' '.join(str(e).split())}") from None
     if isinstance(values, dict) and isinstance(values.get("config"), dict) and "args" in values:
         values = values["config"]  # a run's results.json
     if not isinstance(values, dict):
-        raise ConfigError(f"--config {path} must hold a table of flag = value, not {type(values).__name__}.")
+        raise ConfigError(f"{flag} {path} must hold a table of flag = value, not {type(values).__name__}.")
     return values
 
 
-def flag_keys(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("help", "config")) -> dict[str, argparse.Action]:
+def flag_keys(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("help", "config", "protocol")) -> dict[str, argparse.Action]:
     """Every key a recipe may use for ``parser``'s flags -> the flag's action."""
     keys: dict[str, argparse.Action] = {}
     for action in parser._actions:  # argparse keeps no public list of its actions
@@ -79,9 +79,9 @@ def flag_keys(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ("help", 
     return keys
 
 
-def _value(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
+def _value(key: str, value: Any, action: argparse.Action, path: Path, flag: str = "--config") -> Any:
     """A recipe's value as the flag would have parsed it, or a ConfigError naming the key."""
-    where = f"--config {path}: {key}"
+    where = f"{flag} {path}: {key}"
     if action.dest in INLINE_PLAN_KEYS and isinstance(value, (list, dict)):
         return value
     if action.dest in LIST_KEYS and isinstance(value, list) and all(isinstance(v, str) for v in value):
@@ -112,34 +112,83 @@ def _value(key: str, value: Any, action: argparse.Action, path: Path) -> Any:
 def config_argument(argv: list[str]) -> str | None:
     """The --config FILE of a prune command line, read before the parser is built (its values
     become the parser's defaults)."""
+    return _pre_parsed(argv, "--config")
+
+
+def protocol_argument(argv: list[str]) -> str | None:
+    """The --protocol NAME|FILE of a prune command line, read before the parser is built."""
+    return _pre_parsed(argv, "--protocol")
+
+
+def _pre_parsed(argv: list[str], flag: str) -> str | None:
     if not argv or argv[0] != "prune":
         return None
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--config", default=None)
+    pre.add_argument(flag, default=None)
     known, _ = pre.parse_known_args(argv[1:])
-    return known.config
+    return getattr(known, flag.lstrip("-"))
 
 
-def apply_config(parser: argparse.ArgumentParser, path: str | Path) -> dict[str, Any]:
+# A protocol fixes what a measurement is made on, never what is pruned or how: calibration and
+# evaluation flags only (by flag destination).
+PROTOCOL_DIR = Path(__file__).parent / "protocols"
+PROTOCOL_DESTS = ("nsamples", "seqlen", "seed", "calib_dataset", "eval", "eval_nsamples", "eval_seqlen",
+                  "eval_datasets", "heldout_nsamples")
+
+
+def protocols() -> list[str]:
+    """The protocols nlprune ships (``--protocol NAME``)."""
+    return sorted(p.stem for p in PROTOCOL_DIR.glob("*.toml"))
+
+
+def protocol_path(name: str | Path) -> Path:
+    """A shipped protocol by name (``cpu``, ``field``), or a protocol file by path."""
+    if Path(name).suffix:
+        return Path(name)
+    path = PROTOCOL_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise ConfigError(f"--protocol {name!r}: no such protocol; the shipped ones are {', '.join(protocols())} "
+                          "(or give a .toml file of calibration and evaluation flags).")
+    return path
+
+
+def apply_protocol(parser: argparse.ArgumentParser, name: str | Path) -> dict[str, Any]:
+    """Make a protocol's calibration and evaluation settings ``parser``'s defaults (over a
+    --config recipe's; the command line still wins). A key that is not a calibration or
+    evaluation flag is refused: a protocol must not change what is measured."""
+    path = protocol_path(name)
+    values = read_config_file(path, flag="--protocol")
+    keys = flag_keys(parser)
+    other = sorted(k for k in values if str(k) in keys and keys[str(k)].dest not in PROTOCOL_DESTS)
+    if other:
+        raise ConfigError(
+            f"--protocol {path}: {', '.join(map(repr, other))} {'is' if len(other) == 1 else 'are'} not a calibration "
+            f"or evaluation setting; a protocol sets only {', '.join(PROTOCOL_DESTS)} (put the rest in --config)."
+        )
+    return apply_config(parser, path, values=values, flag="--protocol")
+
+
+def apply_config(parser: argparse.ArgumentParser, path: str | Path, *, values: dict[str, Any] | None = None,
+                 flag: str = "--config") -> dict[str, Any]:
     """Make the recipe's values ``parser``'s defaults (the command line then wins) and return
     them by flag destination; an unknown key is refused, naming it and the known keys."""
     path = Path(path)
-    values = read_config_file(path)
-    keys = flag_keys(parser)
+    values = read_config_file(path, flag) if values is None else values
+    keys = flag_keys(parser, skip=("help", "config", "protocol"))
     unknown = sorted(k for k in values if str(k) not in keys)
     if unknown:
         known = sorted({a.dest for a in keys.values()})
         raise ConfigError(
-            f"--config {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"{flag} {path}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
             f"the keys are the flags of `nlprune prune`: {', '.join(known)}."
         )
     defaults: dict[str, Any] = {}
     for key, value in values.items():
         action = keys[str(key)]
         if action.dest in defaults and value is not None:
-            raise ConfigError(f"--config {path} gives {action.dest} twice (as {key!r} and another spelling).")
+            raise ConfigError(f"{flag} {path} gives {action.dest} twice (as {key!r} and another spelling).")
         if value is not None:
-            defaults[action.dest] = _value(str(key), value, action, path)
+            defaults[action.dest] = _value(str(key), value, action, path, flag)
             action.required = False  # given by the file: the command line need not repeat it
     parser.set_defaults(**defaults)
     return defaults

@@ -12,6 +12,7 @@ from nlprune import api, cards
 from nlprune.packed_masks import load_packed_masks
 from nlprune.cli import build_parser, main as cli_main, method_options
 from nlprune.methods import get_method
+from nlprune.runconfig import protocol_argument
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -146,6 +147,44 @@ def test_bad_recipes_are_one_line_errors(tmp_path, capsys, monkeypatch, text, na
     assert "absent.toml does not exist" in capsys.readouterr().err
 
 
+def test_protocols_set_calibration_and_evaluation_over_the_recipe_under_the_command_line(tmp_path):
+    """--protocol NAME|FILE: the shipped cpu and field protocols, applied over a --config
+    recipe's calibration (the protocol decides what a run is measured on) and under the
+    command line's flags."""
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('prune-method = "wanda"\nsparsity-ratio = 0.6\nnsamples = 2\nseqlen = 64\noutput = "x"\n')
+    field = build_parser(str(recipe), "field").parse_args(["prune", "--config", str(recipe), "--protocol", "field"])
+    assert (field.nsamples, field.seqlen, field.eval, field.eval_seqlen, field.prune_method, field.sparsity_ratio) == (
+        128, 2048, True, 2048, "wanda", 0.6)
+    assert field.eval_datasets[0] == "c4:128"
+    cpu = build_parser(None, "cpu").parse_args(["prune", "--protocol", "cpu", "--prune-method", "ria", "--seed", "2",
+                                                "--output", "x"])
+    assert (cpu.nsamples, cpu.seqlen, cpu.seed, cpu.eval_seqlen) == (8, 512, 2, 512)
+    assert {s.split(":")[0] for s in cpu.eval_datasets} >= {"c4", "c4-validation", "wikipedia-validation"}
+    own = tmp_path / "p.toml"
+    own.write_text("nsamples = 4\nseqlen = 128\n")
+    mine = build_parser(None, str(own)).parse_args(["prune", "--protocol", str(own), "--output", "x",
+                                                    "--prune-method", "wanda"])
+    assert (mine.nsamples, mine.seqlen, mine.eval) == (4, 128, False)
+
+
+@pytest.mark.parametrize("text, name, message", [
+    ("nsamples = 4\nsparsity-ratio = 0.5\n", "p.toml", "'sparsity-ratio' is not a calibration or evaluation setting"),
+    ("nsamples = 4\nsamples = 4\n", "p.toml", "unknown key 'samples'"),
+    (None, "paper", "--protocol 'paper': no such protocol; the shipped ones are cpu, field"),
+])
+def test_bad_protocols_are_one_line_errors(tmp_path, capsys, monkeypatch, text, name, message):
+    monkeypatch.setattr(cards, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the error"))
+    where = name
+    if text is not None:
+        where = str(tmp_path / name)
+        Path(where).write_text(text)
+    assert cli_main(["prune", "--protocol", where, "--prune-method", "wanda", "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("nlprune prune: error: --protocol") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_shipped_recipes_resolve_to_the_main_table_rows():
     recipes = sorted((REPO / "recipes").glob("*.toml"))
     names = {p.stem for p in recipes}
@@ -174,11 +213,14 @@ def test_recommended_recipe_is_the_best_validation_row_of_the_committed_ablation
     test), with that row's flags and the cpu protocol; README's "What to use" names it."""
     table = json.loads((REPO / "benchmarks" / "ablation" / "table.json").read_text())
     rows = [r for r in table["rows"] if r["name"].endswith("-" + pattern) and "@seed" not in r["name"]]
-    best = min(rows, key=lambda r: r["validation_mean"])
+    # validation means compare only within one Wikipedia split (by article since 2026-12-07)
+    split = "article" if any(r.get("split") == "article" for r in rows) else "passage"
+    best = min((r for r in rows if r.get("split", "passage") == split), key=lambda r: r["validation_mean"])
     stem = f"recommended-{pattern.replace(':', 'of')}"
     ours = vars(parsed(REPO / "recipes" / f"{stem}.toml", "--data-dir", "../shared/data"))
     flags = best["command"].removeprefix("nlprune prune ").split()
-    theirs = vars(build_parser().parse_args(["prune", *flags, "--data-dir", "../shared/data", "--output", "x"]))
+    argv = ["prune", *flags, "--data-dir", "../shared/data", "--output", "x"]
+    theirs = vars(build_parser(None, protocol_argument(argv)).parse_args(argv))  # a row may name --protocol
     keys = ("prune_method", "sparsity_ratio", "sparsity_type", "nsamples", "seqlen", "seed", "refit",
             "refit_percdamp", "recipe", "straight_through", "linear_method")
     assert {k: ours.get(k) for k in keys} == {k: theirs.get(k) for k in keys}, best["name"]

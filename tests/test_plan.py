@@ -13,7 +13,7 @@ from nlprune.cli import main as cli_main
 from nlprune.plan import F32, plan_memory
 
 WORKER = Path(__file__).with_name("_plan_worker.py")
-GPU_PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_paper_protocol.py"
+GPU_PROTOCOL = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_paper" / "gpu_paper_protocol.py"
 LLAMA_1B = cards.card_config(cards.get_card("llama-3.2-1b"))
 
 
@@ -166,7 +166,7 @@ def test_plan_matches_a_measured_peak(method, options, config, seqlen, tmp_path)
 
 
 def test_gpu_paper_protocol_dry_run(tmp_path):
-    """benchmarks/gpu_paper_protocol.py --dry-run: every command of the paper protocol on the
+    """benchmarks/gpu_paper/gpu_paper_protocol.py --dry-run: every command of the paper protocol on the
     1B config parses (with --random-weights too), and each method's plan, stage by stage, is
     printed and written; no weights, data or GPU needed."""
     proc = subprocess.run(

@@ -526,8 +526,8 @@ def test_eval_tasks_end_to_end_writes_the_record(tmp_path, tiny_model_dir, task_
 def test_parity_with_lm_eval_hf_model_on_smollm2(smollm2, task_dir, tmp_path):
     """The acceptance check: nlprune's adapter and lm-eval's own hf model (transformers,
     float32, the same weights exported) make the same per-example choices on >= 99% of the
-    items, with the same local task configs (benchmarks/task_parity.py: --limit 250)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    items, with the same local task configs (benchmarks/tasks/task_parity.py: --limit 250)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "tasks"))
     from task_parity import compare
 
     record = compare(smollm2, list(DEFAULT_TASKS), task_dir, limit=5, workdir=tmp_path, progress=False)

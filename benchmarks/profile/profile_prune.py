@@ -1,6 +1,6 @@
 """Where a prune's time goes: seconds per stage, summed over layers, for any method and options.
 
-    .venv/bin/python benchmarks/profile_prune.py --data-dir ../shared/data --prune-method nonlinear \
+    .venv/bin/python benchmarks/profile/profile_prune.py --data-dir ../shared/data --prune-method nonlinear \
         --options '{"recipe": "best"}' --layers 6 --output benchmarks/profile/nonlinear-best.json
 
 Prunes the first --layers decoder layers of the model (the pipeline as `nlprune prune` runs it,
@@ -19,19 +19,22 @@ import contextlib
 import dataclasses
 import functools
 import json
+import sys
 import time
+from pathlib import Path
 
 import equinox as eqx
 import jax
 
-from common import write_json
-from nlprune import api
-from nlprune.data import calibration_windows
-from nlprune.methods import get_method
-from nlprune.nonlinear import method as nonlinear_method
-from nlprune.prune import pipeline, refit
-from nlprune.prune.base import PruningMethod
-from nlprune.sparsity import parse_pattern
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import write_json  # noqa: E402
+from nlprune import api  # noqa: E402
+from nlprune.data import calibration_windows  # noqa: E402
+from nlprune.methods import get_method  # noqa: E402
+from nlprune.nonlinear import method as nonlinear_method  # noqa: E402
+from nlprune.prune import pipeline, refit  # noqa: E402
+from nlprune.prune.base import PruningMethod  # noqa: E402
+from nlprune.sparsity import parse_pattern  # noqa: E402
 
 # (owner, attribute, stage name): the functions timed, looked up where their callers find them
 STAGES = [

@@ -1,8 +1,8 @@
 """Pruning a Llama-3.2-1B-shaped model on CPU: time and peak memory against `nlprune plan`.
 
-    .venv/bin/python benchmarks/llama1b.py --data-dir ../shared/data              # every row not yet recorded
-    .venv/bin/python benchmarks/llama1b.py --data-dir ../shared/data --rows wanda-512
-    .venv/bin/python benchmarks/llama1b.py --table                                # table.md and plot from the records
+    .venv/bin/python benchmarks/llama1b/llama1b.py --data-dir ../shared/data              # every row not yet recorded
+    .venv/bin/python benchmarks/llama1b/llama1b.py --data-dir ../shared/data --rows wanda-512
+    .venv/bin/python benchmarks/llama1b/llama1b.py --table                                # table.md and plot from the records
 
 The real Llama 3.2-1B weights need the hub; the rows prune seeded random weights of its
 exact config (`--model llama-3.2-1b --random-weights 0`, the card's own tokenizer), so the

@@ -2,8 +2,8 @@
 cold and then a warm XLA compilation cache, as the issue's reference figures are measured:
 pruning only (results.json's ``prune_seconds``: no model load, evaluation or checkpoint writes).
 
-    .venv/bin/python benchmarks/bench_prune_time.py --data-dir ../shared/data --repeats 2 \
-        --output benchmarks/prune_time.json
+    .venv/bin/python benchmarks/prune/bench_prune_time.py --data-dir ../shared/data --repeats 2 \
+        --output benchmarks/prune/archive/prune_time.json
 
 Each run is its own `nlprune prune` process. "cold" points NLPRUNE_CACHE_DIR at an empty
 folder (no compiled executables, so every jitted function compiles); the warm runs reuse it.
@@ -20,7 +20,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import machine_line, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import machine_line, write_json  # noqa: E402
 
 REFERENCE_SECONDS = {"wanda": 22.0, "sparsegpt": 48.0}  # the original PyTorch code, this machine kind
 

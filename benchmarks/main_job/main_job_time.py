@@ -6,7 +6,7 @@ cache. Set-up itself (`scripts/setup.sh`, which main.sh calls first) is already 
 check is included but no install. The record holds each run's wall seconds, the prune seconds
 and evaluation seconds from its results.json, and the load average around it.
 
-    .venv/bin/python benchmarks/main_job_time.py --output benchmarks/main_job/main_job.json
+    .venv/bin/python benchmarks/main_job/main_job_time.py --output benchmarks/main_job/main_job.json
 """
 
 from __future__ import annotations
@@ -15,13 +15,15 @@ import argparse
 import json
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import machine_line, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import machine_line, write_json  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run(cache: Path, out: Path) -> dict:

@@ -1,6 +1,6 @@
 """The SmolLM2-135M pruning table: every method at 50% unstructured and 2:4, cpu protocol.
 
-    .venv/bin/python benchmarks/bench_prune.py --data-dir ../shared/data --out benchmarks/prune
+    .venv/bin/python benchmarks/prune/bench_prune.py --data-dir ../shared/data --out benchmarks/prune
 
 Each row is one `nlprune prune ... --eval` process (so its peak memory is its own), run with
 the exact command printed in the table; each run's folder is OUT/runs/NAME (git-ignored: it

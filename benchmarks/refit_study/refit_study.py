@@ -7,7 +7,7 @@ outputs) is varied on the non-linear q/k recipe and on SparseGPT and Wanda with 
 its ridge towards the unpruned weights (--refit-percdamp), the calibration size (--nsamples),
 the CG polish (--refit-cg), against no refit.
 
-    .venv/bin/python benchmarks/refit_study.py --data-dir ../shared/data --out benchmarks/refit_study
+    .venv/bin/python benchmarks/refit_study/refit_study.py --data-dir ../shared/data --out benchmarks/refit_study
 
 Records: OUT/results/NAME.json (resumable), OUT/table.md and OUT/table.json.
 """
@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
-from ablation import NL_QK, VALIDATION_SETS, run_row
-from common import machine_line, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py, ablation.py
+from ablation import NL_QK, VALIDATION_SETS, run_row  # noqa: E402
+from common import machine_line, write_json  # noqa: E402
 
 PROTOCOL = ["--seqlen", "512", "--seed", "0", "--eval", "--eval-seqlen", "512",
             "--eval-datasets", "c4-validation:32,wikipedia-validation:32,lambada-validation:32"]

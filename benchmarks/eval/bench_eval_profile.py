@@ -1,7 +1,7 @@
 """Where perplexity evaluation spends its time, piece by piece, and how close it is to the
 machine's float32 ceiling.
 
-    .venv/bin/python benchmarks/bench_eval_profile.py --data-dir ../shared/data \\
+    .venv/bin/python benchmarks/eval/bench_eval_profile.py --data-dir ../shared/data \\
         --output benchmarks/eval/profile.json
 
 Four measurements, in one process (plus two child processes for the start-up times):
@@ -322,7 +322,7 @@ def main():
     import torch
     from tqdm.auto import tqdm
 
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/, for common.py
     from common import machine_line, write_json
     from nlprune import api
     from nlprune.data import eval_windows

@@ -1,6 +1,6 @@
 """Forward-pass speed of SmolLM2-135M: nlprune (JAX, jitted) vs transformers (torch), float32.
 
-    .venv/bin/python benchmarks/bench_forward.py --batch 8 --seqlen 512 --repeats 5
+    .venv/bin/python benchmarks/forward/bench_forward.py --batch 8 --seqlen 512 --repeats 5
 
 Both run the same weights on the same 8 x 512 token ids, on the same threads, alternating, in
 one process; reported: median seconds and tokens/s of each, and their ratio. Two variants:
@@ -11,16 +11,19 @@ logits; transformers materialises all logits).
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 
-from common import hf_window_nll, load_hf_reference, machine_line, median, timed, write_json
-from nlprune import api
-from nlprune.eval.perplexity import batch_nll
-from nlprune.modeling.forward import hidden_states
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import hf_window_nll, load_hf_reference, machine_line, median, timed, write_json  # noqa: E402
+from nlprune import api  # noqa: E402
+from nlprune.eval.perplexity import batch_nll  # noqa: E402
+from nlprune.modeling.forward import hidden_states  # noqa: E402
 
 
 def main():

@@ -4,7 +4,7 @@ protocol, Wanda and SparseGPT at 50%, pruned on one device and on 4 simulated CP
 and data=2,model=2). Counts the mask entries that differ from the one-device run and, when any
 do, the C4 perplexity of both.
 
-    .venv/bin/python benchmarks/mesh_masks.py --data-dir ../shared/data --out benchmarks/mesh
+    .venv/bin/python benchmarks/mesh/mesh_masks.py --data-dir ../shared/data --out benchmarks/mesh
 
 Why they can differ: the statistics' sums over tokens run in another order on a mesh (per
 device, then across devices), the forwards run on other batch shapes, and the Q4_1-quantised
@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from common import CPU_CALIBRATION, prune_run, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import CPU_CALIBRATION, prune_run, write_json  # noqa: E402
 
 MESHES = {"one-device": None, "data=4": "", "data=2,model=2": "data=2,model=2"}
 

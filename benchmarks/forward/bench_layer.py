@@ -1,7 +1,7 @@
 """Where a forward pass spends its time: one SmolLM2 decoder layer's pieces, nlprune vs
 transformers, float32, on the same 8 x 512 hidden states.
 
-    .venv/bin/python benchmarks/bench_layer.py --repeats 7 --output benchmarks/layer.json
+    .venv/bin/python benchmarks/forward/bench_layer.py --repeats 7 --output benchmarks/forward/layer.json
 
 Pieces: the MLP (post-attention norm + SwiGLU), the attention block (input norm + attention +
 o_proj), the whole layer (the pruning pipeline's forward, nlprune.modeling.forward, and the
@@ -12,6 +12,8 @@ evaluation forward's). Each piece of ours and of transformers alternate, median 
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -19,10 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from common import load_hf_reference, machine_line, median, timed, write_json
-from nlprune import api
-from nlprune.modeling import inference
-from nlprune.modeling.forward import embed, rope_tables, run_layer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import load_hf_reference, machine_line, median, timed, write_json  # noqa: E402
+from nlprune import api  # noqa: E402
+from nlprune.modeling import inference  # noqa: E402
+from nlprune.modeling.forward import embed, rope_tables, run_layer  # noqa: E402
 
 
 @eqx.filter_jit

@@ -7,7 +7,7 @@ alternate the rows (round r runs every row once, in an order rotated by r), all 
 warm compilation cache, and each row's ratio to SparseGPT is taken within its round; the table
 gives the median over rounds.
 
-    .venv/bin/python benchmarks/method_cost.py --data-dir ../shared/data --rounds 2 \\
+    .venv/bin/python benchmarks/method_cost/method_cost.py --data-dir ../shared/data --rounds 2 \\
         --output benchmarks/method_cost/method_cost.json
 """
 
@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
-from common import CPU_CALIBRATION, machine_line, prune_run, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import CPU_CALIBRATION, machine_line, prune_run, write_json  # noqa: E402
 
 PROTOCOL = ["--model", "smollm2-135m", *CPU_CALIBRATION]
 ROWS = {

@@ -7,7 +7,7 @@ input's statistics (X^T X only if the method needs it) + pruning its weights wit
 ``prune_many``, as the pipeline does. Reports the median of ``--repeats`` runs after a
 warm-up (which compiles), and the 30-layer extrapolation.
 
-    python benchmarks/bench_methods.py [--methods wanda sparsegpt] [--sparsity-type 2:4]
+    python benchmarks/kernels/bench_methods.py [--methods wanda sparsegpt] [--sparsity-type 2:4]
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """The paper protocol on a GPU: Llama 3.2-1B, every method, 8 x 2048 calibration tokens,
 128 x 2048 C4 evaluation tokens (METHOD.md section 5), at 50% unstructured and 2:4.
 
-    .venv/bin/python benchmarks/gpu_paper_protocol.py --dry-run                        # plan it, run nothing
-    .venv/bin/python benchmarks/gpu_paper_protocol.py --data-dir ../shared/data \\
+    .venv/bin/python benchmarks/gpu_paper/gpu_paper_protocol.py --dry-run                        # plan it, run nothing
+    .venv/bin/python benchmarks/gpu_paper/gpu_paper_protocol.py --data-dir ../shared/data \\
         --model /path/to/Llama-3.2-1B                                                  # run it (or the hub)
-    .venv/bin/python benchmarks/gpu_paper_protocol.py --data-dir ../shared/data \\
+    .venv/bin/python benchmarks/gpu_paper/gpu_paper_protocol.py --data-dir ../shared/data \\
         --random-weights 0 --eval-nsamples 8                                            # a functional check
 
 Methods: magnitude, Wanda, SparseGPT, the non-linear method's paper recipe and its recommended

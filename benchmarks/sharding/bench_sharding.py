@@ -1,6 +1,6 @@
 """Wall time of a sharded vs a one-device `nlprune prune` of SmolLM2-135M (wanda, sparsegpt).
 
-    .venv/bin/python benchmarks/bench_sharding.py --data-dir ../shared/data
+    .venv/bin/python benchmarks/sharding/bench_sharding.py --data-dir ../shared/data
 
 Each run is its own `nlprune prune` process; the sharded ones see 4 simulated CPU devices
 (XLA_FLAGS=--xla_force_host_platform_device_count=4, set before JAX starts) and run with

@@ -2,23 +2,26 @@
 Q4_1 GGUF (4-bit, 16 levels per block of 32 weights) that nlprune dequantises to float32, so
 many weights of a row share their exact |w|. Magnitude-style scores then rank ties by position.
 
-    .venv/bin/python benchmarks/weight_ties.py --out benchmarks/weight_ties.json
+    .venv/bin/python benchmarks/weight_ties/weight_ties.py --out benchmarks/weight_ties/weight_ties.json
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from common import write_json
-from nlprune import cards
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import write_json  # noqa: E402
+from nlprune import cards  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--out", default="benchmarks/weight_ties.json")
+    ap.add_argument("--out", default="benchmarks/weight_ties/weight_ties.json")
     args = ap.parse_args()
     model = cards.load_model(cards.resolve_model(args.model))
     per_linear, total, tied, distinct = {}, 0, 0, 0

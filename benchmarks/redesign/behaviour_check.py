@@ -3,9 +3,9 @@ of each run's masks (their contents: the packed file's bytes also hold safetenso
 no fixed order) and its C4 perplexity. Run it before and after a change that must not change
 behaviour, and compare the two records.
 
-    .venv/bin/python benchmarks/behaviour_check.py --data-dir ../shared/data --out /tmp/before
+    .venv/bin/python benchmarks/redesign/behaviour_check.py --data-dir ../shared/data --out /tmp/before
     ... change the code ...
-    .venv/bin/python benchmarks/behaviour_check.py --data-dir ../shared/data --out /tmp/after \\
+    .venv/bin/python benchmarks/redesign/behaviour_check.py --data-dir ../shared/data --out /tmp/after \\
         --compare /tmp/before/behaviour.json
 """
 
@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
-from common import CPU_PROTOCOL, prune_run, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import CPU_PROTOCOL, prune_run, write_json  # noqa: E402
 
 RUNS = {
     "wanda-50": ["--prune-method", "wanda", "--sparsity-ratio", "0.5"],

@@ -7,7 +7,7 @@ task the record has the items scored, how many per-example choices agree (the ar
 and the length-normalised one where acc_norm is reported; greedy-ness for LAMBADA), both
 accuracies and both times.
 
-    .venv/bin/python benchmarks/task_parity.py --limit 250 --output benchmarks/tasks/parity_smollm2_limit250.json
+    .venv/bin/python benchmarks/tasks/task_parity.py --limit 250 --output benchmarks/tasks/parity_smollm2_limit250.json
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

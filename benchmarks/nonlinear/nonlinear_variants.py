@@ -15,7 +15,7 @@ measured on held-out C4 validation windows:
 and the pruning seconds of the layer (the first layer of a configuration includes compilation;
 the summary reports the median). Calibration: cpu protocol (8 x 512 C4 train, seed 0).
 
-    python benchmarks/nonlinear_variants.py --data-dir ../shared/data --layers 0 10 20 29 \\
+    python benchmarks/nonlinear/nonlinear_variants.py --data-dir ../shared/data --layers 0 10 20 29 \\
         [--sparsity-type 2:4] [--configs ...] --output benchmarks/nonlinear/variants_unstructured.json
 """
 
@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -36,8 +38,9 @@ from nlprune.methods import get_method
 from nlprune.prune import refit
 from nlprune.prune.pipeline import prune_layer_true_sequential
 from nlprune.sparsity import parse_pattern
-from common import write_json
-from nonlinear_layers import study_inputs  # the dense model's inputs to each studied layer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import write_json  # noqa: E402
+from nonlinear_layers import study_inputs  # noqa: E402  (the dense model's inputs to each studied layer)
 
 STE = {"straight_through": True}
 OUT = {"straight_through": True, "objective": "output"}

@@ -20,7 +20,7 @@ tokens of one calibration window, W = W_Q,h W_K,g^T / sqrt(hd), RoPE ignored), a
 real factorised q/k objective of one KV group (the box bound of
 :func:`nlprune.prune.nonlinear.certified_qk_bound` against the top eigenvalue at M = 1).
 
-    python benchmarks/nonlinear_layers.py --data-dir ../shared/data [--layers 0 5 10] \\
+    python benchmarks/nonlinear/nonlinear_layers.py --data-dir ../shared/data [--layers 0 5 10] \\
         [--configs paper ste] [--output runs/nonlinear_layers.json]
 """
 
@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import equinox as eqx
@@ -47,7 +49,8 @@ from nlprune.nonlinear import groups, lipschitz, qk
 from nlprune.nonlinear.method import wanda_init
 from nlprune.prune import LayerStats
 from nlprune.sparsity import parse_pattern
-from common import write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import write_json  # noqa: E402
 
 # name -> solve_qk options, plus "init" (ones | wanda) and "binarize" (row | magnitude).
 # mb1 = one calibration window per step (cycling through the 8), 1/8 of a full-batch step.

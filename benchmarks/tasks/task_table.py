@@ -16,8 +16,8 @@ before each example's outcome was kept are scored again, the earlier scores kept
 ``previous``), so an interrupted run resumes. ``--table`` also pairs rows on the same
 examples (``nlprune compare-tasks``: paired differences, McNemar) into TABLE_paired.json:
 
-    nice -n 10 .venv/bin/python benchmarks/task_table.py --data-dir ../shared/data
-    .venv/bin/python benchmarks/task_table.py --table     # the markdown table BENCHMARKS.md shows, and the plot
+    nice -n 10 .venv/bin/python benchmarks/tasks/task_table.py --data-dir ../shared/data
+    .venv/bin/python benchmarks/tasks/task_table.py --table     # the markdown table BENCHMARKS.md shows, and the plot
 """
 
 from __future__ import annotations
@@ -33,12 +33,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.ablation import rows as ablation_rows  # noqa: E402
-from benchmarks.common import git_state, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py, ablation.py
+from ablation import rows as ablation_rows  # noqa: E402
+from common import git_state, write_json  # noqa: E402
 
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa", "lambada_openai")
 # (row key, ablation row, what it is). The recommended recipe of each pattern, then the

@@ -7,7 +7,7 @@ first ``--limit`` examples of each (a subset). One extra row scores the dense mo
 The record is rewritten after every row, and a rerun skips the rows it already holds, so an
 interrupted run resumes:
 
-    nice -n 10 .venv/bin/python benchmarks/owl.py --data-dir ../shared/data --output benchmarks/owl/owl.json
+    nice -n 10 .venv/bin/python benchmarks/owl/owl.py --data-dir ../shared/data --output benchmarks/owl/owl.json
 
 A row is the same as the command line's
 
@@ -26,11 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from benchmarks.common import git_state, write_json  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import git_state, write_json  # noqa: E402
 
 ROWS = [  # the 70% rows first: OWL's paper reports its gain mostly at high sparsity
     (method, ratio, profile)

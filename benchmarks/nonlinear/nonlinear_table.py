@@ -1,13 +1,13 @@
 """Collect the whole-model rows of the non-linear variants into one table.
 
-Reads the OUT/table_*.json files that ``benchmarks/bench_prune.py --out OUT --table table_NAME``
+Reads the OUT/table_*.json files that ``benchmarks/prune/bench_prune.py --out OUT --table table_NAME``
 wrote (one entry per ``nlprune prune ... --eval`` run, with its exact command and flags) and
 writes OUT/table.md and OUT/table.json: rows grouped by pattern, with perplexity, held-out
 attention error, pruning seconds and their ratio to the SparseGPT row of the same pattern
 measured in the same batch of runs (a batch = one table_NAME.json), and OUT/table.png. A run
 repeated in a later batch replaces the earlier one.
 
-    .venv/bin/python benchmarks/nonlinear_table.py --out benchmarks/nonlinear \
+    .venv/bin/python benchmarks/nonlinear/nonlinear_table.py --out benchmarks/nonlinear \
         --batches table_unstructured table_2of4_part1 table_2of4_paper table_rest
 """
 
@@ -43,7 +43,7 @@ def main() -> None:
     missing = [str(p) for p in paths if not p.exists()]
     if not paths or missing:
         raise SystemExit(f"no batch table {', '.join(missing) or f'{out}/table_*.json'}: write one with "
-                         f"benchmarks/bench_prune.py --out {out} --table table_NAME --rows ...")
+                         f"benchmarks/prune/bench_prune.py --out {out} --table table_NAME --rows ...")
     rows: dict[str, dict] = {}
     for path in paths:
         batch = json.loads(path.read_text())

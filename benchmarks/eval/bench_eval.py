@@ -1,6 +1,6 @@
 """Perplexity evaluation: nlprune vs transformers on the same token windows, float32.
 
-    .venv/bin/python benchmarks/bench_eval.py --data-dir ../shared/data --nsamples 128 --seqlen 512
+    .venv/bin/python benchmarks/eval/bench_eval.py --data-dir ../shared/data --nsamples 128 --seqlen 512
 
 Tokenizes C4 validation once (nlprune's data path), then computes the perplexity of the same
 windows with nlprune (``nlprune eval``'s code path) and with transformers in one process. The
@@ -14,17 +14,20 @@ before and after. Writes benchmarks/eval/eval.json unless --output says otherwis
 import argparse
 import math
 import os
+import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 import jax.numpy as jnp
 
-from common import hf_window_nll, load_hf_reference, machine_line, median, write_json
-from nlprune import api
-from nlprune.data import eval_windows
-from nlprune.eval.perplexity import batch_nll
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import hf_window_nll, load_hf_reference, machine_line, median, write_json  # noqa: E402
+from nlprune import api  # noqa: E402
+from nlprune.data import eval_windows  # noqa: E402
+from nlprune.eval.perplexity import batch_nll  # noqa: E402
 
 
 def main():

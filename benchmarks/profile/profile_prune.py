@@ -18,6 +18,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import inspect
 import json
 import sys
 import time
@@ -32,14 +33,14 @@ from nlprune import api  # noqa: E402
 from nlprune.data import calibration_windows  # noqa: E402
 from nlprune.methods import get_method  # noqa: E402
 from nlprune.nonlinear import method as nonlinear_method  # noqa: E402
-from nlprune.prune import pipeline, refit  # noqa: E402
+from nlprune.prune import LayerStats, pipeline, refit  # noqa: E402
 from nlprune.prune.base import PruningMethod  # noqa: E402
 from nlprune.sparsity import parse_pattern  # noqa: E402
 
 # (owner, attribute, stage name): the functions timed, looked up where their callers find them
 STAGES = [
     (pipeline, "_batched", "forward passes (batched)"),
-    (pipeline, "_group_stats", "statistics (norms, X^T X)"),
+    (LayerStats, "from_chunks", "statistics (norms, X^T X)"),  # its one caller: the pipeline's per-group stats
     (PruningMethod, "prune_many", "linear methods' prune_many"),
     (nonlinear_method, "solve_qk", "nonlinear: q/k mask solve"),
     (nonlinear_method, "refit_attention", "nonlinear: q/k gradient refit"),
@@ -89,7 +90,8 @@ class Timers:
 
     @contextlib.contextmanager
     def installed(self):
-        saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in STAGES]
+        # getattr_static: a classmethod is restored as the classmethod, not as a bound method
+        saved = [(owner, attr, inspect.getattr_static(owner, attr)) for owner, attr, _ in STAGES]
         for owner, attr, name in STAGES:
             setattr(owner, attr, self.wrap(getattr(owner, attr), name))
         try:

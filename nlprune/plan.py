@@ -26,7 +26,7 @@ copies of the pruned model's arrays: ``cpu_process_bytes`` adds both (one device
 
 The per-stage multipliers (how many copies of a buffer XLA keeps alive) were measured on CPU
 against the peak resident memory of real runs (tests/test_plan.py checks one within 30%, and
-the committed Llama-3.2-1B-shaped and SmolLM2 runs of benchmarks/llama1b.py within 20%);
+the committed Llama-3.2-1B-shaped and SmolLM2 runs of benchmarks/llama1b/llama1b.py within 20%);
 an accelerator's allocator may keep more or fewer. ``suggestions`` re-plans with each option
 that lowers the peak: smaller forward batches, no stored targets in the non-linear gradient
 (recomputed per step, or chunked windows), more devices on 'data' or 'model'.

@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py, ablation.py
-from ablation import NL_QK, VALIDATION_SETS, run_row  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py, ablation/grid.py
+from ablation.grid import NL_QK, VALIDATION_SETS, run_row  # noqa: E402
 from common import machine_line, write_json  # noqa: E402
 
 PROTOCOL = ["--seqlen", "512", "--seed", "0", "--eval", "--eval-seqlen", "512",

@@ -1,7 +1,7 @@
 """Zero-shot accuracy of the main table's methods on SmolLM2-135M: the eight tasks on a subset.
 
 Each row prunes SmolLM2-135M with the cpu protocol (8 x 512 C4-train calibration windows,
-seed 0) exactly as the ablation's row of the same name (benchmarks/ablation.py), then scores
+seed 0) exactly as the ablation's row of the same name (benchmarks/ablation/grid.py), then scores
 the pruned run with lm-evaluation-harness on the first ``--limit`` examples of each of
 boolq, rte, hellaswag, winogrande, arc_easy, openbookqa, piqa and lambada_openai (a subset:
 the record and the table say so). Two command lines per row, both in the record:
@@ -33,8 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py, ablation.py
-from ablation import rows as ablation_rows  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py, ablation/grid.py
+from ablation.grid import rows as ablation_rows  # noqa: E402
 from common import git_state, write_json  # noqa: E402
 
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa", "lambada_openai")

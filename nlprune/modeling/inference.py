@@ -15,7 +15,7 @@ numerics it must keep):
   (logsumexp), while the target's logit is one dot product per token.
 
 Pieces carry ``jax.named_scope`` names (:data:`PIECES`) so a profile of the compiled
-program can attribute its time (benchmarks/bench_eval_profile.py).
+program can attribute its time (benchmarks/eval/bench_eval_profile.py).
 """
 
 from __future__ import annotations

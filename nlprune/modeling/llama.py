@@ -286,7 +286,7 @@ class RMSNorm(eqx.Module):
 
 
 # Query rows per attention block in the forward pass (Attention.context); chosen by
-# benchmarks/bench_forward.py (BENCHMARKS.md).
+# benchmarks/forward/bench_forward.py (BENCHMARKS.md).
 QUERY_BLOCK = 128
 
 

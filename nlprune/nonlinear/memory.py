@@ -3,7 +3,7 @@ target attention of every KV group (all windows, unless recomputed per step or c
 gradient's n x n working set for the groups solved at once, and the settings that lower it.
 
 The copy counts were measured on CPU against real runs' peak resident memory (tests/test_plan.py,
-benchmarks/llama1b.py)."""
+benchmarks/llama1b/llama1b.py)."""
 
 from __future__ import annotations
 

@@ -11,10 +11,10 @@ non-linear q/k with refit at fewer steps); the paper's recipe as
 Algorithm 1 is written (full-batch steps) and in its earlier one-window-per-step form, and with
 the certified and backtracking step rules (50% only: each full-batch row takes ~10x the others).
 
-    .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/ablation
-    .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/ablation --rows wanda-50 --table
+    .venv/bin/python benchmarks/ablation/grid.py --data-dir ../shared/data --out benchmarks/ablation
+    .venv/bin/python benchmarks/ablation/grid.py --data-dir ../shared/data --out benchmarks/ablation --rows wanda-50 --table
     # the damping sweep: validation sets only (choices need no test set)
-    .venv/bin/python benchmarks/ablation.py --data-dir ../shared/data --out benchmarks/damping --validation-only \
+    .venv/bin/python benchmarks/ablation/grid.py --data-dir ../shared/data --out benchmarks/ablation/damping --validation-only \
         --rows ria+refit-damp0.1-50 ria+refit-damp10-50
 
 Run directories go under OUT/runs (not committed); each row's record is OUT/results/NAME.json
@@ -29,13 +29,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import tomllib
 from pathlib import Path
 
-from common import machine_line, prune_run, write_json
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import machine_line, prune_run, write_json  # noqa: E402
 
-from nlprune.runconfig import PROTOCOL_DIR
+from nlprune.runconfig import PROTOCOL_DIR  # noqa: E402
 
 PROTOCOL = ["--protocol", "cpu"]  # nlprune/protocols/cpu.toml: 8 x 512 calibration, the test and validation sets
 TEST_SETS = ("c4", "wikipedia", "lambada")

@@ -42,10 +42,35 @@ from nlprune.runconfig import PROTOCOL_DIR  # noqa: E402
 PROTOCOL = ["--protocol", "cpu"]  # nlprune/protocols/cpu.toml: 8 x 512 calibration, the test and validation sets
 TEST_SETS = ("c4", "wikipedia", "lambada")
 VALIDATION_SETS = ("c4-validation", "wikipedia-validation", "lambada-validation")
-# the damping sweep: the cpu protocol's own validation windows, without its test sets
-VALIDATION_PROTOCOL = [*PROTOCOL, "--eval-datasets", ",".join(
-    s for s in tomllib.loads((PROTOCOL_DIR / "cpu.toml").read_text())["eval-datasets"]
-    if s.split(":")[0] in VALIDATION_SETS)]
+SET_TITLES = {"c4": "C4 test", "wikipedia": "Wikipedia", "lambada": "LAMBADA", "c4-validation": "C4 validation",
+              "wikipedia-validation": "Wikipedia validation", "lambada-validation": "LAMBADA validation"}
+
+
+def protocol_settings(name: str) -> dict:
+    """A shipped protocol's file (nlprune/protocols/NAME.toml)."""
+    return tomllib.loads((PROTOCOL_DIR / f"{name}.toml").read_text())
+
+
+def protocol_flags(name: str, validation_only: bool = False) -> list[str]:
+    """``--protocol NAME``; for the damping sweep, the same protocol's validation windows only."""
+    flags = ["--protocol", name]
+    if validation_only:
+        flags += ["--eval-datasets", ",".join(s for s in protocol_settings(name)["eval-datasets"]
+                                              if s.split(":")[0] in VALIDATION_SETS)]
+    return flags
+
+
+def protocol_line(name: str) -> str:
+    """The table's first line: what the rows were calibrated and measured on."""
+    p = protocol_settings(name)
+    sets = "; ".join(f"{SET_TITLES.get(n, n)} {c} x {p['eval-seqlen']}"
+                     for n, c in (s.split(":") for s in p["eval-datasets"]))
+    return (f"SmolLM2-135M, {name} protocol ({p['nsamples']} x {p['seqlen']} calibration tokens of C4 train, seed "
+            f"{p['seed']}). Perplexity (windows x tokens): {sets}; Wikipedia and LAMBADA are text unlike the "
+            "calibration set, the validation sets are for choosing. Means are geometric. Time: prune seconds and "
+            "their ratio to SparseGPT (no refit, same pattern) in the same batch.")
+
+
 PATTERNS = {"50": ["--sparsity-ratio", "0.5"], "60": ["--sparsity-ratio", "0.6"], "70": ["--sparsity-ratio", "0.7"],
             "2:4": ["--sparsity-type", "2:4"]}
 # --refit-percdamp of the refit rows: "+refit" is the default (0.01), the others name theirs
@@ -112,7 +137,7 @@ def summary(record: dict) -> dict:
     }
 
 
-def table(out: Path) -> None:
+def table(out: Path, protocol: str = "cpu") -> None:
     recs = [json.loads(p.read_text()) for p in sorted((out / "results").glob("*.json"))]
     every = [summary(r) for r in recs]
     rows_ = [r for r in every if split_name(r["name"])[1] == 0]
@@ -120,10 +145,7 @@ def table(out: Path) -> None:
     rows_.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
     ref = {r["name"].rsplit("-", 1)[1]: r for r in rows_ if r["name"].startswith("sparsegpt-")}
     lines = [
-        "SmolLM2-135M, cpu protocol (8 x 512 calibration tokens of C4 train, seed 0). Perplexity: C4 test "
-        "128 x 512; Wikipedia and LAMBADA (text unlike the calibration set) 64 x 512 each; validation sets "
-        "(C4 validation, the other halves of Wikipedia and LAMBADA) 32 x 512 each. Means are geometric. "
-        "Time: prune seconds and their ratio to SparseGPT (no refit, same pattern) in the same batch.",
+        protocol_line(protocol),
         "",
         "| row | C4 test | Wikipedia | LAMBADA | test mean | C4 val | Wiki val | LAMBADA val | val mean | "
         "attn err (val) | prune s | x SparseGPT | batch, load |",
@@ -246,6 +268,8 @@ def main() -> None:
     ap.add_argument("--batch", default=time.strftime("%Y-%m-%d %H:%M"), help="the batch's name in the records")
     ap.add_argument("--seeds", nargs="*", type=int, default=[0],
                     help="calibration seeds of each row (records of seed S > 0 are named ROW@seedS)")
+    ap.add_argument("--protocol", default="cpu", choices=("cpu", "field"),
+                    help="nlprune/protocols/NAME.toml (default cpu); the field protocol's rows go in their own --out")
     ap.add_argument("--validation-only", action="store_true",
                     help="evaluate the validation sets only (the damping sweep: choices need no test set)")
     ap.add_argument("--table", action="store_true", help="only rebuild the table from the records")
@@ -260,9 +284,11 @@ def main() -> None:
             if path.exists():
                 print(f"{name}: done before, skipped", flush=True)
                 continue
-            protocol = VALIDATION_PROTOCOL if args.validation_only else PROTOCOL
+            protocol = protocol_flags(args.protocol, args.validation_only)
+            if args.protocol == "field" and "nonlinear" in row_args:
+                row_args = [*row_args, "--recompute-targets"]  # 128 x 2048 targets do not fit (nlprune plan)
             write_json(path, run_row(name, row_args, out, args.data_dir, args.batch, protocol))
-    table(out)
+    table(out, args.protocol)
 
 
 if __name__ == "__main__":

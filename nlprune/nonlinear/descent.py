@@ -234,6 +234,58 @@ def _validate_common(steps: int, rule: str, eta: float | None) -> None:
         raise ValueError(f"step size eta must be a finite number > 0, got {eta}")
 
 
+def _rule_eta(rule: str, eta: float | None, lipschitz: float | None, require_certified: bool,
+              segment_bound_fn, local_first_eta_factor: float) -> float | None:
+    """The step size a rule starts from, or an error naming what the rule is missing; the
+    backtracking rule's comes later, from the curvature."""
+    if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
+        raise ValueError(f"lipschitz must be a finite number > 0, got {lipschitz}")
+    needs_bound = rule in ("certified", "certified_local") or (
+        rule == "fixed" and require_certified
+    )
+    if needs_bound and lipschitz is None:
+        raise ValueError(f"rule {rule!r} with a certified guarantee needs `lipschitz` (L)")
+    if rule == "certified_local" and segment_bound_fn is None:
+        raise ValueError("rule 'certified_local' needs segment_bound_fn (a per-step certificate)")
+    if rule == "certified_local":
+        eta = local_first_eta_factor / lipschitz if eta is None else eta
+    elif needs_bound:
+        eta = 1.0 / lipschitz if eta is None else eta
+        if eta * lipschitz > 1.0:
+            raise ValueError(
+                f"eta = {eta:g} exceeds the certified step 1/L = {1.0 / lipschitz:g} "
+                f"(L = {lipschitz:g}) by a factor {eta * lipschitz:.3g}; the descent "
+                "guarantee needs eta <= 1/L. For larger steps with a guarantee use "
+                "rule='certified_local' (per-step certificate) or 'backtracking'; to run this "
+                "eta anyway use rule='fixed' without require_certified."
+            )
+    if rule == "fixed" and eta is None:
+        raise ValueError("rule 'fixed' needs eta (the paper: 0.1 / lam synthetic, 0.005 real)")
+    return eta
+
+
+def _check_descent(losses: np.ndarray, rule: str, require_certified: bool, descent_rtol: float | None
+                   ) -> tuple[int, float]:
+    """How many steps raised the loss (beyond the tolerance) and the largest rise. The
+    guarantee every rule but the fixed one promises (the descent lemma, Armijo, the segment
+    certificate) is checked on the recorded losses, not assumed from the step size."""
+    rises = np.diff(losses)
+    tol = descent_tolerance(losses, descent_rtol)
+    up = ~np.isfinite(rises) | (rises > tol)  # a NaN / inf loss counts as a rise
+    n_up = int(np.sum(up))
+    max_up = float(np.max(np.where(np.isfinite(rises), np.maximum(rises, 0.0), np.inf)))
+    if rule != "fixed" or require_certified:
+        worst = int(np.argmax(np.where(up, np.nan_to_num(rises - tol, nan=np.inf), -np.inf)))
+        chex.assert_equal(
+            n_up, 0,
+            custom_message=(
+                f"{rule} rule: loss rose at {n_up} step(s), worst at step {worst}: "
+                f"{losses[worst]:.9g} -> {losses[worst + 1]:.9g} (tolerance {tol[worst]:.3g})"
+            ),
+        )
+    return n_up, max_up
+
+
 def gradient_descent(
     value_and_grad_fn: ValueAndGrad,
     params,
@@ -266,29 +318,7 @@ def gradient_descent(
     projected steps assume the iterate is in the box).
     """
     _validate_common(steps, rule, eta)
-    if lipschitz is not None and not (math.isfinite(lipschitz) and lipschitz > 0):
-        raise ValueError(f"lipschitz must be a finite number > 0, got {lipschitz}")
-    needs_bound = rule in ("certified", "certified_local") or (
-        rule == "fixed" and require_certified
-    )
-    if needs_bound and lipschitz is None:
-        raise ValueError(f"rule {rule!r} with a certified guarantee needs `lipschitz` (L)")
-    if rule == "certified_local" and segment_bound_fn is None:
-        raise ValueError("rule 'certified_local' needs segment_bound_fn (a per-step certificate)")
-    if rule == "certified_local":
-        eta = local_first_eta_factor / lipschitz if eta is None else eta
-    elif needs_bound:
-        eta = 1.0 / lipschitz if eta is None else eta
-        if eta * lipschitz > 1.0:
-            raise ValueError(
-                f"eta = {eta:g} exceeds the certified step 1/L = {1.0 / lipschitz:g} "
-                f"(L = {lipschitz:g}) by a factor {eta * lipschitz:.3g}; the descent "
-                "guarantee needs eta <= 1/L. For larger steps with a guarantee use "
-                "rule='certified_local' (per-step certificate) or 'backtracking'; to run this "
-                "eta anyway use rule='fixed' without require_certified."
-            )
-    if rule == "fixed" and eta is None:
-        raise ValueError("rule 'fixed' needs eta (the paper: 0.1 / lam synthetic, 0.005 real)")
+    eta = _rule_eta(rule, eta, lipschitz, require_certified, segment_bound_fn, local_first_eta_factor)
 
     config = GDConfig(
         steps=int(steps),
@@ -313,23 +343,7 @@ def gradient_descent(
     )
     losses = np.asarray(losses)
     etas = np.asarray(etas)
-    rises = np.diff(losses)
-    tol = descent_tolerance(losses, descent_rtol)
-    up = ~np.isfinite(rises) | (rises > tol)  # a NaN / inf loss counts as a rise
-    n_up = int(np.sum(up))
-    max_up = float(np.max(np.where(np.isfinite(rises), np.maximum(rises, 0.0), np.inf)))
-
-    # The guarantee every rule but the fixed one promises (the descent lemma, Armijo, the
-    # segment certificate): checked on the recorded losses, not assumed from the step size.
-    if rule != "fixed" or require_certified:
-        worst = int(np.argmax(np.where(up, np.nan_to_num(rises - tol, nan=np.inf), -np.inf)))
-        chex.assert_equal(
-            n_up, 0,
-            custom_message=(
-                f"{rule} rule: loss rose at {n_up} step(s), worst at step {worst}: "
-                f"{losses[worst]:.9g} -> {losses[worst + 1]:.9g} (tolerance {tol[worst]:.3g})"
-            ),
-        )
+    n_up, max_up = _check_descent(losses, rule, require_certified, descent_rtol)
     return GDResult(
         params=p_T,
         losses=losses,

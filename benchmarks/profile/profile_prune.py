@@ -39,7 +39,7 @@ from nlprune.sparsity import parse_pattern  # noqa: E402
 
 # (owner, attribute, stage name): the functions timed, looked up where their callers find them
 STAGES = [
-    (pipeline, "_batched", "forward passes (batched)"),
+    (pipeline, "batched", "forward passes (batched)"),  # every forward over the calibration windows
     (LayerStats, "from_chunks", "statistics (norms, X^T X)"),  # its one caller: the pipeline's per-group stats
     (PruningMethod, "prune_many", "linear methods' prune_many"),
     (nonlinear_method, "solve_qk", "nonlinear: q/k mask solve"),

@@ -103,12 +103,18 @@ def collect_stats(
 
 def propagate(layer: DecoderLayer, hidden: jax.Array, cos, sin, batch_size: int) -> jax.Array:
     """The layer's outputs for all calibration windows."""
-    return _batched(lambda h: run_layer(layer, h, cos, sin), batch_size, hidden)
+    return batched(lambda h: run_layer(layer, h, cos, sin), batch_size, hidden)
 
 
-def _batched(fn, batch_size: int, *arrays):
-    """Apply a jitted batch function over the leading axis in chunks; concatenate results."""
+def batched(fn, batch_size: int, *arrays):
+    """Apply a jitted batch function over the leading axis in chunks; concatenate results.
+
+    Every forward pass of the pipeline over the calibration windows goes through here (looked up
+    at call time, so a profiler may wrap it: benchmarks/profile/profile_prune.py)."""
     return _unchunk([fn(*chunk) for chunk in _chunks(arrays, batch_size)], arrays[0].shape[0])
+
+
+_batched = batched  # the name before it was public
 
 
 def _group_stats(xs: jax.Array, batch_size: int, with_hessian: bool) -> LayerStats:
@@ -118,13 +124,13 @@ def _group_stats(xs: jax.Array, batch_size: int, with_hessian: bool) -> LayerSta
 def group_inputs(layer: DecoderLayer, hidden: jax.Array, cos, sin, group: str, batch_size: int) -> jax.Array:
     """The inputs of one group of ``layer``'s linears for all calibration windows."""
     if group == "qkv":
-        return _batched(lambda h: attn_input(layer, h), batch_size, hidden)
+        return batched(lambda h: attn_input(layer, h), batch_size, hidden)
     if group == "o":
-        return _batched(lambda h: attn_context(layer, h, cos, sin), batch_size, hidden)
-    mid = _batched(lambda h: after_attention(layer, h, attn_context(layer, h, cos, sin)), batch_size, hidden)
+        return batched(lambda h: attn_context(layer, h, cos, sin), batch_size, hidden)
+    mid = batched(lambda h: after_attention(layer, h, attn_context(layer, h, cos, sin)), batch_size, hidden)
     if group == "gate_up":
-        return _batched(lambda h: mlp_input(layer, h), batch_size, mid)
-    return _batched(lambda h: mlp_hidden(layer, h), batch_size, mid)
+        return batched(lambda h: mlp_input(layer, h), batch_size, mid)
+    return batched(lambda h: mlp_hidden(layer, h), batch_size, mid)
 
 
 def patterns_by_linear(pattern: LayerPatterns) -> dict[str, SparsityPattern]:
@@ -224,17 +230,17 @@ def prune_layer_true_sequential(
         stats = _group_stats(inputs, batch_size, hess)
         return prune_group(method, group, layer, dense, stats, pattern, layer_in, cos, sin, batch_size, True, inputs)
 
-    attn_in = _batched(lambda h: attn_input(layer, h), batch_size, hidden)
+    attn_in = batched(lambda h: attn_input(layer, h), batch_size, hidden)
     layer = prune(layer, "qkv", attn_in)
     del attn_in
-    context = _batched(lambda h: attn_context(layer, h, cos, sin), batch_size, hidden)
+    context = batched(lambda h: attn_context(layer, h, cos, sin), batch_size, hidden)
     layer = prune(layer, "o", context)
-    hidden = _batched(lambda h, c: after_attention(layer, h, c), batch_size, hidden, context)
+    hidden = batched(lambda h, c: after_attention(layer, h, c), batch_size, hidden, context)
     del context
-    layer = prune(layer, "gate_up", _batched(lambda h: mlp_input(layer, h), batch_size, hidden))
-    act = _batched(lambda h: mlp_hidden(layer, h), batch_size, hidden)
+    layer = prune(layer, "gate_up", batched(lambda h: mlp_input(layer, h), batch_size, hidden))
+    act = batched(lambda h: mlp_hidden(layer, h), batch_size, hidden)
     layer = prune(layer, "down", act)
-    return layer, _batched(lambda h, a: after_mlp(layer, h, a), batch_size, hidden, act)
+    return layer, batched(lambda h, a: after_mlp(layer, h, a), batch_size, hidden, act)
 
 
 @dataclasses.dataclass

@@ -8,10 +8,10 @@
         --random-weights 0 --eval-nsamples 8                                            # a functional check
 
 Methods: magnitude, Wanda, SparseGPT, the non-linear method's paper recipe and its recommended
-`--recipe best`. Each row is one `nlprune prune ... --eval` process (the same command as on a
-CPU; JAX picks the GPU, --mesh defaults to every device on 'data'); the dense perplexity is
-each run's `dense_perplexity` (same windows). Writes OUT/results.json (every run's record, the
-device, the times) and OUT/table.md, the table for BENCHMARKS.md.
+`--recipe best`. Each row is one `nlprune prune ... --eval` process (common.prune_run; the same
+command as on a CPU; JAX picks the GPU, --mesh defaults to every device on 'data'); the dense
+perplexity is each run's `dense_perplexity` (same windows). Writes OUT/results.json (every run's
+record, the device, the times) and OUT/table.md, the table for BENCHMARKS.md.
 
 --dry-run needs no weights, data or GPU: it checks that every command parses, and prints for
 each method `nlprune plan`'s memory per device, stage by stage, for the model's config (the
@@ -31,10 +31,11 @@ import io
 import json
 import os
 import shlex
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import prune_run  # noqa: E402
 
 PATTERNS = ("unstructured", "2:4")
 # (row name, method, extra flags): the paper's recipe for nonlinear, and the recommended one
@@ -60,12 +61,12 @@ def shared_flags(method: str, pattern: str, extra: list[str], args) -> list[str]
     return flags + (["--mesh", args.mesh] if args.mesh else [])
 
 
-def command(method: str, pattern: str, extra: list[str], args, out: Path) -> list[str]:
+def prune_flags(method: str, pattern: str, extra: list[str], args) -> list[str]:
+    """A row's `nlprune prune` flags (common.prune_run adds --data-dir, --output and --overwrite)."""
     return [
-        "nlprune", "prune", *shared_flags(method, pattern, extra, args), "--seed", str(args.seed),
+        *shared_flags(method, pattern, extra, args), "--seed", str(args.seed),
         *(["--random-weights", str(args.random_weights)] if args.random_weights is not None else []),
         "--eval", "--eval-nsamples", str(args.eval_nsamples), "--eval-seqlen", str(SEQLEN),
-        *(["--data-dir", args.data_dir] if args.data_dir else []), "--output", str(out), "--overwrite",
     ]
 
 
@@ -91,9 +92,12 @@ def dry_run(args, selected) -> None:
     verdicts = []
     for name, method, extra in selected:
         for pattern in args.patterns:
-            cmd = command(method, pattern, extra, args, Path(args.out) / "runs" / folder_name(name, pattern))
-            build_parser().parse_args(cmd[1:])  # exits with argparse's message if a flag is wrong
-            print(f"$ {shlex.join(cmd)}")
+            flags = prune_flags(method, pattern, extra, args)
+            folder = Path(args.out) / "runs" / folder_name(name, pattern)
+            # exits with argparse's message if a flag is wrong
+            build_parser().parse_args(["prune", *flags, *(["--data-dir", args.data_dir] if args.data_dir else []),
+                                       "--output", str(folder), "--overwrite"])
+            print(f"$ nlprune prune {shlex.join(flags)}   (--output {folder})")
         # the plan does not depend on the pattern on one device: one table per method
         plan_json = Path(args.out) / "plans" / f"{folder_name(name, args.patterns[0])}.json"
         plan_json.parent.mkdir(parents=True, exist_ok=True)
@@ -145,18 +149,14 @@ def main() -> None:
             sys.exit(f"JAX finds no GPU here (backend {jax.default_backend()!r}): install its CUDA plugin "
                      "(see this script's docstring), or pass --allow-cpu")
     out = Path(args.out)
-    exe = Path(sys.executable).with_name("nlprune")
     rows = []
     for name, method, extra in selected:
         for pattern in args.patterns:
-            folder = out / "runs" / folder_name(name, pattern)
-            cmd = command(method, pattern, extra, args, folder)
-            print(f"$ {shlex.join(cmd)}", flush=True)
-            t0 = time.perf_counter()
-            subprocess.run([str(exe), *cmd[1:]], check=True)
-            rec = json.loads((folder / "results.json").read_text())
-            rows.append({"row": name, "pattern": pattern, "command": shlex.join(cmd),
-                         "process_seconds": time.perf_counter() - t0, "record": rec})
+            flags = prune_flags(method, pattern, extra, args)
+            print(f"$ nlprune prune {shlex.join(flags)}", flush=True)
+            done = prune_run(flags, out / "runs" / folder_name(name, pattern), args.data_dir)
+            rows.append({"row": name, "pattern": pattern, "command": done.command,
+                         "process_seconds": done.wall_seconds, "record": done.record})
     first = rows[0]["record"]
     model = first["model"]
     what = model["name"] + (f", random weights (seed {model['random_weights']['seed']}): perplexities "

@@ -2,8 +2,9 @@
 
     .venv/bin/python benchmarks/prune/bench_prune.py --data-dir ../shared/data --out benchmarks/prune
 
-Each row is one `nlprune prune ... --eval` process (so its peak memory is its own), run with
-the exact command printed in the table; each run's folder is OUT/runs/NAME (git-ignored: it
+Each row is one `nlprune prune ... --eval` process (common.prune_run: its peak memory is its
+own), its command in the table (as typed, less the --data-dir, --output and --overwrite every
+row adds); each run's folder is OUT/runs/NAME (git-ignored: it
 holds the checkpoint) and its results.json is copied to OUT/results/NAME.json (a --table TABLE
 batch: OUT/results/TABLE/NAME.json). Writes
 OUT/table.md, OUT/table.json and OUT/perplexity.png (--table NAME: NAME.md, NAME.json, NAME.png).
@@ -13,9 +14,7 @@ the 1-minute load average before and after it: compare times only within one bat
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,9 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import prune_run  # noqa: E402
 
 DEFAULT_ROWS = [
     (method, pattern, *flags)
@@ -37,26 +39,22 @@ def results_dir(args) -> Path:
 
 def run_row(method: str, pattern: str, args, extra: list[str]) -> tuple[str, dict]:
     name = f"{method}-{pattern.replace(':', 'of')}" + ("-" + "-".join(e.strip("-") for e in extra) if extra else "")
-    out = Path(args.out) / "runs" / name
-    cmd = [
-        "nlprune", "prune", "--model", args.model, "--prune-method", method, "--sparsity-type", pattern,
-        "--sparsity-ratio", "0.5", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-        "--seed", str(args.seed), "--eval", "--eval-nsamples", str(args.eval_nsamples),
-        "--eval-seqlen", str(args.eval_seqlen), "--data-dir", args.data_dir, "--output", str(out), "--overwrite", *extra,
+    flags = [
+        "--model", args.model, "--prune-method", method, "--sparsity-type", pattern, "--sparsity-ratio", "0.5",
+        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.seed),
+        "--eval", "--eval-nsamples", str(args.eval_nsamples), "--eval-seqlen", str(args.eval_seqlen), *extra,
     ]
-    print("$", shlex.join(cmd), flush=True)
-    exe = [str(Path(sys.executable).with_name("nlprune")), *cmd[1:]]
-    load_before = os.getloadavg()[0]
-    subprocess.run(exe, check=True)
-    record = json.loads((out / "results.json").read_text())
+    print("$ nlprune prune", shlex.join(flags), flush=True)
+    done = prune_run(flags, Path(args.out) / "runs" / name, args.data_dir)
+    record = done.record
     # timings are only comparable on an equally loaded machine: keep the 1-minute load average
-    record["load_average"] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
+    record["load_average"] = list(done.load_average)
     # The run folders hold checkpoints (hundreds of MB, git-ignored); keep each record beside the
     # table, a --table batch's in its own folder so that batches rerunning a row do not clobber it.
     results = results_dir(args)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    return shlex.join(cmd), record
+    return done.command, record
 
 
 def main():

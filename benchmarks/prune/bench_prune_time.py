@@ -5,40 +5,32 @@ pruning only (results.json's ``prune_seconds``: no model load, evaluation or che
     .venv/bin/python benchmarks/prune/bench_prune_time.py --data-dir ../shared/data --repeats 2 \
         --output benchmarks/prune/archive/prune_time.json
 
-Each run is its own `nlprune prune` process. "cold" points NLPRUNE_CACHE_DIR at an empty
+Each run is its own `nlprune prune` process (common.prune_run; the cpu protocol's calibration,
+common.CPU_CALIBRATION; its output discarded). "cold" points NLPRUNE_CACHE_DIR at an empty
 folder (no compiled executables, so every jitted function compiles); the warm runs reuse it.
 The load average before each run is recorded: on a shared machine, read the times with it.
 """
 
 import argparse
-import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
-from common import machine_line, write_json  # noqa: E402
+from common import CPU_CALIBRATION, machine_line, prune_run, write_json  # noqa: E402
 
 REFERENCE_SECONDS = {"wanda": 22.0, "sparsegpt": 48.0}  # the original PyTorch code, this machine kind
 
 
 def run(method: str, pattern: str, args, cache: Path, out: Path) -> dict:
-    cmd = [
-        "nlprune", "prune", "--model", args.model, "--prune-method", method, "--sparsity-ratio", "0.5",
-        "--sparsity-type", pattern, "--nsamples", "8", "--seqlen", "512", "--seed", "0",
-        "--data-dir", args.data_dir, "--output", str(out), "--overwrite",
-    ]
-    load = os.getloadavg()[0]
+    flags = ["--model", args.model, "--prune-method", method, "--sparsity-ratio", "0.5", "--sparsity-type", pattern,
+             *CPU_CALIBRATION]
     env = {**os.environ, "NLPRUNE_CACHE_DIR": str(cache)}
-    exe = [str(Path(sys.executable).with_name("nlprune")), *cmd[1:]]
-    subprocess.run(exe, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    record = json.loads((out / "results.json").read_text())
-    return {"command": shlex.join(cmd), "prune_seconds": record["prune_seconds"], "load_average_before": load,
-            "layer_seconds": record["layer_seconds"]}
+    done = prune_run(flags, out, args.data_dir, env=env, log=Path(os.devnull))
+    return {"command": done.command, "prune_seconds": done.record["prune_seconds"],
+            "load_average_before": done.load_average[0], "layer_seconds": done.record["layer_seconds"]}
 
 
 def main():

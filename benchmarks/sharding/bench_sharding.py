@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/sharding/bench_sharding.py --data-dir ../shared/data
 
-Each run is its own `nlprune prune` process; the sharded ones see 4 simulated CPU devices
-(XLA_FLAGS=--xla_force_host_platform_device_count=4, set before JAX starts) and run with
+Each run is its own `nlprune prune` process (common.prune_run); the sharded ones see 4 simulated
+CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=4, set before JAX starts) and run with
 --mesh data=2,model=2 and --mesh model=4. On a CPU with few cores the 4 "devices" share the
 same cores, so this measures the overhead of sharding (partitioned programs, collectives,
 resharding), not a speed-up. Per configuration: one warm-up run (fills the persistent
@@ -15,35 +15,29 @@ shared. Writes OUT/results.json and OUT/table.md.
 import argparse
 import json
 import os
-import shlex
 import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
+from common import prune_run  # noqa: E402
 
 CONFIGS = [("one device", None, 1), ("data=2,model=2", "data=2,model=2", 4), ("model=4", "model=4", 4)]
 
 
 def run(method: str, mesh: str | None, devices: int, args, out: Path) -> dict:
-    cmd = [
-        str(Path(sys.executable).with_name("nlprune")), "prune", "--model", args.model, "--prune-method", method,
-        "--sparsity-ratio", "0.5", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen),
-        "--data-dir", args.data_dir, "--output", str(out), "--overwrite", "--mesh", mesh or "data=1",
-    ]
+    flags = ["--model", args.model, "--prune-method", method, "--sparsity-ratio", "0.5",
+             "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--mesh", mesh or "data=1"]
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    load = os.getloadavg()[0]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
-    wall = time.perf_counter() - t0
-    rec = json.loads((out / "results.json").read_text())
+    done = prune_run(flags, out, args.data_dir, env=env)
+    rec = done.record
     return {
-        "command": ("XLA_FLAGS=" + env["XLA_FLAGS"] + " " if devices > 1 else "") + shlex.join(["nlprune", *cmd[1:]]),
-        "prune_seconds": rec["prune_seconds"], "wall_seconds": wall, "load_before": load,
-        "load_after": os.getloadavg()[0], "mesh": rec["mesh"], "peak_rss_bytes": rec["peak_rss_bytes"],
+        "command": ("XLA_FLAGS=" + env["XLA_FLAGS"] + " " if devices > 1 else "") + done.command,
+        "prune_seconds": rec["prune_seconds"], "wall_seconds": done.wall_seconds, "load_before": done.load_average[0],
+        "load_after": done.load_average[1], "mesh": rec["mesh"], "peak_rss_bytes": rec["peak_rss_bytes"],
         "overall_sparsity": rec["sparsity"]["overall"], "attention_error": rec.get("attention_error", {}).get("mean"),
     }
 

@@ -4,7 +4,8 @@ Each row prunes SmolLM2-135M with the cpu protocol (8 x 512 C4-train calibration
 seed 0) exactly as the ablation's row of the same name (benchmarks/ablation/grid.py), then scores
 the pruned run with lm-evaluation-harness on the first ``--limit`` examples of each of
 boolq, rte, hellaswag, winogrande, arc_easy, openbookqa, piqa and lambada_openai (a subset:
-the record and the table say so). Two command lines per row, both in the record:
+the record and the table say so). Two command lines per row, both in the record (the prune
+run by common.prune_run, recorded as typed less its --data-dir, --output and --overwrite):
 
     nlprune prune --model smollm2-135m <the row's flags> --nsamples 8 --seqlen 512 --seed 0 \\
         --data-dir ../shared/data --output benchmarks/tasks/runs/<row>
@@ -35,7 +36,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py, ablation/grid.py
 from ablation.grid import rows as ablation_rows  # noqa: E402
-from common import git_state, write_json  # noqa: E402
+from common import CPU_CALIBRATION, git_state, prune_run, write_json  # noqa: E402
 
 TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "openbookqa", "piqa", "lambada_openai")
 # (row key, ablation row, what it is). The recommended recipe of each pattern, then the
@@ -210,12 +211,11 @@ def main() -> None:
             run_dir.mkdir(parents=True, exist_ok=True)
             eval_args += ["--model", "smollm2-135m"]
         else:
-            prune_args = ["prune", "--model", "smollm2-135m", *flags[ablation_key], "--nsamples", "8",
-                          "--seqlen", "512", "--seed", "0", *common, "--output", str(run_dir), "--overwrite"]
-            run(prune_args)
-            pruned = json.loads((run_dir / "results.json").read_text())
-            row.update(prune_command=prune_args, prune_seconds=pruned["prune_seconds"],
-                       sparsity=pruned["sparsity"]["overall"])
+            prune_flags = ["--model", "smollm2-135m", *flags[ablation_key], *CPU_CALIBRATION]
+            print("$ nlprune prune", " ".join(prune_flags), flush=True)
+            pruned = prune_run(prune_flags, run_dir, args.data_dir)
+            row.update(prune_command=pruned.command, prune_seconds=pruned.record["prune_seconds"],
+                       sparsity=pruned.record["sparsity"]["overall"])
             eval_args += ["--run", str(run_dir)]
         wall = run(eval_args)
         row.update(summary(json.loads(tasks_json.read_text())), eval_command=eval_args, eval_wall_seconds=wall,

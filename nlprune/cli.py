@@ -221,17 +221,8 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser(prune_config: str | None = None, protocol: str | None = None) -> argparse.ArgumentParser:
-    """The command line; ``prune_config``: a recipe file whose values become prune's defaults."""
-    parser = _Parser(
-        prog="nlprune",
-        description="Prune LLM weights in JAX and measure what it cost.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("models", help="list the supported models (cards in models/)")
-    p.set_defaults(func=cmd_models)
-
+def add_eval_parser(sub) -> argparse.ArgumentParser:
+    """``nlprune eval``: perplexity and zero-shot tasks of a model or a pruned run."""
     p = sub.add_parser(
         "eval", help="perplexity and zero-shot task accuracy of a model or a pruned run",
         description="Perplexity on C4 or WikiText-2, and/or zero-shot accuracy on local task files "
@@ -271,6 +262,22 @@ def build_parser(prune_config: str | None = None, protocol: str | None = None) -
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     add_flag(p, "--no-cache", action="store_true", help="tokenize the evaluation text again instead of reading the cache")
     p.set_defaults(func=cmd_eval)
+    return p
+
+
+def build_parser(prune_config: str | None = None, protocol: str | None = None) -> argparse.ArgumentParser:
+    """The command line; ``prune_config`` and ``protocol`` (a recipe file, a protocol name or file):
+    values that become prune's defaults."""
+    parser = _Parser(
+        prog="nlprune",
+        description="Prune LLM weights in JAX and measure what it cost.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("models", help="list the supported models (cards in models/)")
+    p.set_defaults(func=cmd_models)
+
+    add_eval_parser(sub)
 
     p = sub.add_parser(
         "compare-tasks", help="paired test of two zero-shot evaluations on the same examples",

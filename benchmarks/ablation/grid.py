@@ -152,10 +152,13 @@ def table(out: Path, protocol: str = "cpu") -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     full = [r for r in rows_ if r["test_mean"] is not None and r["validation_mean"] is not None]
-    if full:
-        d = full[0]["dense"]
-        lines.append(f"| dense | {d['c4']:.2f} | {d['wikipedia']:.2f} | {d['lambada']:.2f} | | {d['c4-validation']:.2f} | "
-                     f"{d['wikipedia-validation']:.2f} | {d['lambada-validation']:.2f} | | | | | |")
+    for split in ("passage", "article"):  # the dense model on each Wikipedia validation half
+        of_split = [r for r in full if r["split"] == split]
+        if of_split:
+            d, old = of_split[0]["dense"], "†" if split == "passage" else ""
+            lines.append(f"| dense | {d['c4']:.2f} | {d['wikipedia']:.2f} | {d['lambada']:.2f} | | "
+                         f"{d['c4-validation']:.2f} | {d['wikipedia-validation']:.2f}{old} | {d['lambada-validation']:.2f} "
+                         "| | | | | |")
     def cell(value, mark=""):
         return "" if value is None else f"{value:.2f}{mark}"
 

@@ -188,7 +188,7 @@ def test_bad_protocols_are_one_line_errors(tmp_path, capsys, monkeypatch, text, 
 def test_shipped_recipes_resolve_to_the_main_table_rows():
     recipes = sorted((REPO / "recipes").glob("*.toml"))
     names = {p.stem for p in recipes}
-    recommended = {"recommended-50", "recommended-2of4"}  # README's "What to use", tested below
+    recommended = {"recommended-50", "recommended-70", "recommended-2of4"}  # README's "What to use", tested below
     assert names == {f"{m}-{p}" for m in ("magnitude", "wanda", "sparsegpt", "nonlinear-paper", "nonlinear-best")
                      for p in ("50", "2of4")} | {"wanda-refit-50"} | recommended
     for path in recipes:
@@ -206,7 +206,7 @@ def test_shipped_recipes_resolve_to_the_main_table_rows():
             assert method.options.refit and method.options.refit_percdamp == 1.0
 
 
-@pytest.mark.parametrize("pattern", ["50", "2:4"])
+@pytest.mark.parametrize("pattern", ["50", "70", "2:4"])
 def test_recommended_recipe_is_the_best_validation_row_of_the_committed_ablation(pattern):
     """recipes/recommended-P.toml runs the ablation row with the lowest validation mean
     (benchmarks/ablation/table.json, the committed records; chosen on validation, never on

@@ -233,6 +233,74 @@ def seed_table(every: list[dict]) -> dict:
     return {"lines": lines, "rows": out_rows}
 
 
+def refit_damping(name: str) -> tuple[str, str, float] | None:
+    """'alps+refit-damp0.1-70' -> ('alps', '70', 0.1); '+refit' alone is the default 0.01."""
+    base, pattern = name.rsplit("-", 1)
+    method, sep, rest = base.partition("+refit")
+    if not sep:
+        return None
+    flag = DAMPINGS.get(rest)
+    if flag is None:
+        return None
+    return method, pattern, float(flag[1]) if flag else 0.01
+
+
+def damping_table(sweep: Path, ablation: Path) -> None:
+    """The damping sweep: per method and pattern, the validation mean at each --refit-percdamp,
+    from the sweep's validation-only rows and the ablation's full rows (seed 0, Wikipedia
+    validation split by article only: the sweep compares within one split)."""
+    every = [summary(json.loads(p.read_text())) for d in (sweep, ablation) for p in sorted((d / "results").glob("*.json"))]
+    curves: dict[tuple[str, str], dict[float, dict]] = {}
+    for r in every:
+        key = refit_damping(r["name"]) if split_name(r["name"])[1] == 0 and r["split"] == "article" else None
+        if key and r["validation_mean"] is not None:
+            curves.setdefault(key[:2], {})[key[2]] = r
+    curves = {k: c for k, c in curves.items() if len(c) > 1}  # a sweep has more than one damping
+    points = sorted({d for c in curves.values() for d in c})
+    lines = ["SmolLM2-135M, cpu protocol, seed 0: validation mean (geometric, C4 / Wikipedia / LAMBADA "
+             "validation, 32 x 512 each; Wikipedia split by article) of `--refit` at each `--refit-percdamp`; "
+             "the lowest of each row in bold.", "",
+             "| method | pattern | " + " | ".join(f"damping {d:g}" for d in points) + " | no refit |",
+             "|---|---|" + "---|" * (len(points) + 1)]
+    plain = {(split_name(r["name"])[0].rsplit("-", 1)[0], r["name"].rsplit("-", 1)[1]): r for r in every
+             if "+refit" not in r["name"] and r["split"] == "article" and r["validation_mean"] is not None}
+    out_rows = []
+    for (method, pattern), curve in sorted(curves.items()):
+        best = min(curve, key=lambda d: curve[d]["validation_mean"])
+        cells = [("**{:.2f}**" if d == best else "{:.2f}").format(curve[d]["validation_mean"]) if d in curve else ""
+                 for d in points]
+        base = plain.get((method, pattern))
+        no_refit = f"{base['validation_mean']:.2f}" if base else ""
+        lines.append(f"| {method} | {pattern} | " + " | ".join(cells) + f" | {no_refit} |")
+        out_rows.append({"method": method, "pattern": pattern, "best_damping": best,
+                         "validation_mean": {str(d): curve[d]["validation_mean"] for d in curve},
+                         "no_refit": base["validation_mean"] if base else None,
+                         "commands": {str(d): curve[d]["command"] for d in curve}})
+    (sweep / "table.md").write_text("\n".join(lines) + "\n")
+    write_json(sweep / "table.json", {"rows": out_rows})
+    print("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for (method, pattern), curve in sorted(curves.items()):
+        ds = sorted(curve)
+        base = curve[ds[0]]["validation_mean"]
+        ax.plot(ds, [100 * (curve[d]["validation_mean"] / base - 1) for d in ds], marker="o", label=f"{method}, {pattern}")
+    ax.set_xscale("log")
+    ax.axhline(0, color="0.6", lw=0.8)
+    ax.set_xlabel("--refit-percdamp")
+    ax.set_ylabel(f"validation mean, % vs damping {points[0]:g}" if points else "")
+    ax.set_title("SmolLM2-135M: the refit's damping per regime (lower is better)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(sweep / "table.png", dpi=110)
+    plt.close(fig)
+
+
 def plot(rows_: list[dict], path: Path) -> None:
     """Per pattern, each row's perplexity on the three test sets and its validation mean
     (log scale: the failed rows sit orders of magnitude above the rest)."""
@@ -276,8 +344,14 @@ def main() -> None:
     ap.add_argument("--validation-only", action="store_true",
                     help="evaluate the validation sets only (the damping sweep: choices need no test set)")
     ap.add_argument("--table", action="store_true", help="only rebuild the table from the records")
+    ap.add_argument("--damping-table", action="store_true",
+                    help="only rebuild the damping sweep's table and plot (OUT: the sweep; its full rows from "
+                    "benchmarks/ablation)")
     args = ap.parse_args()
     out = Path(args.out)
+    if args.damping_table:
+        damping_table(out, Path(__file__).resolve().parent)
+        return
     if not args.table:
         chosen = rows() if args.rows is None else {n: rows()[n] for n in args.rows}
         todo = {(n if s == 0 else f"{n}@seed{s}"): a for s in args.seeds for n, a in chosen.items()}

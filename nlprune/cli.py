@@ -141,7 +141,8 @@ def prune_request(args: argparse.Namespace) -> PruneRequest:
         options=method_options(args),
         mesh=args.mesh if args.mesh is not None else "",
         use_cache=not args.no_cache,
-        run_config={k: v for k, v in vars(args).items() if k not in ("func", "command", "config")},
+        # a recipe's and a protocol's values are recorded as the flags they set
+        run_config={k: v for k, v in vars(args).items() if k not in ("func", "command", "config", "protocol")},
     )
 
 

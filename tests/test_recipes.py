@@ -35,7 +35,7 @@ def record(run: Path) -> dict:
 def prune_dests() -> set[str]:
     parser = build_parser()
     prune = next(a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)).choices["prune"]
-    return {a.dest for a in prune._actions if a.option_strings and a.dest not in ("help", "config")}
+    return {a.dest for a in prune._actions if a.option_strings and a.dest not in ("help", "config", "protocol")}
 
 
 def test_recipe_file_and_the_same_flags_give_identical_masks(tiny_model_dir, shared_data_dir, tmp_path):

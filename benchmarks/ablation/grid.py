@@ -31,13 +31,12 @@ import json
 import math
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for common.py
 from common import machine_line, prune_run, write_json  # noqa: E402
 
-from nlprune.runconfig import PROTOCOL_DIR  # noqa: E402
+from nlprune.runconfig import protocol_path, read_config_file  # noqa: E402
 
 PROTOCOL = ["--protocol", "cpu"]  # nlprune/protocols/cpu.toml: 8 x 512 calibration, the test and validation sets
 TEST_SETS = ("c4", "wikipedia", "lambada")
@@ -47,8 +46,8 @@ SET_TITLES = {"c4": "C4 test", "wikipedia": "Wikipedia", "lambada": "LAMBADA", "
 
 
 def protocol_settings(name: str) -> dict:
-    """A shipped protocol's file (nlprune/protocols/NAME.toml)."""
-    return tomllib.loads((PROTOCOL_DIR / f"{name}.toml").read_text())
+    """A shipped protocol's settings (nlprune/protocols/NAME.toml), read as `--protocol` reads them."""
+    return read_config_file(protocol_path(name), "--protocol")
 
 
 def protocol_flags(name: str, validation_only: bool = False) -> list[str]:

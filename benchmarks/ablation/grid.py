@@ -178,7 +178,7 @@ def table(out: Path, protocol: str = "cpu") -> None:
     lines += ["", "Commands: table.json (`command` of each row, with `--data-dir DIR --output RUN_DIR`)."]
     if any(r["split"] == "passage" for r in rows_):
         lines += ["", "† Wikipedia validation half split by passage (records before 2026-12-07's fix): it shares "
-                  "138 articles with the Wikipedia test half. Rows without † use the split by article; compare "
+                  "articles with the Wikipedia test half. Rows without † use the split by article; compare "
                   "validation means only between rows of the same split."]
     seeds = seed_table(every)
     lines += seeds["lines"]

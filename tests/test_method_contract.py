@@ -174,16 +174,27 @@ def test_a_killed_run_resumes_identically(method, tiny_model_dir, shared_data_di
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+# Least agreement of layer 0's masks and of the later layers'. ALPS's ADMM re-projects onto 2:4
+# at every iteration and adapts its penalty to how many entries changed, so statistics summed in
+# another order can send even layer 0 another way (q/k/v identical, 98.1% of down_proj; 88.6% the
+# least later on, and the last layer's outputs 14% apart: measured here, the same on every
+# rerun; another machine measured 92-100%). The linears after a differing mask see other
+# inputs (down_proj's kept weights in rows whose masks agree: 9e-4 relative), so ALPS's
+# weights are held to 1% (Frobenius).
+AGREEMENT = {"alps": (0.95, 0.8)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_a_sharded_run_has_the_one_device_masks(method, tiny_model_dir, tmp_path):
     """2:4 on a 4-device mesh (rows over 'model', windows over 'data') against one device.
     Layer 0 sees the same inputs, its statistics summed in another order: at least 99.5% of
-    each mask agrees, and the weights agree where the masks do. Later layers see the earlier
-    layers' differences: an iterative method may take another path through its discrete
-    decisions (ALPS on this random model: layer 0 identical, then 92-100% agreement per linear,
-    measured), so the whole model is held to 90%; every mask is exact either way (the pipeline
-    checks each)."""
+    each mask agrees (95% for ALPS: AGREEMENT), and the weights agree in the rows whose masks agree
+    whole (a method that solves a row's kept weights together, as ALPS and the refit do, moves
+    every kept weight of a row whose mask differs anywhere: seen on CI, 28 weights of one
+    gate_proj row). Later layers see the earlier layers' differences: an iterative method may
+    take another path through its discrete decisions, so the whole model is held to 90% (ALPS
+    80%); every mask is exact either way (the pipeline checks each)."""
     runs = [["none", 8], ["data=2,model=2", 8]]
     arrays, summary = run_meshes(tmp_path, tiny_model_dir, method, runs, options=QUICK.get(method, {}),
                                  sparsity_type="2:4")
@@ -193,10 +204,17 @@ def test_a_sharded_run_has_the_one_device_masks(method, tiny_model_dir, tmp_path
     assert len(masks) == 6 * 7
     for k in masks:
         agree = np.mean(ref[k] == got[k])
-        assert agree >= (0.995 if k.startswith("0.") else 0.9), (k, agree)
+        first, later = AGREEMENT.get(method, (0.995, 0.9))
+        assert agree >= (first if k.startswith("0.") else later), (k, agree)
         if k.startswith("0."):
-            same, w = ref[k] & got[k], k.replace(".mask", ".weight")
-            np.testing.assert_allclose(got[w][same], ref[w][same], rtol=1e-3, atol=1e-4, err_msg=k)
+            rows = np.all(ref[k] == got[k], axis=-1, keepdims=True)
+            assert rows.mean() >= 0.5, (k, rows.mean())  # something left to compare
+            same, w = ref[k] & got[k] & rows, k.replace(".mask", ".weight")
+            if method in AGREEMENT:  # a later linear's inputs follow the earlier masks
+                drift = np.linalg.norm(got[w][same] - ref[w][same]) / np.linalg.norm(ref[w][same])
+                assert drift <= 1e-2, (k, drift)
+            else:
+                np.testing.assert_allclose(got[w][same], ref[w][same], rtol=1e-3, atol=1e-4, err_msg=k)
 
 
 @pytest.mark.parametrize("name", fill_in_methods())

@@ -155,14 +155,24 @@ RECOMPUTED = {"steps": 2, "refit": True, "refit_steps": 2, "window_batch": 1, "r
 def test_plan_matches_a_measured_peak(method, options, config, seqlen, tmp_path):
     """The plan's peak minus the dense model (already resident when the run starts) against
     the measured growth of the peak resident set during a real prune (tests/_plan_worker.py:
-    CPU device buffers are host memory; compilation happens in a warm-up run first)."""
+    CPU device buffers are host memory; compilation happens in a warm-up run first).
+
+    The plan may not fall short of the measured peak by more than 30% (a plan that says a run fits
+    when it does not is the failure that costs). Above it, 30% is allowed, except for the
+    non-linear solve's stored targets: how many n x n buffers XLA's backward pass keeps alive
+    depends on the CPU it compiles for (SOLVE_COPIES = 8 measured here on AMD EPYC; a CI machine
+    measured 1327 MiB against the 2326 planned, 4 copies), so there the plan may be up to twice
+    the measurement."""
     from nlprune.modeling.llama import LlamaConfig
 
     plan = plan_memory(LlamaConfig.from_hf_dict(config), method=method, nsamples=8, seqlen=seqlen, options=options)
     planned = plan.peak_bytes - plan.dense_weight_bytes
     measured = measured_added_bytes(tmp_path, config, method, options, seqlen=seqlen)
     print(f"{method}: planned {planned / 2**20:.1f} MiB (peak at {plan.peak_stage}), measured {measured / 2**20:.1f} MiB")
-    assert abs(planned - measured) <= 0.3 * measured, (planned, measured, plan.table())
+    stored_targets = method == "nonlinear" and not options.get("recompute_targets")
+    over = 2.0 if stored_targets else 1.3
+    assert measured <= 1.3 * planned, (planned, measured, plan.table())
+    assert planned <= over * measured, (planned, measured, plan.table())
 
 
 def test_gpu_paper_protocol_dry_run(tmp_path):

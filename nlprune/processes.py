@@ -1,7 +1,7 @@
 """One prune run by several JAX processes (``jax.distributed``): one writer, shared decisions,
 and a failure in one process ending the others with one line.
 
-* Process 0 alone touches the run directory (:class:`nlprune.runs.SharedRunDir`); the others
+* Process 0 alone touches the run directory (:class:`nlprune.shared_run.SharedRunDir`); the others
   learn each of its decisions (the claim, where a resumed run starts, whether the final write
   worked) through :func:`from_writer`, and the arrays it read (a resumed run's finished layers
   and their outputs) through :func:`share_arrays`, so no process reads files that process 0

@@ -31,7 +31,8 @@ from nlprune.modeling.llama import LlamaForCausalLM
 from nlprune.modeling.precision import storage_dtype
 from nlprune.plan import ATTN_ERROR_BATCH, config_of
 from nlprune.request import PruneRequest
-from nlprune.runs import RunDir, open_for_writing
+from nlprune.runs import RunDir
+from nlprune.shared_run import open_for_writing
 
 
 @dataclasses.dataclass(frozen=True)

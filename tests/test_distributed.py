@@ -30,20 +30,20 @@ from test_parallel import simulated_env
 WORKER = textwrap.dedent(
     """
     import os, signal, sys
-    from nlprune import processes, runs
+    from nlprune import processes, runs, shared_run
     from nlprune.cli import main
 
     kill = os.environ.get("NLPRUNE_TEST_KILL")
     if kill:
         victim, layer = map(int, kill.split(":"))
-        save_layer = runs.SharedRunDir.save_layer
+        save_layer = shared_run.SharedRunDir.save_layer
 
         def save_or_die(self, index, *args, **kwargs):
             if index == layer and processes.index() == victim:
                 os.kill(os.getpid(), signal.SIGKILL)
             return save_layer(self, index, *args, **kwargs)
 
-        runs.SharedRunDir.save_layer = save_or_die
+        shared_run.SharedRunDir.save_layer = save_or_die
     sys.exit(main(sys.argv[1:]))
     """
 )
@@ -225,11 +225,11 @@ def test_process_0_refusing_the_run_refuses_it_everywhere(tiny_model_dir, shared
 
 
 def test_one_process_takes_the_plain_path(tmp_path):
-    from nlprune import processes, runs
+    from nlprune import processes, runs, shared_run
 
     assert not processes.several() and processes.is_writer()
     assert processes.from_writer(lambda: {"start": 3}) == {"start": 3}
-    assert type(runs.open_for_writing(tmp_path / "run")) is runs.RunDir
+    assert type(shared_run.open_for_writing(tmp_path / "run")) is runs.RunDir
 
 
 @pytest.mark.parametrize("array", [np.array([-0.0, 1.5, np.nan, -np.inf], np.float32), np.arange(7, dtype=np.int8),

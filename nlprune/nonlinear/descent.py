@@ -91,6 +91,75 @@ def _project(params, enabled: bool):
     return jax.tree.map(lambda m: jnp.clip(m, 0, 1), params) if enabled else params
 
 
+def _fixed_step(evaluate, propose, eta):
+    def step_fn(carry, _):
+        p, loss, g, _ = carry
+        new = propose(p, g, eta)
+        new_loss, new_g = evaluate(new)
+        return (new, new_loss, new_g, eta), (new_loss, eta)
+
+    return step_fn
+
+
+def _backtracking_step(evaluate, propose, eta, config: GDConfig):
+    """Every step starts from ``eta`` and shrinks it until the Armijo condition holds."""
+
+    def step_fn(carry, _):
+        p, loss, g, _ = carry
+
+        def try_eta(state):
+            step, k, _, _, _, _ = state
+            cand = propose(p, g, step)
+            c_loss, c_g = evaluate(cand)
+            ok = jnp.isfinite(c_loss) & (
+                c_loss <= loss - config.armijo_c * _tree_sqdist(cand, p) / step
+            )
+            return jnp.where(ok, step, step * config.shrink), k + 1, cand, c_loss, c_g, ok
+
+        init = (eta, jnp.int32(0), p, loss, g, jnp.bool_(False))
+        step, _, cand, c_loss, c_g, ok = jax.lax.while_loop(
+            lambda s: (~s[-1]) & (s[1] < config.max_backtracks), try_eta, init
+        )
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)  # noqa: E731
+        new, new_loss, new_g = keep(cand, p), jnp.where(ok, c_loss, loss), keep(c_g, g)
+        step = jnp.where(ok, step, jnp.zeros_like(step))
+        return (new, new_loss, new_g, step), (new_loss, step)
+
+    return step_fn
+
+
+def _local_step(evaluate, propose, segment_bound_fn, args, eta_floor, config: GDConfig):
+    """Each step tries the carried eta, shrinking until the segment certificate holds."""
+
+    def step_fn(carry, _):
+        p, loss, g, prev = carry
+
+        def certified(step):
+            cand = propose(p, g, step)
+            direction = jax.tree.map(jnp.subtract, cand, p)
+            bound = segment_bound_fn(p, direction, *args)
+            return cand, jnp.isfinite(bound) & (step * bound <= _tree_sqdist(cand, p))
+
+        def try_eta(state):
+            step, k, _, _ = state
+            step = jnp.maximum(step, eta_floor)
+            cand, ok = certified(step)
+            ok = ok | (step <= eta_floor)  # 1/L is certified by the global bound
+            return jnp.where(ok, step, step * config.shrink), k + 1, cand, ok
+
+        init = (prev, jnp.int32(0), p, jnp.bool_(False))
+        step, _, cand, ok = jax.lax.while_loop(
+            lambda s: (~s[-1]) & (s[1] < config.max_backtracks), try_eta, init
+        )
+        # out of tries (only if eta_floor is 0): stay put rather than take an uncertified step
+        step = jnp.where(ok, step, jnp.zeros_like(step))
+        new = jax.tree.map(lambda x, y: jnp.where(ok, x, y), cand, p)
+        new_loss, new_g = evaluate(new)
+        return (new, new_loss, new_g, step * config.growth), (new_loss, step)
+
+    return step_fn
+
+
 def gd_core(
     value_and_grad_fn: ValueAndGrad,
     params,
@@ -121,65 +190,14 @@ def gd_core(
     def propose(p, g, step):
         return _project(_tree_axpy(-step, g, p), config.project)
 
-    def fixed_step(carry, _):
-        p, loss, g, _ = carry
-        new = propose(p, g, eta)
-        new_loss, new_g = evaluate(new)
-        return (new, new_loss, new_g, eta), (new_loss, eta)
-
-    def backtracking_step(carry, _):
-        p, loss, g, _ = carry
-
-        def try_eta(state):
-            step, k, _, _, _, _ = state
-            cand = propose(p, g, step)
-            c_loss, c_g = evaluate(cand)
-            ok = jnp.isfinite(c_loss) & (
-                c_loss <= loss - config.armijo_c * _tree_sqdist(cand, p) / step
-            )
-            return jnp.where(ok, step, step * config.shrink), k + 1, cand, c_loss, c_g, ok
-
-        init = (eta, jnp.int32(0), p, loss, g, jnp.bool_(False))
-        step, _, cand, c_loss, c_g, ok = jax.lax.while_loop(
-            lambda s: (~s[-1]) & (s[1] < config.max_backtracks), try_eta, init
-        )
-        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ok, x, y), a, b)  # noqa: E731
-        new, new_loss, new_g = keep(cand, p), jnp.where(ok, c_loss, loss), keep(c_g, g)
-        step = jnp.where(ok, step, jnp.zeros_like(step))
-        return (new, new_loss, new_g, step), (new_loss, step)
-
-    def local_step(carry, _):
-        p, loss, g, prev = carry
-
-        def certified(step):
-            cand = propose(p, g, step)
-            direction = jax.tree.map(jnp.subtract, cand, p)
-            bound = segment_bound_fn(p, direction, *args)
-            return cand, jnp.isfinite(bound) & (step * bound <= _tree_sqdist(cand, p))
-
-        def try_eta(state):
-            step, k, _, _ = state
-            step = jnp.maximum(step, eta_floor)
-            cand, ok = certified(step)
-            ok = ok | (step <= eta_floor)  # 1/L is certified by the global bound
-            return jnp.where(ok, step, step * config.shrink), k + 1, cand, ok
-
-        init = (prev, jnp.int32(0), p, jnp.bool_(False))
-        step, _, cand, ok = jax.lax.while_loop(
-            lambda s: (~s[-1]) & (s[1] < config.max_backtracks), try_eta, init
-        )
-        # out of tries (only if eta_floor is 0): stay put rather than take an uncertified step
-        step = jnp.where(ok, step, jnp.zeros_like(step))
-        new = jax.tree.map(lambda x, y: jnp.where(ok, x, y), cand, p)
-        new_loss, new_g = evaluate(new)
-        return (new, new_loss, new_g, step * config.growth), (new_loss, step)
-
     if config.local:
         if segment_bound_fn is None:
             raise ValueError("the certified_local rule needs segment_bound_fn")
-        step_fn = local_step
+        step_fn = _local_step(evaluate, propose, segment_bound_fn, args, eta_floor, config)
+    elif config.backtracking:
+        step_fn = _backtracking_step(evaluate, propose, eta, config)
     else:
-        step_fn = backtracking_step if config.backtracking else fixed_step
+        step_fn = _fixed_step(evaluate, propose, eta)
     # the carry's last slot is the first eta the next step tries (local rule)
     (p_T, *_), (losses, etas) = jax.lax.scan(
         step_fn, (params, loss0, g0, eta), None, length=config.steps

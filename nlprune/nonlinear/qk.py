@@ -317,13 +317,7 @@ def solve_qk(
     st = _Static(config, rounds, batch, chunk, n_win / batch, store_target, straight_through,
                  round_targets=not store_target and chunk is None)
     if eta_relative:
-        if step_rule not in ("fixed", "backtracking") or eta is None or init is None:
-            raise ValueError(
-                "eta_relative needs the fixed or backtracking rule, a given eta and an init "
-                "(at M_0 = 1 the attention gradient is zero)"
-            )
-        rms = np.asarray(_initial_grad_rms(*first, chunk, n_win / batch, straight_through))
-        etas0 = etas0 / np.maximum(rms, np.finfo(np.float32).tiny)
+        etas0 = _relative_etas(etas0, step_rule, eta, init, first, chunk, n_win / batch, straight_through)
     out_masks, losses, step_sizes = _solve_groups(masks, rest, targets, etas0, X, cos, sin, lam_arr, st, vmap)
     mask_q, mask_k = full_masks(out_masks)
     mask_q.block_until_ready()
@@ -331,12 +325,28 @@ def solve_qk(
         mask_q, mask_k, np.asarray(losses), np.asarray(step_sizes), np.asarray(etas0),
         lipschitz, step_rule, time.perf_counter() - start,
     )
-    if step_rule != "fixed":  # every rule but the paper's promises descent: checked, not assumed
+    _check_descent(solution)
+    return solution
+
+
+def _relative_etas(etas0, step_rule, eta, init, first, chunk, scale, straight_through):
+    """eta in units of 1 / RMS of each group's initial attention gradient."""
+    if step_rule not in ("fixed", "backtracking") or eta is None or init is None:
+        raise ValueError(
+            "eta_relative needs the fixed or backtracking rule, a given eta and an init "
+            "(at M_0 = 1 the attention gradient is zero)"
+        )
+    rms = np.asarray(_initial_grad_rms(*first, chunk, scale, straight_through))
+    return etas0 / np.maximum(rms, np.finfo(np.float32).tiny)
+
+
+def _check_descent(solution: QKSolution) -> None:
+    """Every rule but the paper's promises descent: checked, not assumed."""
+    if solution.rule != "fixed":
         chex.assert_equal(
             solution.n_increases, 0,
-            custom_message=f"{step_rule} rule: the loss rose at {solution.n_increases} step(s)",
+            custom_message=f"{solution.rule} rule: the loss rose at {solution.n_increases} step(s)",
         )
-    return solution
 
 
 def _check_straight_through(step_rule: str, eta: float | None, init) -> None:

@@ -25,3 +25,22 @@ def test_study_answers_help(script):
     proc = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, cwd=REPO_ROOT,
                           timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("document", ["BENCHMARKS.md", "README.md"])
+def test_embedded_tables_are_their_committed_files(document, tmp_path):
+    """Every `<!-- NAME table: PATH -->` block holds PATH's contents (scripts/embed_tables.py);
+    a block edited by hand, or a table rebuilt and not embedded, is named."""
+    run = lambda path: subprocess.run([sys.executable, str(REPO_ROOT / "scripts" / "embed_tables.py"), str(path),  # noqa: E731
+                                       "--check"], capture_output=True, text=True)
+    proc = run(REPO_ROOT / document)
+    assert proc.returncode == 0, proc.stdout
+    text = (REPO_ROOT / document).read_text()
+    if "table: " not in text:
+        return
+    # the check can fail: one changed cell of an embedded table is caught
+    start = text.index("table: ")
+    row = text.index("\n|", start) + 1
+    changed = tmp_path / document
+    changed.write_text(text[:row] + "| changed by hand " + text[row:])
+    assert run(changed).returncode == 1

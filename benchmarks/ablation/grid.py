@@ -342,6 +342,9 @@ def main() -> None:
                     help="nlprune/protocols/NAME.toml (default cpu); the field protocol's rows go in their own --out")
     ap.add_argument("--validation-only", action="store_true",
                     help="evaluate the validation sets only (the damping sweep: choices need no test set)")
+    ap.add_argument("--rerun", nargs="*", default=[], metavar="ROW",
+                    help="rows to run again although their record exists (it is replaced; git keeps the old one), "
+                         "e.g. a row measured before the Wikipedia split by article")
     ap.add_argument("--table", action="store_true", help="only rebuild the table from the records")
     ap.add_argument("--damping-table", action="store_true",
                     help="only rebuild the damping sweep's table and plot (OUT: the sweep; its full rows from "
@@ -357,7 +360,7 @@ def main() -> None:
         print(f"{len(todo)} rows on {machine_line()}", flush=True)
         for name, row_args in todo.items():
             path = out / "results" / f"{name.replace(':', 'of')}.json"
-            if path.exists():
+            if path.exists() and name not in args.rerun:
                 print(f"{name}: done before, skipped", flush=True)
                 continue
             protocol = protocol_flags(args.protocol, args.validation_only)

@@ -216,12 +216,10 @@ def validation_race(pattern: str) -> list[dict]:
     rows = [{**r, "split": r.get("split", "passage")} for r in table["rows"]
             if r["name"].endswith("-" + pattern) and "@seed" not in r["name"]]
     sweep = json.loads((REPO / "benchmarks" / "ablation" / "damping" / "table.json").read_text())
-    suffix = {"0.01": "", "0.1": "-damp0.1", "1.0": "-damp1", "10.0": "-damp10"}
     for curve in sweep["rows"]:
         if curve["pattern"] == pattern:
             for damping, mean in curve["validation_mean"].items():
-                name = f"{curve['method']}+refit{suffix[damping]}-{pattern}"
-                rows.append({"name": name, "split": "article", "validation_mean": mean,
+                rows.append({"name": curve["names"][damping], "split": "article", "validation_mean": mean,
                              "command": curve["commands"][damping]})
     passage = [r for r in rows if r["split"] == "passage"]
     article = [r for r in rows if r["split"] == "article"]

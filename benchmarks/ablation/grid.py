@@ -274,7 +274,8 @@ def damping_table(sweep: Path, ablation: Path) -> None:
         out_rows.append({"method": method, "pattern": pattern, "best_damping": best,
                          "validation_mean": {str(d): curve[d]["validation_mean"] for d in curve},
                          "no_refit": base["validation_mean"] if base else None,
-                         "commands": {str(d): curve[d]["command"] for d in curve}})
+                         "commands": {str(d): curve[d]["command"] for d in curve},
+                         "names": {str(d): curve[d]["name"] for d in curve}})
     (sweep / "table.md").write_text("\n".join(lines) + "\n")
     write_json(sweep / "table.json", {"rows": out_rows})
     print("\n".join(lines))
